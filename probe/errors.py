@@ -1,0 +1,27 @@
+"""The one exception tree of the probe.
+
+    ProbeError                 anything the probe reports as one sentence to a user
+    +-- ConfigError            bad configuration, options, files or scenarios (CLI exit code 2)
+    +-- ProtocolError          a peer sent something PROTOCOL.md does not allow
+    +-- TargetUnreachable      the system under test (or a sink) could not be reached
+
+Every message is written for a person: it says what was wrong and, where it can, what to do.
+"""
+
+from __future__ import annotations
+
+
+class ProbeError(Exception):
+    """Root of every error the probe raises on purpose."""
+
+
+class ConfigError(ProbeError):
+    """Bad configuration or input file: the user's to fix."""
+
+
+class ProtocolError(ProbeError):
+    """A message or stream that breaks the wire protocol."""
+
+
+class TargetUnreachable(ProbeError):
+    """The system under test or a sink could not be reached."""
