@@ -1,0 +1,182 @@
+"""The marker: its layout, waveforms and payload coding, shared by the embedder and the detector.
+
+A marker is 240 ms of band-limited (333-3375 Hz) pseudo-noise made of ten 24 ms segments::
+
+    [ S | D1 D2 D3 D4 D5 D6 D7 D8 | S ]
+
+``S`` is a fixed sync segment; it opens and closes the marker, so the detector can find the marker
+with one correlation and measure how much a jitter buffer stretched it. Each data segment ``Dk``
+is the base segment ``B`` circularly shifted by one of 64 steps of 3 samples (at 8 kHz) and
+multiplied by +1 or -1: 7 bits per segment (biorthogonal code-shift keying), 56 bits in all. They
+carry a 32-bit payload and a 24-bit check (the low 24 bits of its CRC-32), so a corrupted payload
+passes the check with probability 2**-24 and is otherwise dropped, never reported.
+
+Every waveform is a sum of the same harmonics of 1/24 ms with fixed pseudo-random phases, so the
+marker is the same continuous-time signal at every sample rate whose 24 ms is a whole number of
+samples (8, 16, 24, 32, 44.1 is not, 48 kHz are): the embedder can write it at the stream's rate
+and the detector can work at 8 kHz.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+
+from probe.errors import ConfigError
+
+Float32Array = npt.NDArray[np.float32]
+
+DETECT_RATE = 8000
+SEGMENT_S = 0.024
+SEGMENTS = 10
+DATA_SEGMENTS = 8
+MARKER_S = SEGMENT_S * SEGMENTS
+SHIFTS = 64
+BITS_PER_SEGMENT = 7
+PAYLOAD_BITS = 32
+CHECK_BITS = DATA_SEGMENTS * BITS_PER_SEGMENT - PAYLOAD_BITS
+PAYLOAD_BYTES = PAYLOAD_BITS // 8
+BAND_HZ = (333.0, 3375.0)
+DEFAULT_LEVEL_DB = -20.0
+DEFAULT_EVERY_S = 0.5
+SUPPORTED_RATES = (8000, 16000, 24000, 32000, 48000)
+# Fades at the marker's two ends keep it from clicking; 1 ms costs under 1 % of its energy.
+FADE_S = 0.001
+
+_SYNC_SEED = 0x5EED5
+_BASE_SEED = 0xBA5E
+
+
+def segment_samples(rate: int) -> int:
+    """Samples in one 24 ms segment at ``rate``; refuses rates where that is not whole."""
+    n = SEGMENT_S * rate
+    if rate not in SUPPORTED_RATES or abs(n - round(n)) > 1e-9:
+        raise ConfigError(
+            f"sample rate {rate} Hz is not supported by the marker; "
+            f"use one of {', '.join(str(r) for r in SUPPORTED_RATES)} Hz"
+        )
+    return int(round(n))
+
+
+def marker_samples(rate: int) -> int:
+    """Length of a whole marker at ``rate``."""
+    return segment_samples(rate) * SEGMENTS
+
+
+def shift_step(rate: int) -> int:
+    """Samples per code-shift step at ``rate`` (3 at 8 kHz)."""
+    return segment_samples(rate) // SHIFTS
+
+
+@lru_cache(maxsize=32)
+def _harmonic_segment(seed: int, rate: int) -> Float32Array:
+    """One period of a flat-spectrum band-limited sequence, unit RMS, identical across rates."""
+    n = segment_samples(rate)
+    n8 = segment_samples(DETECT_RATE)
+    k = np.arange(n8 // 2 + 1)
+    freqs = k / SEGMENT_S
+    band = (freqs >= BAND_HZ[0]) & (freqs <= BAND_HZ[1])
+    phases = np.random.default_rng(seed).random(int(band.sum()))
+    spectrum = np.zeros(n // 2 + 1, dtype=np.complex128)
+    spectrum[k[band]] = np.exp(2j * np.pi * phases)
+    x = np.fft.irfft(spectrum, n)
+    x /= np.sqrt(np.mean(x**2))
+    out = x.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def sync_segment(rate: int) -> Float32Array:
+    """The fixed segment that opens and closes every marker."""
+    return _harmonic_segment(_SYNC_SEED, rate)
+
+
+def base_segment(rate: int) -> Float32Array:
+    """The segment whose shifts and signs carry the data."""
+    return _harmonic_segment(_BASE_SEED, rate)
+
+
+def check_bits(payload: bytes) -> int:
+    """The 24-bit check carried with ``payload``."""
+    return zlib.crc32(payload) & ((1 << CHECK_BITS) - 1)
+
+
+def payload_to_symbols(payload: bytes) -> list[int]:
+    """Split payload and check into eight 7-bit symbols, most significant first."""
+    if len(payload) != PAYLOAD_BYTES:
+        raise ConfigError(f"a marker payload is {PAYLOAD_BYTES} bytes, got {len(payload)}")
+    word = (int.from_bytes(payload, "big") << CHECK_BITS) | check_bits(payload)
+    mask = (1 << BITS_PER_SEGMENT) - 1
+    return [
+        (word >> (BITS_PER_SEGMENT * (DATA_SEGMENTS - 1 - i))) & mask for i in range(DATA_SEGMENTS)
+    ]
+
+
+def symbols_to_payload(symbols: list[int]) -> bytes | None:
+    """The payload the symbols carry, or None when the check does not match."""
+    word = 0
+    for s in symbols:
+        word = (word << BITS_PER_SEGMENT) | (s & ((1 << BITS_PER_SEGMENT) - 1))
+    payload = (word >> CHECK_BITS).to_bytes(PAYLOAD_BYTES, "big")
+    if word & ((1 << CHECK_BITS) - 1) != check_bits(payload):
+        return None
+    return payload
+
+
+def marker_waveform(payload: bytes, rate: int) -> Float32Array:
+    """The unit-RMS marker that carries ``payload``, at ``rate`` (8 to 48 kHz)."""
+    if rate not in SUPPORTED_RATES:
+        if not 8000 <= rate <= 48000:
+            raise ConfigError(f"sample rate {rate} Hz is outside 8000-48000 Hz")
+        # The marker is band-limited far below any of these rates' Nyquist, so resampling the
+        # 48 kHz rendition gives the same continuous-time marker.
+        import soxr
+
+        wide = marker_waveform(payload, 48000)
+        out = soxr.resample(wide, 48000, rate, quality="VHQ").astype(np.float32)
+        return out[: int(round(MARKER_S * rate))]
+    n = segment_samples(rate)
+    step = shift_step(rate)
+    base = base_segment(rate)
+    sync = sync_segment(rate)
+    parts = [sync]
+    for sym in payload_to_symbols(payload):
+        shift = (sym & (SHIFTS - 1)) * step
+        sign = -1.0 if sym >> 6 else 1.0
+        parts.append(np.roll(base, shift) * np.float32(sign))
+    parts.append(sync)
+    wave = np.concatenate(parts).astype(np.float32)
+    fade = max(1, int(FADE_S * rate))
+    ramp = (0.5 - 0.5 * np.cos(np.pi * (np.arange(fade) + 0.5) / fade)).astype(np.float32)
+    wave[:fade] *= ramp
+    wave[-fade:] *= ramp[::-1]
+    assert wave.shape[0] == n * SEGMENTS
+    return wave
+
+
+def parse_payload_hex(text: str) -> bytes:
+    """Payload bytes from a hex string of exactly 8 digits (32 bits)."""
+    cleaned = text.strip().lower().removeprefix("0x")
+    try:
+        raw = bytes.fromhex(cleaned)
+    except ValueError:
+        raw = b""
+    if len(raw) != PAYLOAD_BYTES or len(cleaned) != 2 * PAYLOAD_BYTES:
+        raise ConfigError(
+            f"payload must be {2 * PAYLOAD_BYTES} hex digits ({PAYLOAD_BITS} bits), got {text!r}"
+        )
+    return raw
+
+
+def session_payload(token: int, marker: int) -> bytes:
+    """The standard payload layout: a 24-bit session token, then an 8-bit marker number."""
+    return (((token & 0xFFFFFF) << 8) | (marker & 0xFF)).to_bytes(PAYLOAD_BYTES, "big")
+
+
+def split_session_payload(payload: bytes) -> tuple[int, int]:
+    """Inverse of :func:`session_payload`: (token, marker number)."""
+    word = int.from_bytes(payload, "big")
+    return word >> 8, word & 0xFF

@@ -1,0 +1,360 @@
+"""The streaming marker detector: blocks of samples and their arrival times in, detections out.
+
+How it finds a marker (all at 8 kHz, whatever the stream's rate):
+
+1. Whiten: a short-time Fourier transform (32 ms Hann frames, 50 % overlap) with every bin of the
+   marker's band set to unit magnitude and every other bin to zero (the phase transform). Speech
+   keeps its energy in few bins at a time; after whitening the marker's phase coherence stands
+   out wherever the speech is not loud, which plain matched filtering cannot see.
+2. Correlate the whitened signal with the sync segment (one FFT per block) and turn it into
+   z-scores against the block's robust spread.
+3. A candidate is a sync peak with a partner peak of the same sign 9 segments later (within
+   +-3 %, which is how far a jitter buffer may have stretched it). The partner's offset gives the
+   stretch, used to place the eight data segments.
+4. Each data segment is circularly correlated with the base segment (one batched FFT); the peak's
+   lag and sign give 7 bits. The 56 bits must pass the 24-bit check, else nothing is reported.
+5. The sync peak is interpolated to a fraction of a sample and mapped back to the stream's rate
+   and to the arrival clock.
+
+It never raises on samples: NaN and infinities become zeros and full scale, any block length is
+fine, including empty ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+
+from probe.watermark.design import (
+    BAND_HZ,
+    DATA_SEGMENTS,
+    DETECT_RATE,
+    SEGMENTS,
+    SHIFTS,
+    Float32Array,
+    base_segment,
+    segment_samples,
+    symbols_to_payload,
+    sync_segment,
+)
+
+F64 = npt.NDArray[np.float64]
+
+_N = segment_samples(DETECT_RATE)
+_STEP = _N // SHIFTS
+_FRAME = 256
+_HOP = _FRAME // 2
+_MAX_STRETCH = 0.03
+_PARTNER = (SEGMENTS - 1) * _N
+_SLACK = int(np.ceil(_MAX_STRETCH * _PARTNER)) + 2
+# Context before the owned part of each block (whitening warm-up) and after it (room for a whole
+# stretched marker that starts at the block's last owned sample).
+_PRE = 2 * _FRAME
+_POST = SEGMENTS * _N + _SLACK + 2 * _FRAME
+DEFAULT_THRESHOLD = 5.5
+_CANDIDATE_Z = 3.5
+_MAX_CANDIDATES = 12
+_ALTERNATIVES = 4
+_TRIES = 256
+_MIN_DATA_Z = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """A marker found in a stream.
+
+    ``sample`` is the stream-rate index of the marker's first sample, ``position`` the same with
+    its fraction, ``time`` that sample's arrival time, ``score`` the sync z-score (higher is
+    surer) and ``stretch`` how much longer the marker arrived than it was sent (0.01 = 1 %).
+    """
+
+    sample: int
+    position: float
+    time: float
+    payload: bytes
+    score: float
+    stretch: float
+
+
+def _band_mask() -> npt.NDArray[np.bool_]:
+    freqs = np.fft.rfftfreq(_FRAME, 1 / DETECT_RATE)
+    return (freqs >= BAND_HZ[0] - 40) & (freqs <= BAND_HZ[1] + 40)
+
+
+_MASK = _band_mask()
+_WINDOW = np.hanning(_FRAME + 1)[:-1].astype(np.float64)
+_BASE_SPEC = np.conj(np.fft.rfft(base_segment(DETECT_RATE).astype(np.float64)))
+
+
+def whiten(x: F64) -> F64:
+    """Phase-transform whitening of ``x`` (8 kHz), band-limited to the marker's band.
+
+    The output has the input's length; its first and last half frame are less reliable.
+    """
+    n = len(x)
+    frames = max(1, int(np.ceil(max(n - _FRAME, 0) / _HOP)) + 1)
+    padded = np.zeros((frames + 1) * _HOP, dtype=np.float64)
+    padded[:n] = x
+    idx = np.arange(frames)[:, None] * _HOP + np.arange(_FRAME)[None, :]
+    spec = np.fft.rfft(padded[idx] * _WINDOW, axis=1)
+    mag = np.abs(spec)
+    spec = np.where(_MASK, spec / np.maximum(mag, 1e-12), 0.0)
+    spec[mag < 1e-9] = 0.0
+    out_frames = np.fft.irfft(spec, _FRAME, axis=1)
+    out = np.zeros((frames + 1) * _HOP, dtype=np.float64)
+    halves = out_frames.reshape(frames, 2, _HOP)
+    out[: frames * _HOP] += halves[:, 0, :].reshape(-1)
+    out[_HOP : (frames + 1) * _HOP] += halves[:, 1, :].reshape(-1)
+    return out[:n]
+
+
+class _Clock:
+    """Maps stream sample indices to arrival times from the blocks' arrival stamps."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._marks: deque[tuple[int, float]] = deque()
+
+    def stamp(self, first_sample: int, arrival: float) -> None:
+        self._marks.append((first_sample, arrival))
+
+    def time_of(self, sample: float) -> float:
+        chosen: tuple[int, float] | None = None
+        for mark in self._marks:
+            if mark[0] <= sample:
+                chosen = mark
+            else:
+                break
+        if chosen is None:
+            chosen = self._marks[0] if self._marks else (0, 0.0)
+        return chosen[1] + (sample - chosen[0]) / self._rate
+
+    def forget_before(self, sample: float) -> None:
+        while len(self._marks) > 1 and self._marks[1][0] <= sample:
+            self._marks.popleft()
+
+
+class MarkerDetector:
+    """Finds markers in one stream, fed block by block (sans-I/O: no clock, no sockets).
+
+    ``feed(samples, arrival)`` takes float samples at ``rate`` and the arrival time of the block's
+    first sample (any clock, in seconds; PROTOCOL.md section 4). Detections come out once the
+    whole marker and a little context have arrived, about 0.8 s later; ``flush()`` at the end of
+    the stream reports what is left.
+    """
+
+    def __init__(
+        self, rate: int, *, threshold: float = DEFAULT_THRESHOLD, block_s: float = 0.5
+    ) -> None:
+        if not 8000 <= rate <= 48000:
+            raise ValueError(f"sample rate {rate} Hz is outside 8000-48000 Hz")
+        self.rate = rate
+        self.threshold = threshold
+        self._own = max(_N, int(block_s * DETECT_RATE))
+        self._resampler = (
+            None
+            if rate == DETECT_RATE
+            else soxr.ResampleStream(rate, DETECT_RATE, 1, dtype="float32", quality="HQ")
+        )
+        self._clock = _Clock(rate)
+        self._fed = 0
+        # 8 kHz samples kept, the 8 kHz index of _buf[0], and the first index not yet owned.
+        self._buf = np.zeros(_PRE, dtype=np.float64)
+        self._buf_start = -_PRE
+        self._next = 0
+        self._sync_spec_cache: dict[int, npt.NDArray[np.complex128]] = {}
+
+    @property
+    def samples_fed(self) -> int:
+        """Stream-rate samples received so far."""
+        return self._fed
+
+    def feed(self, samples: npt.ArrayLike, arrival: float | None = None) -> list[Detection]:
+        """Add a block; return markers completed by it."""
+        x = _sanitize(samples)
+        if arrival is None:
+            arrival = self._fed / self.rate
+        if len(x):
+            self._clock.stamp(self._fed, float(arrival))
+        self._fed += len(x)
+        self._append(x, last=False)
+        return self._process(final=False)
+
+    def flush(self) -> list[Detection]:
+        """End of stream: search what is buffered, padding with silence."""
+        self._append(np.zeros(0, dtype=np.float32), last=True)
+        pad = np.zeros(_POST + self._own, dtype=np.float64)
+        end = self._buf_start + len(self._buf)
+        self._buf = np.concatenate([self._buf, pad])
+        out: list[Detection] = []
+        while self._next < end:
+            out.extend(self._search(limit=end))
+        return out
+
+    def _append(self, x: Float32Array, *, last: bool) -> None:
+        if self._resampler is not None:
+            x = self._resampler.resample_chunk(x, last=last)
+        if len(x):
+            self._buf = np.concatenate([self._buf, x.astype(np.float64)])
+
+    def _process(self, *, final: bool) -> list[Detection]:
+        out: list[Detection] = []
+        while self._buf_start + len(self._buf) >= self._next + self._own + _POST:
+            out.extend(self._search(limit=None))
+        return out
+
+    def _search(self, *, limit: int | None) -> list[Detection]:
+        own_start = self._next
+        own_end = own_start + self._own if limit is None else min(own_start + self._own, limit)
+        lo = own_start - _PRE - self._buf_start
+        hi = own_start + self._own + _POST - self._buf_start
+        window = self._buf[lo:hi]
+        self._next = own_start + self._own
+        # Keep only what the next block needs.
+        drop = self._next - _PRE - self._buf_start
+        if drop > 0:
+            self._buf = self._buf[drop:]
+            self._buf_start += drop
+        found = self._find(window, own_start - _PRE, own_end - own_start)
+        self._clock.forget_before((self._next - _PRE) * self.rate / DETECT_RATE - self.rate)
+        return found
+
+    def _sync_spec(self, nfft: int) -> npt.NDArray[np.complex128]:
+        spec = self._sync_spec_cache.get(nfft)
+        if spec is None:
+            spec = np.conj(np.fft.rfft(sync_segment(DETECT_RATE).astype(np.float64), nfft))
+            self._sync_spec_cache[nfft] = spec
+        return spec
+
+    def _find(self, window: F64, origin: int, owned: int) -> list[Detection]:
+        w = whiten(window)
+        n = len(w)
+        nfft = 1 << int(np.ceil(np.log2(n + _N)))
+        corr = np.fft.irfft(np.fft.rfft(w, nfft) * self._sync_spec(nfft), nfft)[: n - _N + 1]
+        centered = corr - np.median(corr)
+        spread = 1.4826 * float(np.median(np.abs(centered)))
+        if not np.isfinite(spread) or spread <= 1e-12:
+            return []
+        z = centered / spread
+        az = np.abs(z[_PRE : _PRE + owned])
+        cand = np.flatnonzero(az >= _CANDIDATE_Z)
+        if cand.size == 0:
+            return []
+        order = cand[np.argsort(az[cand])[::-1]]
+        taken: list[int] = []
+        out: list[Detection] = []
+        for c in order:
+            if len(taken) >= _MAX_CANDIDATES:
+                break
+            if any(abs(int(c) - t) < _N // 2 for t in taken):
+                continue
+            taken.append(int(c))
+            det = self._decode(w, z, corr, _PRE + int(c), origin)
+            if det is not None:
+                out.append(det)
+        return out
+
+    def _decode(self, w: F64, z: F64, corr: F64, p: int, origin: int) -> Detection | None:
+        sign = 1.0 if z[p] > 0 else -1.0
+        lo = p + _PARTNER - _SLACK
+        hi = p + _PARTNER + _SLACK + 1
+        if hi > len(z):
+            return None
+        partner = z[lo:hi] * sign
+        q = lo + int(np.argmax(partner))
+        score = (abs(float(z[p])) + float(z[q]) * sign) / np.sqrt(2.0)
+        if score < self.threshold or float(z[q]) * sign < _CANDIDATE_Z / 2:
+            return None
+        stretch = (q - p) / _PARTNER - 1.0
+        starts = p + np.rint(np.arange(1, DATA_SEGMENTS + 1) * _N * (1.0 + stretch)).astype(int)
+        if starts[-1] + _N > len(w):
+            return None
+        segs = w[starts[:, None] + np.arange(_N)[None, :]] * sign
+        payload = _decode_symbols(segs)
+        if payload is None:
+            return None
+        frac = _parabolic(corr, p)
+        pos8 = origin + p + frac
+        position = pos8 * self.rate / DETECT_RATE
+        sample = int(np.floor(position + 0.5))
+        return Detection(
+            sample=sample,
+            position=float(position),
+            time=self._clock.time_of(position),
+            payload=payload,
+            score=float(score),
+            stretch=float(stretch),
+        )
+
+
+def _hypothesis_scores(segs: F64) -> F64:
+    """Score of each of the 128 symbol values in each data segment, in noise units.
+
+    A value's lag may be off by one sample (timing residue), so each takes the best of three.
+    """
+    circ = np.fft.irfft(np.fft.rfft(segs, axis=1) * _BASE_SPEC, _N, axis=1)
+    noise = 1.4826 * np.median(np.abs(circ), axis=1, keepdims=True) + 1e-12
+    triples = np.roll(circ, 1, axis=1).reshape(len(segs), SHIFTS, _STEP)
+    return np.concatenate([triples.max(axis=2), -triples.min(axis=2)], axis=1) / noise
+
+
+def _decode_symbols(segs: F64) -> bytes | None:
+    """Best-first list decoding: try symbol choices in order of lost score until one passes the
+    check. Most markers pass on the first try; a weak segment is usually right at its second or
+    third choice. The cap bounds both the work and the chance of a false pass (_TRIES * 2**-24).
+    """
+    scores = _hypothesis_scores(segs)
+    # Noise gives data segments whose best value scores about 3; real markers score 5 and up.
+    if float(np.median(scores.max(axis=1))) < _MIN_DATA_Z:
+        return None
+    ranked = np.argsort(-scores, axis=1)[:, :_ALTERNATIVES]
+    loss = scores[np.arange(len(segs))[:, None], ranked]
+    loss = loss[:, :1] - loss
+    start = (0.0, (0,) * len(segs))
+    heap = [start]
+    seen = {start[1]}
+    for _ in range(_TRIES):
+        if not heap:
+            break
+        cost, choice = heapq.heappop(heap)
+        payload = symbols_to_payload([int(ranked[i, c]) for i, c in enumerate(choice)])
+        if payload is not None:
+            return payload
+        for i in range(len(choice)):
+            if choice[i] + 1 < _ALTERNATIVES:
+                nxt = choice[:i] + (choice[i] + 1,) + choice[i + 1 :]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    heapq.heappush(heap, (cost + float(loss[i, nxt[i]] - loss[i, choice[i]]), nxt))
+    return None
+
+
+def _parabolic(y: F64, i: int) -> float:
+    if i <= 0 or i >= len(y) - 1:
+        return 0.0
+    a, b, c = float(y[i - 1]), float(y[i]), float(y[i + 1])
+    den = a - 2 * b + c
+    if den == 0.0:
+        return 0.0
+    off = 0.5 * (a - c) / den
+    return float(min(0.5, max(-0.5, off)))
+
+
+def _sanitize(samples: npt.ArrayLike) -> Float32Array:
+    x = np.asarray(samples, dtype=np.float64).reshape(-1)
+    x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    np.clip(x, -1e3, 1e3, out=x)
+    return x.astype(np.float32)
+
+
+def detect_all(samples: npt.ArrayLike, rate: int, **kwargs: float) -> list[Detection]:
+    """Every marker in a whole signal (a file), by feeding it in one go and flushing."""
+    det = MarkerDetector(rate, **kwargs)
+    out = det.feed(samples, 0.0)
+    out.extend(det.flush())
+    return out
