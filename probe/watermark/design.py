@@ -136,7 +136,9 @@ def marker_waveform(payload: bytes, rate: int) -> Float32Array:
         import soxr
 
         wide = marker_waveform(payload, 48000)
-        out = soxr.resample(wide, 48000, rate, quality="VHQ").astype(np.float32)
+        out: Float32Array = np.asarray(
+            soxr.resample(wide, 48000, rate, quality="VHQ"), dtype=np.float32
+        )
         return out[: int(round(MARKER_S * rate))]
     n = segment_samples(rate)
     step = shift_step(rate)

@@ -1,0 +1,123 @@
+"""Exact latency statistics: every value kept (seconds), quantiles and a millisecond summary.
+
+Values are kept, not bucketed, so the report's p99.9 is the sample's own p99.9; histograms for
+dashboards are the telemetry layer's business. Quantiles interpolate linearly between order
+statistics (numpy's default), so they agree with ``numpy.quantile`` on the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from probe.errors import ConfigError
+
+__all__ = ["SUMMARY_KEYS", "LatencyStats", "summarize_ms"]
+
+F64 = npt.NDArray[np.float64]
+
+SUMMARY_KEYS = ("p50", "p90", "p95", "p99", "p999", "max", "mean", "count")
+_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+_INITIAL_CAPACITY = 64
+
+
+def _check_q(q: float) -> None:
+    if not 0.0 <= q <= 1.0:
+        raise ConfigError(f"A quantile is between 0 and 1, got {q}.")
+
+
+def _summary(values: F64) -> dict[str, float | int | None]:
+    if len(values) == 0:
+        out: dict[str, float | int | None] = {k: None for k in SUMMARY_KEYS}
+        out["count"] = 0
+        return out
+    qs = np.quantile(values, _QUANTILES)
+    out = {
+        key: round(float(v) * 1000.0, 3)
+        for key, v in zip(("p50", "p90", "p95", "p99", "p999"), qs, strict=True)
+    }
+    out["max"] = round(float(values.max()) * 1000.0, 3)
+    out["mean"] = round(float(values.mean()) * 1000.0, 3)
+    out["count"] = int(len(values))
+    return out
+
+
+def summarize_ms(values: Iterable[float]) -> dict[str, float | int | None]:
+    """Summary of latencies given in seconds: p50, p90, p95, p99, p999, max, mean in ms (rounded
+    to 0.001) and count; an empty input gives count 0 and None for the rest."""
+    return _summary(np.fromiter((float(v) for v in values), dtype=np.float64))
+
+
+class LatencyStats:
+    """A growable numpy buffer of latencies in seconds. Not thread-safe: guard it with its owner's
+    lock."""
+
+    __slots__ = ("_buf", "_n")
+
+    def __init__(self, values: Iterable[float] = ()) -> None:
+        self._buf: F64 = np.empty(_INITIAL_CAPACITY, dtype=np.float64)
+        self._n = 0
+        self.extend(values)
+
+    def _reserve(self, extra: int) -> None:
+        need = self._n + extra
+        if need <= len(self._buf):
+            return
+        capacity = max(need, 2 * len(self._buf))
+        grown = np.empty(capacity, dtype=np.float64)
+        grown[: self._n] = self._buf[: self._n]
+        self._buf = grown
+
+    @property
+    def count(self) -> int:
+        """How many values are held."""
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def values(self) -> F64:
+        """A copy of the values, in the order they were added."""
+        return self._buf[: self._n].copy()
+
+    def add(self, value: float) -> None:
+        """Add one latency in seconds."""
+        self._reserve(1)
+        self._buf[self._n] = float(value)
+        self._n += 1
+
+    def extend(self, values: Iterable[float]) -> None:
+        """Add many latencies in seconds."""
+        a = np.fromiter((float(v) for v in values), dtype=np.float64)
+        self._reserve(len(a))
+        self._buf[self._n : self._n + len(a)] = a
+        self._n += len(a)
+
+    def merge(self, other: LatencyStats) -> None:
+        """Add every value of ``other`` (which may be this very object)."""
+        a = other.values()
+        self._reserve(len(a))
+        self._buf[self._n : self._n + len(a)] = a
+        self._n += len(a)
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (0 <= q <= 1) in seconds, or None when there are no values."""
+        _check_q(q)
+        if self._n == 0:
+            return None
+        return float(np.quantile(self._buf[: self._n], q))
+
+    def summary_ms(self) -> dict[str, float | int | None]:
+        """Same as :func:`summarize_ms` over the values held."""
+        return _summary(self._buf[: self._n])
+
+    def to_list(self) -> list[float]:
+        """The values as plain floats (seconds), for shipping between processes."""
+        return [float(v) for v in self._buf[: self._n]]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> LatencyStats:
+        """Inverse of :meth:`to_list`."""
+        return cls(values)
