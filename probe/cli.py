@@ -1,0 +1,277 @@
+"""The ``probe`` command.
+
+Exit codes: 0 done; 1 the work ran but failed (for commands that judge); 2 usage or
+configuration error (one sentence on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from probe.errors import ConfigError, ProbeError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+DEMO_HOPS = "ingest:20ms,telephony:35ms:mulaw8k,model:120ms"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own usage errors: exit 2, one line
+        self.print_usage(sys.stderr)
+        raise ConfigError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="probe", description="Per-hop latency of real-time audio services.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("mark", help="write markers into a WAV file")
+    m.add_argument("input")
+    m.add_argument("output")
+    m.add_argument("--payload", required=True, help="32-bit payload, 8 hex digits")
+    m.add_argument("--every", type=float, default=None, help="seconds between marker starts")
+    m.add_argument("--level", type=float, default=None, help="dB relative to the speech")
+    m.add_argument("--json", action="store_true", help="one JSON object per marker")
+
+    d = sub.add_parser("detect", help="find markers in a recording")
+    d.add_argument("input")
+    d.add_argument("--json", action="store_true", help="one JSON object per detection")
+
+    demo = sub.add_parser("demo", help="run the reference pipeline and a probe, print the table")
+    demo.add_argument("--sessions", type=int, default=4)
+    demo.add_argument("--duration", type=float, default=6.0)
+    demo.add_argument("--hops", default=DEMO_HOPS)
+    demo.add_argument("--json", default="probe-report.json", help="where to write the report")
+
+    r = sub.add_parser("run", help="drive a system that speaks the probe protocol")
+    _run_options(r)
+
+    pl = sub.add_parser("pipeline", help="serve the reference multi-hop pipeline")
+    pl.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT")
+    pl.add_argument("--hops", default=DEMO_HOPS, help="e.g. a:20ms,b:35ms:mulaw8k,c:120ms")
+    pl.add_argument("--dialect", choices=("probe", "twilio"), default="probe")
+    return p
+
+
+def _run_options(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--target", required=True, help="ws:// URL; {session} is replaced")
+    r.add_argument("--dialect", choices=("probe", "twilio"), default="probe")
+    r.add_argument("--sink-listen", default="127.0.0.1:0", help="HOST:PORT for the sink")
+    r.add_argument("--sink-url", default=None, help="sink URL the hops should use")
+    r.add_argument("--no-sink", action="store_true", help="measure only the return direction")
+    r.add_argument("--sessions", type=int, default=1)
+    r.add_argument("--concurrency", type=int, default=1)
+    r.add_argument("--duration", type=float, default=10.0)
+    r.add_argument("--fixture", default="speech_en_us", help="fixture name or WAV path")
+    r.add_argument("--rate", type=int, default=16000)
+    r.add_argument(
+        "--encoding", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw"), default="pcm_s16le"
+    )
+    r.add_argument("--frame-ms", type=float, default=20.0)
+    r.add_argument("--every", type=float, default=None, help="seconds between markers")
+    r.add_argument("--hop-order", default=None, help="comma-separated hop names")
+    r.add_argument("--marker-timeout", type=float, default=10.0)
+    r.add_argument("--json", default=None, help="write the JSON report here")
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("PROBE_LOG_LEVEL", "WARNING").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args = _build_parser().parse_args(argv)
+        handler = {
+            "mark": _cmd_mark,
+            "detect": _cmd_detect,
+            "demo": _cmd_demo,
+            "run": _cmd_run,
+            "pipeline": _cmd_pipeline,
+        }[args.command]
+        return handler(args)
+    except ConfigError as exc:
+        print(f"probe: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ProbeError as exc:
+        print(f"probe: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader (head, a closed pager) went away: not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _cmd_mark(args: argparse.Namespace) -> int:
+    import soundfile as sf
+
+    from probe.audio.fixtures import load_wav
+    from probe.watermark.design import DEFAULT_EVERY_S, DEFAULT_LEVEL_DB, parse_payload_hex
+    from probe.watermark.embed import embed
+
+    payload = parse_payload_hex(args.payload)
+    x, rate = load_wav(args.input, min_seconds=0.3)
+    every = DEFAULT_EVERY_S if args.every is None else args.every
+    level = DEFAULT_LEVEL_DB if args.level is None else args.level
+    marked, placed = embed(x, rate, lambda i: payload, every_s=every, level_db=level)
+    if not placed:
+        raise ConfigError(f"{args.input} is too short to hold one marker")
+    peak = float(np.max(np.abs(marked))) if len(marked) else 0.0
+    try:
+        sf.write(args.output, np.clip(marked, -1.0, 1.0), rate, subtype="PCM_16")
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(f"cannot write {args.output}: {exc}") from exc
+    for p in placed:
+        row = {"sample": p.sample, "time_s": round(p.sample / rate, 6), "payload": payload.hex()}
+        print(json.dumps(row) if args.json else "\t".join(str(v) for v in row.values()))
+    if peak > 1.0:
+        print(f"probe: warning: the marked audio clipped (peak {peak:.2f})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from probe.audio.fixtures import load_wav
+    from probe.watermark.detect import detect_all
+
+    x, rate = load_wav(args.input, min_seconds=0.0)
+    for d in detect_all(x, rate):
+        row = {
+            "sample": d.sample,
+            "time_s": round(d.sample / rate, 6),
+            "payload": d.payload.hex(),
+            "score": round(d.score, 2),
+        }
+        print(json.dumps(row) if args.json else "\t".join(str(v) for v in row.values()))
+    return EXIT_OK
+
+
+def _report_out(report: dict[str, Any], path: str | None) -> None:
+    from probe.measure.report import format_table, write_report
+
+    print(format_table(report))
+    if path:
+        try:
+            write_report(report, path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the report to {path}: {exc.strerror}") from exc
+        print(f"report written to {path}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from probe.runner import RunConfig, default_progress, run_probe
+    from probe.source import SourceConfig
+
+    if not args.target.startswith(("ws://", "wss://")):
+        raise ConfigError(f"--target must be a ws:// or wss:// URL, got {args.target!r}")
+    for name in ("sessions", "concurrency"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1")
+    if args.duration <= 0.5:
+        raise ConfigError("--duration must be more than 0.5 s")
+    _check_fixture(args.fixture, args.rate)
+    host, port = _host_port(args.sink_listen, "--sink-listen")
+    src = SourceConfig(
+        target=args.target,
+        dialect=args.dialect,
+        fixture=args.fixture,
+        rate=args.rate,
+        encoding=args.encoding,
+        frame_ms=args.frame_ms,
+        duration_s=args.duration,
+        **({"every_s": args.every} if args.every else {}),
+    )
+    cfg = RunConfig(
+        source=src,
+        sessions=args.sessions,
+        concurrency=args.concurrency,
+        sink_host=host,
+        sink_port=port,
+        sink_url=args.sink_url or os.environ.get("PROBE_SINK_URL"),
+        use_sink=not args.no_sink,
+        marker_timeout_s=args.marker_timeout,
+        hop_order=args.hop_order.split(",") if args.hop_order else None,
+    )
+    report = asyncio.run(run_probe(cfg, progress=default_progress()))
+    _report_out(report, args.json)
+    return EXIT_OK
+
+
+def _check_fixture(fixture: str, rate: int) -> None:
+    from probe.audio.fixtures import load_fixture
+    from probe.watermark.design import segment_samples
+
+    segment_samples(rate)
+    load_fixture(fixture, rate=rate, min_seconds=0.5)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from probe.pipeline import ReferencePipeline, parse_hops
+    from probe.runner import RunConfig, default_progress, run_probe
+    from probe.source import SourceConfig
+
+    hops = parse_hops(args.hops)
+
+    async def go() -> dict[str, Any]:
+        pipeline = ReferencePipeline(hops)
+        url = await pipeline.start("127.0.0.1", 0)
+        try:
+            cfg = RunConfig(
+                source=SourceConfig(target=url, duration_s=args.duration),
+                sessions=args.sessions,
+                concurrency=args.sessions,
+                hop_order=[h.name for h in hops] + ["return"],
+                configured_ms=_configured_ms(hops),
+                marker_timeout_s=5.0,
+            )
+            return await run_probe(cfg, progress=default_progress())
+        finally:
+            await pipeline.stop()
+
+    print(f"reference pipeline: {args.hops}; {args.sessions} sessions of {args.duration:g} s")
+    report = asyncio.run(go())
+    _report_out(report, args.json)
+    return EXIT_OK
+
+
+def _configured_ms(hops: Sequence[Any]) -> dict[str, float]:
+    total = 0.0
+    out: dict[str, float] = {}
+    for h in hops:
+        total += float(h.delay_s) * 1000.0
+        out[h.name] = round(total, 3)
+    out["return"] = round(total, 3)
+    return out
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from probe.pipeline import run_pipeline
+
+    host, port = _host_port(args.listen, "--listen")
+    asyncio.run(run_pipeline(f"{host}:{port}", args.hops, args.dialect))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+

@@ -1,0 +1,125 @@
+"""A probe run: a sink, N sessions at a given concurrency, settling, and the report.
+
+Shared by ``probe run``, ``probe demo`` and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from probe.hopstream import DetectionWorker
+from probe.measure.registry import SessionRegistry
+from probe.measure.report import build_report
+from probe.sink import Sink
+from probe.source import SourceConfig, run_session
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole run: the session template plus how many, how many at once, and the sink."""
+
+    source: SourceConfig
+    sessions: int = 1
+    concurrency: int = 1
+    sink_host: str = "127.0.0.1"
+    sink_port: int = 0
+    sink_url: str | None = None
+    use_sink: bool = True
+    marker_timeout_s: float = 10.0
+    hop_order: Sequence[str] | None = None
+    configured_ms: Mapping[str, float] = field(default_factory=dict)
+
+
+class Progress:
+    """A one-line live status on a terminal; silent otherwise."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream if stream is not None and stream.isatty() else None
+
+    def show(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write("\r\x1b[2K" + text)
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+async def run_probe(
+    cfg: RunConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run every session, wait for the markers to settle, return the ``probe.report/v1`` dict."""
+    progress = progress or Progress(None)
+    registry = SessionRegistry(
+        clock=clock,
+        marker_timeout=cfg.marker_timeout_s,
+        expected_hops=tuple(cfg.hop_order or ()),
+    )
+    worker = DetectionWorker()
+    sink: Sink | None = None
+    started_at = clock()
+    t0 = time.monotonic()
+    try:
+        source = cfg.source
+        if cfg.use_sink:
+            sink = Sink(registry, worker, clock=clock)
+            url = await sink.start(cfg.sink_host, cfg.sink_port)
+            advertised = cfg.sink_url or url
+            source = SourceConfig(**{**source.__dict__, "sink_url": advertised})
+        gate = asyncio.Semaphore(max(1, cfg.concurrency))
+        done = 0
+
+        async def one(i: int) -> None:
+            nonlocal done
+            async with gate:
+                await run_session(source, registry, worker, session=uuid.uuid4().hex, clock=clock)
+            done += 1
+            counts = registry.session_counts()
+            progress.show(
+                f"sessions {done}/{cfg.sessions} (failed {counts.failed}), "
+                f"{time.monotonic() - t0:.0f} s"
+            )
+
+        await asyncio.gather(*(one(i) for i in range(cfg.sessions)))
+        await _settle(registry, worker, cfg.marker_timeout_s)
+    finally:
+        if sink is not None:
+            await sink.stop()
+        await asyncio.to_thread(worker.close)
+        progress.done()
+    return build_report(
+        registry,
+        target=cfg.source.target,
+        started_at=started_at,
+        duration_s=time.monotonic() - t0,
+        hop_order=cfg.hop_order,
+        configured={k: v / 1000.0 for k, v in cfg.configured_ms.items()} or None,
+    )
+
+
+async def _settle(registry: SessionRegistry, worker: DetectionWorker, timeout_s: float) -> None:
+    """Wait until every marker is detected or past its timeout, then settle the rest."""
+    deadline = time.monotonic() + timeout_s + 1.0
+    while time.monotonic() < deadline:
+        await asyncio.to_thread(worker.drain)
+        registry.expire()
+        if sum(c.pending for c in registry.hop_counts().values()) == 0:
+            return
+        await asyncio.sleep(0.2)
+    await asyncio.to_thread(worker.drain)
+    registry.settle_all()
+
+
+def default_progress() -> Progress:
+    return Progress(sys.stderr)

@@ -1,0 +1,254 @@
+"""The source: one probe session streamed to the system under test in real time.
+
+A thin asyncio shell over the protocol builders, the embedder and the registry:
+
+- the session's speech is marked once, up front (payloads name the session and marker number);
+- frame n is due at t0 + n * frame length on an absolute schedule; the loop sleeps until the due
+  time and sends, never sleeping a fixed period after a send, so lateness never accumulates;
+- the wall-clock time a frame is handed to the socket is its send time; a marker's send time is
+  its frame's plus its offset in the frame over the rate (PROTOCOL.md section 4), and each
+  frame's lag (actual minus due) is recorded;
+- audio coming back on the same connection is the hop ``return``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from probe.audio.fixtures import load_fixture
+from probe.audio.formats import Encoding, encode
+from probe.hopstream import DetectionWorker, HopStream
+from probe.measure.registry import SessionRegistry
+from probe.protocol import (
+    Audio,
+    AudioFormat,
+    IngressStart,
+    ProtocolViolation,
+    ReturnReceiver,
+    Started,
+    Stop,
+    TraceContext,
+    to_json,
+)
+from probe.protocol.twilio import TwilioReturnReceiver, TwilioSender
+from probe.watermark.design import DEFAULT_EVERY_S, DEFAULT_LEVEL_DB
+from probe.watermark.embed import active_rms, embed
+
+RETURN_HOP = "return"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """How each session streams."""
+
+    target: str
+    dialect: str = "probe"
+    fixture: str = "speech_en_us"
+    rate: int = 16000
+    encoding: Encoding = "pcm_s16le"
+    frame_ms: float = 20.0
+    duration_s: float = 5.0
+    every_s: float = DEFAULT_EVERY_S
+    level_db: float = DEFAULT_LEVEL_DB
+    sink_url: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+    connect_timeout_s: float = 5.0
+    drain_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.dialect == "twilio" and (self.rate != 8000 or self.encoding != "mulaw"):
+            object.__setattr__(self, "rate", 8000)
+            object.__setattr__(self, "encoding", "mulaw")
+
+
+def new_trace_context() -> TraceContext:
+    """A fresh root context for a session (sampled)."""
+    return TraceContext(secrets.token_hex(16), secrets.token_hex(8), 1)
+
+
+@lru_cache(maxsize=16)
+def _carrier(fixture: str, rate: int, duration_s: float) -> tuple[np.ndarray, float]:
+    x, _ = load_fixture(fixture, rate=rate)
+    n = int(round(duration_s * rate))
+    reps = int(np.ceil(n / max(1, len(x))))
+    looped = np.tile(x, reps)[:n].astype(np.float32)
+    looped.setflags(write=False)
+    return looped, active_rms(np.asarray(x, dtype=np.float32), rate)
+
+
+def target_url(template: str, session: str) -> str:
+    """The target URL with ``{session}`` replaced by the session id."""
+    return template.replace("{session}", session)
+
+
+@dataclass
+class SessionResult:
+    session: str
+    frames_sent: int = 0
+    error: str | None = None
+
+
+async def run_session(
+    cfg: SourceConfig,
+    registry: SessionRegistry,
+    worker: DetectionWorker,
+    *,
+    session: str,
+    clock: Callable[[], float] = time.time,
+) -> SessionResult:
+    """Stream one session; every outcome ends up in ``registry`` (never raises on peer faults)."""
+    result = SessionResult(session)
+    registry.open_session(session)
+    carrier, ref_rms = _carrier(cfg.fixture, cfg.rate, cfg.duration_s)
+    marked, placements = embed(
+        carrier,
+        cfg.rate,
+        lambda i: registry.payload_for(session, i),
+        every_s=cfg.every_s,
+        level_db=cfg.level_db,
+        reference_rms=ref_rms,
+    )
+    frame_len = max(1, int(round(cfg.frame_ms * cfg.rate / 1000)))
+    frames = [marked[i : i + frame_len] for i in range(0, len(marked), frame_len)]
+    marker_at: dict[int, list[tuple[int, int]]] = {}
+    for p in placements:
+        marker_at.setdefault(p.sample // frame_len, []).append((p.index, p.sample % frame_len))
+    ctx = new_trace_context()
+    audio = AudioFormat(cfg.encoding, cfg.rate, 1)
+    url = target_url(cfg.target, session)
+    try:
+        async with asyncio.timeout(cfg.connect_timeout_s):
+            ws = await connect(url, max_size=2**22, open_timeout=cfg.connect_timeout_s)
+    except (OSError, TimeoutError, InvalidHandshake) as exc:
+        why = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else str(exc)
+        result.error = f"cannot connect to {url}: {why or type(exc).__name__}"
+        registry.session_failed(session, result.error)
+        return result
+    stream = HopStream(registry, RETURN_HOP, audio, session_hint=session)
+    twilio: TwilioSender | None = None
+    try:
+        if cfg.dialect == "twilio":
+            twilio = TwilioSender(
+                "MZ" + secrets.token_hex(16),
+                "CA" + secrets.token_hex(16),
+                session,
+                ctx,
+                sink=cfg.sink_url,
+                meta=cfg.meta or None,
+            )
+            await ws.send(twilio.connected())
+            await ws.send(twilio.start())
+        else:
+            start = IngressStart(
+                session=session, traceparent=ctx, audio=audio, sink=cfg.sink_url, meta=cfg.meta
+            )
+            await ws.send(to_json(start))
+        receiving = asyncio.create_task(
+            _receive(ws, stream, worker, audio, clock, twilio.stream_sid if twilio else None)
+        )
+        frame_s = frame_len / cfg.rate
+        loop = asyncio.get_running_loop()
+        base = loop.time()
+        for n, frame in enumerate(frames):
+            due = base + n * frame_s
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if receiving.done():
+                break
+            payload = encode(frame, cfg.encoding)
+            lag = loop.time() - due
+            sent_at = clock()
+            if twilio is not None:
+                await ws.send(twilio.media(payload))
+            else:
+                await ws.send(payload)
+            result.frames_sent += 1
+            registry.record_send_lag(session, max(0.0, lag))
+            for index, offset in marker_at.get(n, ()):
+                registry.record_send(session, index, sent_at + offset / cfg.rate)
+        if not receiving.done():
+            await ws.send(twilio.stop() if twilio is not None else to_json(Stop()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(receiving), timeout=cfg.drain_s)
+        if receiving.done() and receiving.exception() is None:
+            closed = receiving.result()
+            if closed is not None:
+                result.error = _closed_message(*closed, result.frames_sent, frame_len, cfg.rate)
+        receiving.cancel()
+        await ws.close(1000)
+    except ConnectionClosed as exc:
+        code = exc.rcvd.code if exc.rcvd is not None else 1006
+        reason = exc.rcvd.reason if exc.rcvd is not None else ""
+        result.error = _closed_message(code, reason, result.frames_sent, frame_len, cfg.rate)
+    finally:
+        worker.submit(stream.close)
+        await ws.close()
+    if result.error is None and result.frames_sent < len(frames):
+        result.error = f"stream ended after {result.frames_sent} of {len(frames)} frames"
+    registry.close_session(session, error=result.error)
+    return result
+
+
+def _closed_message(code: int, reason: str, frames: int, frame_len: int, rate: int) -> str:
+    when = frames * frame_len / rate
+    if frames == 0 and code in (1003, 1008):
+        return f"target refused the stream: close {code} {reason}".strip()
+    return f"target closed the connection after {when:.2f} s: close {code} {reason}".strip()
+
+
+async def _receive(
+    ws: ClientConnection,
+    stream: HopStream,
+    worker: DetectionWorker,
+    audio: AudioFormat,
+    clock: Callable[[], float],
+    twilio_sid: str | None,
+) -> tuple[int, str] | None:
+    """Read the return direction until the target closes; return its abnormal close code."""
+    plain = ReturnReceiver(audio)
+    tw = TwilioReturnReceiver(twilio_sid) if twilio_sid is not None else None
+    try:
+        async for frame in ws:
+            arrival = clock()
+            try:
+                if tw is not None:
+                    events: list[object] = list(
+                        tw.receive_binary(frame)
+                        if isinstance(frame, bytes)
+                        else tw.receive_text(frame)
+                    )
+                else:
+                    events = list(
+                        plain.receive_binary(frame)
+                        if isinstance(frame, bytes)
+                        else plain.receive_text(frame)
+                    )
+            except ProtocolViolation as exc:
+                stream.registry.hop_error(RETURN_HOP, stream.session_hint, exc.reason)
+                continue
+            for ev in events:
+                if isinstance(ev, Audio):
+                    worker.submit(stream.on_audio, ev.data, arrival)
+                elif isinstance(ev, Started) and tw is None:
+                    worker.submit(stream.set_format, plain.audio_format)
+    except ConnectionClosed as exc:
+        if exc.rcvd is not None and exc.rcvd.code in (1000, 1001):
+            return None
+        code = exc.rcvd.code if exc.rcvd is not None else 1006
+        return code, exc.rcvd.reason if exc.rcvd is not None else ""
+    rcvd = ws.close_code
+    if rcvd is not None and rcvd not in (1000, 1001):
+        return rcvd, ws.close_reason or ""
+    return None
+
