@@ -1,0 +1,548 @@
+"""The session registry: which marker was sent when, and what each hop's sink saw of it.
+
+The source side opens a session (getting the 24-bit token its markers carry), asks for each
+marker's payload and records its send time; the sink side reports detections (hop, payload,
+arrival time). The registry joins the two into :class:`Measurement` s and, once a marker has waited
+``marker_timeout`` seconds on a hop that should have seen it, into :class:`Missed` records.
+
+Every marker sent in a session is owed to every hop the session expects: the configured
+``expected_hops`` plus any hop that connected or was detected for that session (a hop that joins
+late is owed the markers sent before it joined too). Per hop, at any time::
+
+    sent == detected + missed + pending
+
+A detection after its marker was declared missed is counted as ``late`` and changes nothing else.
+Payloads that resolve to no session or no sent marker are counted per hop as ``unmatched``, never
+raised: a sink sees other runs' and corrupted audio.
+
+Time comes from the injected ``clock`` (seconds, the same clock as the send times) and nowhere else.
+One lock guards all state, so the source and the sink may run on different threads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from probe.errors import ConfigError
+from probe.measure.stats import LatencyStats
+from probe.watermark.design import PAYLOAD_BYTES, session_payload, split_session_payload
+
+__all__ = [
+    "NEGATIVE_TOLERANCE_S",
+    "TOKEN_BITS",
+    "ErrorNote",
+    "HopCounts",
+    "Measurement",
+    "Missed",
+    "SessionCounts",
+    "SessionRegistry",
+    "token_for",
+]
+
+TOKEN_BITS = 24
+MARKER_BITS = 8
+_MARKER_MASK = (1 << MARKER_BITS) - 1
+# A detection may arrive slightly "before" its send when send and arrival times are stamped at
+# frame granularity on different threads; beyond this it belongs to no send.
+NEGATIVE_TOLERANCE_S = 0.05
+
+
+def token_for(session_id: str, attempt: int = 0) -> int:
+    """Candidate number ``attempt`` of a session's 24-bit token (sha256-derived, deterministic)."""
+    data = session_id.encode("utf-8")
+    if attempt:
+        data += b"\x00" + str(attempt).encode("ascii")
+    return int.from_bytes(hashlib.sha256(data).digest()[:3], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One marker seen on one hop: cumulative latency = arrival_time - send_time (seconds)."""
+
+    hop: str
+    session: str
+    seq: int
+    send_time: float
+    arrival_time: float
+    latency_s: float
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Missed:
+    """A marker a hop owed and did not deliver within the marker timeout (or by the run's end)."""
+
+    hop: str
+    session: str
+    seq: int
+    send_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorNote:
+    """A failure with its reason; ``session`` is None for a hop failure outside any session."""
+
+    session: str | None
+    error: str
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"session": self.session, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class HopCounts:
+    """Marker accounting of one hop; ``sent == detected + missed + pending`` always."""
+
+    sent: int
+    detected: int
+    missed: int
+    pending: int
+    duplicates: int
+    unmatched: int
+    late: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCounts:
+    """Session accounting: ``started == completed + failed + open``."""
+
+    started: int
+    completed: int
+    failed: int
+    open: int
+    errors: tuple[ErrorNote, ...]
+
+
+@dataclass(slots=True)
+class _HopTally:
+    sent: int = 0
+    detected: int = 0
+    missed: int = 0
+    duplicates: int = 0
+    unmatched: int = 0
+    late: int = 0
+
+
+class _Session:
+    __slots__ = (
+        "closed_at",
+        "failed",
+        "hops",
+        "id",
+        "last_activity",
+        "seen",
+        "pending",
+        "sends",
+        "times_by_marker",
+        "seqs_by_marker",
+        "token",
+    )
+
+    def __init__(self, session_id: str, token: int, now: float) -> None:
+        self.id = session_id
+        self.token = token
+        self.last_activity = now
+        self.closed_at: float | None = None
+        self.failed = False
+        self.sends: dict[int, float] = {}
+        # Per 8-bit marker number, the seqs sharing it, sorted by send time (parallel lists).
+        self.times_by_marker: dict[int, list[float]] = {}
+        self.seqs_by_marker: dict[int, list[int]] = {}
+        self.hops: list[str] = []
+        # hop -> seq -> send time, for markers owed and not yet settled (insertion = send order).
+        self.pending: dict[str, dict[int, float]] = {}
+        # hop -> seqs detected (in time or late), to tell repeats.
+        self.seen: dict[str, set[int]] = {}
+
+    def settled(self) -> bool:
+        return not any(self.pending.values())
+
+
+class SessionRegistry:
+    """Sessions, marker sends and per-hop detections joined into latencies (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        marker_timeout: float = 10.0,
+        session_ttl: float = 60.0,
+        expected_hops: Sequence[str] = (),
+    ) -> None:
+        if not marker_timeout > 0:
+            raise ConfigError(f"marker_timeout must be positive seconds, got {marker_timeout}.")
+        if not session_ttl > 0:
+            raise ConfigError(f"session_ttl must be positive seconds, got {session_ttl}.")
+        if isinstance(expected_hops, str):
+            raise ConfigError("expected_hops is a sequence of hop names, not one string.")
+        for hop in expected_hops:
+            _check_hop(hop)
+        self._clock = clock
+        self.marker_timeout = float(marker_timeout)
+        self.session_ttl = float(session_ttl)
+        self.expected_hops: tuple[str, ...] = tuple(dict.fromkeys(expected_hops))
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self._by_token: dict[int, _Session] = {}
+        self._tally: dict[str, _HopTally] = {h: _HopTally() for h in self.expected_hops}
+        self._hop_errors: dict[str, list[ErrorNote]] = {}
+        self._started = 0
+        self._completed = 0
+        self._failed = 0
+        self._session_errors: list[ErrorNote] = []
+        self._send_lag = LatencyStats()
+        self._series: list[Measurement | Missed] = []
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def open_session(self, session_id: str) -> int:
+        """Start a session; returns its 24-bit token, unique among the sessions held."""
+        if not session_id:
+            raise ConfigError("A session id must be a non-empty string.")
+        with self._lock:
+            now = self._clock()
+            if session_id in self._sessions:
+                raise ConfigError(
+                    f"Session {session_id!r} is already open (or recently closed); "
+                    "session ids must be unique within a run."
+                )
+            attempt = 0
+            token = token_for(session_id)
+            while token in self._by_token:
+                attempt += 1
+                token = token_for(session_id, attempt)
+            s = _Session(session_id, token, now)
+            self._sessions[session_id] = s
+            self._by_token[token] = s
+            self._started += 1
+            for hop in self.expected_hops:
+                self._expect(s, hop)
+            return token
+
+    def token_of(self, session_id: str) -> int:
+        """The token of a session held by the registry."""
+        with self._lock:
+            return self._get(session_id).token
+
+    def close_session(self, session_id: str, *, error: str | None = None) -> None:
+        """End a session: completed, or failed with ``error``. Its pending markers still settle."""
+        with self._lock:
+            s = self._get(session_id)
+            now = self._clock()
+            if s.closed_at is None:
+                s.closed_at = now
+                s.last_activity = now
+                if error is None:
+                    self._completed += 1
+                else:
+                    self._fail(s, error, newly=True)
+            elif error is not None:
+                self._fail(s, error, newly=False)
+
+    def session_failed(self, session_id: str, error: str) -> None:
+        """Record a failed session, opened or not (e.g. the connection was refused)."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                self._started += 1
+                self._failed += 1
+                self._session_errors.append(ErrorNote(session_id, error))
+                return
+            now = self._clock()
+            if s.closed_at is None:
+                s.closed_at = now
+                s.last_activity = now
+                self._fail(s, error, newly=True)
+            else:
+                self._fail(s, error, newly=False)
+
+    def _fail(self, s: _Session, error: str, *, newly: bool) -> None:
+        self._session_errors.append(ErrorNote(s.id, error))
+        if newly:
+            self._failed += 1
+        elif not s.failed:
+            # A session that closed cleanly and then reported a failure counts as failed.
+            self._completed -= 1
+            self._failed += 1
+        s.failed = True
+
+    def _get(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise ConfigError(f"Unknown session {session_id!r}: open it first.")
+        return s
+
+    # -- the source side ------------------------------------------------------------------------
+
+    def payload_for(self, session_id: str, seq: int) -> bytes:
+        """The 4-byte marker payload of marker ``seq`` of a session (token + low 8 bits of seq)."""
+        _check_seq(seq)
+        with self._lock:
+            return session_payload(self._get(session_id).token, seq & _MARKER_MASK)
+
+    def record_send(self, session_id: str, seq: int, send_time: float) -> None:
+        """Marker ``seq`` left the probe: ``send_time`` is the send time of its first sample."""
+        _check_seq(seq)
+        with self._lock:
+            s = self._get(session_id)
+            if seq in s.sends:
+                raise ConfigError(f"Marker {seq} of session {session_id!r} was already sent.")
+            s.sends[seq] = send_time
+            m8 = seq & _MARKER_MASK
+            times = s.times_by_marker.setdefault(m8, [])
+            seqs = s.seqs_by_marker.setdefault(m8, [])
+            i = bisect.bisect_right(times, send_time)
+            times.insert(i, send_time)
+            seqs.insert(i, seq)
+            s.last_activity = self._clock()
+            for hop in s.hops:
+                s.pending[hop][seq] = send_time
+                self._tally[hop].sent += 1
+
+    def record_send_lag(self, session_id: str, lag_s: float) -> None:
+        """How late a frame was handed to the socket (actual minus due send time, seconds)."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is not None:
+                s.last_activity = self._clock()
+            self._send_lag.add(lag_s)
+
+    # -- the sink side --------------------------------------------------------------------------
+
+    def hop_connected(self, hop: str, session_id: str | None) -> None:
+        """A hop reports (for a session, or in general): it is owed that session's markers."""
+        _check_hop(hop)
+        with self._lock:
+            self._tally.setdefault(hop, _HopTally())
+            s = self._sessions.get(session_id) if session_id is not None else None
+            if s is not None:
+                self._expect(s, hop)
+
+    def hop_error(self, hop: str, session_id: str | None, error: str) -> None:
+        """A hop failed (garbage on its fork, a stall, a dropped connection), with the reason."""
+        _check_hop(hop)
+        with self._lock:
+            self._tally.setdefault(hop, _HopTally())
+            self._hop_errors.setdefault(hop, []).append(ErrorNote(session_id, error))
+
+    def _expect(self, s: _Session, hop: str) -> None:
+        if hop in s.pending:
+            return
+        tally = self._tally.setdefault(hop, _HopTally())
+        s.hops.append(hop)
+        s.pending[hop] = dict(sorted(s.sends.items(), key=lambda kv: kv[1]))
+        s.seen[hop] = set()
+        tally.sent += len(s.sends)
+
+    def record_detection(
+        self,
+        hop: str,
+        payload: bytes,
+        arrival_time: float,
+        *,
+        score: float,
+        session_hint: str | None = None,
+    ) -> Measurement | None:
+        """Join a detection with its send; returns the Measurement of a first detection, else None.
+
+        The payload decides the session (``session_hint`` is not trusted). The marker is the sent
+        seq with the payload's low 8 bits whose send time is the latest not after the arrival
+        (allowing :data:`NEGATIVE_TOLERANCE_S`). Repeats count as duplicates, detections after the
+        marker was declared missed as late, and anything that resolves to no send as unmatched.
+        """
+        del session_hint  # the payload is authoritative; the hint only names the fork it came on
+        _check_hop(hop)
+        with self._lock:
+            tally = self._tally.setdefault(hop, _HopTally())
+            if len(payload) != PAYLOAD_BYTES:
+                tally.unmatched += 1
+                return None
+            token, m8 = split_session_payload(payload)
+            s = self._by_token.get(token)
+            if s is None:
+                tally.unmatched += 1
+                return None
+            seq = self._resolve(s, m8, arrival_time)
+            if seq is None:
+                tally.unmatched += 1
+                return None
+            s.last_activity = self._clock()
+            self._expect(s, hop)
+            seen = s.seen[hop]
+            if seq in seen:
+                tally.duplicates += 1
+                return None
+            seen.add(seq)
+            pending = s.pending[hop]
+            if seq not in pending:
+                tally.late += 1
+                return None
+            send_time = pending.pop(seq)
+            tally.detected += 1
+            m = Measurement(
+                hop=hop,
+                session=s.id,
+                seq=seq,
+                send_time=send_time,
+                arrival_time=arrival_time,
+                latency_s=arrival_time - send_time,
+                score=score,
+            )
+            self._series.append(m)
+            return m
+
+    @staticmethod
+    def _resolve(s: _Session, m8: int, arrival_time: float) -> int | None:
+        times = s.times_by_marker.get(m8)
+        if not times:
+            return None
+        i = bisect.bisect_right(times, arrival_time + NEGATIVE_TOLERANCE_S)
+        if i == 0:
+            return None
+        return s.seqs_by_marker[m8][i - 1]
+
+    # -- settling -------------------------------------------------------------------------------
+
+    def expire(self) -> list[Missed]:
+        """Declare missed every owed marker sent more than ``marker_timeout`` ago; drop sessions
+        closed (or idle) longer than ``session_ttl`` once settled. Returns the new misses."""
+        with self._lock:
+            now = self._clock()
+            cutoff = now - self.marker_timeout
+            out: list[Missed] = []
+            for s in self._sessions.values():
+                for hop, pending in s.pending.items():
+                    due: list[int] = []
+                    # Sends are recorded in time order, so the first fresh one ends the scan; an
+                    # out-of-order send can only be settled later, never early.
+                    for seq, t in pending.items():
+                        if t >= cutoff:
+                            break
+                        due.append(seq)
+                    for seq in due:
+                        out.append(self._miss(s, hop, seq, pending.pop(seq)))
+            self._drop_stale(now)
+            return out
+
+    def settle_all(self) -> list[Missed]:
+        """The run is over and the timeout was waited out: every pending marker is missed."""
+        with self._lock:
+            out: list[Missed] = []
+            for s in self._sessions.values():
+                for hop, pending in s.pending.items():
+                    for seq, t in pending.items():
+                        out.append(self._miss(s, hop, seq, t))
+                    pending.clear()
+            return out
+
+    def _miss(self, s: _Session, hop: str, seq: int, send_time: float) -> Missed:
+        self._tally[hop].missed += 1
+        m = Missed(hop=hop, session=s.id, seq=seq, send_time=send_time)
+        self._series.append(m)
+        return m
+
+    def _drop_stale(self, now: float) -> None:
+        stale: list[_Session] = []
+        for s in self._sessions.values():
+            if s.closed_at is not None:
+                old = now - s.closed_at >= self.session_ttl
+            else:
+                old = now - s.last_activity >= self.session_ttl
+            if old and s.settled():
+                stale.append(s)
+        for s in stale:
+            if s.closed_at is None:
+                self._failed += 1
+                s.failed = True
+                self._session_errors.append(
+                    ErrorNote(s.id, f"idle for {self.session_ttl:g} s without being closed")
+                )
+            del self._sessions[s.id]
+            del self._by_token[s.token]
+
+    # -- accounting -----------------------------------------------------------------------------
+
+    def hop_counts(self) -> dict[str, HopCounts]:
+        """Per hop (in the order hops became known), marker accounting."""
+        with self._lock:
+            pending: dict[str, int] = dict.fromkeys(self._tally, 0)
+            for s in self._sessions.values():
+                for hop, p in s.pending.items():
+                    pending[hop] += len(p)
+            out: dict[str, HopCounts] = {}
+            for hop, t in self._tally.items():
+                c = HopCounts(
+                    sent=t.sent,
+                    detected=t.detected,
+                    missed=t.missed,
+                    pending=pending[hop],
+                    duplicates=t.duplicates,
+                    unmatched=t.unmatched,
+                    late=t.late,
+                )
+                if c.sent != c.detected + c.missed + c.pending:
+                    raise AssertionError(f"marker accounting broken for hop {hop!r}: {c}")
+                out[hop] = c
+            return out
+
+    def hops(self) -> list[str]:
+        """Every hop known: expected, connected, errored or detected."""
+        with self._lock:
+            return list(self._tally)
+
+    def hop_errors(self) -> dict[str, list[ErrorNote]]:
+        """Hop failures with their reasons, per hop."""
+        with self._lock:
+            return {hop: list(notes) for hop, notes in self._hop_errors.items()}
+
+    def session_counts(self) -> SessionCounts:
+        """Sessions started, completed, failed and still open, with the failures' reasons."""
+        with self._lock:
+            return SessionCounts(
+                started=self._started,
+                completed=self._completed,
+                failed=self._failed,
+                open=sum(1 for s in self._sessions.values() if s.closed_at is None),
+                errors=tuple(self._session_errors),
+            )
+
+    def live_sessions(self) -> list[str]:
+        """Ids of the sessions held (open, or closed and not yet dropped)."""
+        with self._lock:
+            return list(self._sessions)
+
+    def send_lag(self) -> LatencyStats:
+        """A copy of the frame send lags recorded (seconds)."""
+        with self._lock:
+            out = LatencyStats()
+            out.merge(self._send_lag)
+            return out
+
+    def series(self) -> list[Measurement | Missed]:
+        """Every measurement and miss so far, in the order they were settled."""
+        with self._lock:
+            return list(self._series)
+
+    def measurements(self) -> list[Measurement]:
+        """Every measurement so far."""
+        with self._lock:
+            return [m for m in self._series if isinstance(m, Measurement)]
+
+    def misses(self) -> list[Missed]:
+        """Every miss so far."""
+        with self._lock:
+            return [m for m in self._series if isinstance(m, Missed)]
+
+
+def _check_seq(seq: int) -> None:
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ConfigError(f"A marker sequence number is a non-negative integer, got {seq!r}.")
+
+
+def _check_hop(hop: str) -> None:
+    if not isinstance(hop, str) or not hop:
+        raise ConfigError(f"A hop name is a non-empty string, got {hop!r}.")

@@ -1,0 +1,236 @@
+"""The run report (schema ``probe.report/v1``): build it from a registry, write, load and print it.
+
+Latencies in the report are milliseconds rounded to 0.001; send times in ``series`` are the
+registry's clock in seconds, as recorded. Markers still pending when the report is built appear in
+the counts but not in ``series``: call ``registry.settle_all()`` first at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from probe.errors import ConfigError
+from probe.measure.latency import hop_order as _hop_order
+from probe.measure.latency import own_latencies
+from probe.measure.registry import Measurement, SessionRegistry
+from probe.measure.stats import summarize_ms
+
+__all__ = [
+    "DEFAULT_CLOCKS",
+    "SCHEMA",
+    "build_report",
+    "format_table",
+    "load_report",
+    "write_report",
+]
+
+SCHEMA = "probe.report/v1"
+DEFAULT_CLOCKS = "one clock on one host for send and arrival times"
+
+_TOP_KEYS = ("schema", "target", "started_at", "duration_s", "clocks", "sessions", "hops", "series")
+_MARKER_KEYS = ("sent", "detected", "missed", "duplicates", "unmatched", "late")
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def build_report(
+    registry: SessionRegistry,
+    *,
+    target: str,
+    started_at: float,
+    duration_s: float,
+    hop_order: Sequence[str] | None = None,
+    reply: Sequence[float] = (),
+    reply_missed: int | None = None,
+    configured: Mapping[str, float] | None = None,
+    clocks: str = DEFAULT_CLOCKS,
+) -> dict[str, Any]:
+    """The report of a run as a JSON-ready dict.
+
+    ``started_at`` is epoch seconds; ``reply`` are voice-to-voice latencies in seconds (and
+    ``reply_missed`` the utterances that got none); ``configured`` is each hop's configured delay
+    in seconds, where known (a reference pipeline), shown beside the measured one.
+    """
+    series = registry.series()
+    measurements = [m for m in series if isinstance(m, Measurement)]
+    counts = registry.hop_counts()
+    order = _hop_order(measurements, hop_order, known=counts)
+    own = own_latencies(measurements, order)
+    cumulative: dict[str, list[float]] = {hop: [] for hop in order}
+    for m in measurements:
+        cumulative[m.hop].append(m.latency_s)
+    hop_errors = registry.hop_errors()
+    hops: list[dict[str, Any]] = []
+    for hop in order:
+        c = counts.get(hop)
+        entry: dict[str, Any] = {
+            "name": hop,
+            "markers": {key: (getattr(c, key) if c is not None else 0) for key in _MARKER_KEYS},
+            "latency_ms": summarize_ms(cumulative[hop]),
+            "own_latency_ms": summarize_ms(own[hop]),
+            "errors": [e.as_dict() for e in hop_errors.get(hop, [])],
+        }
+        if configured is not None and hop in configured:
+            entry["configured_ms"] = _ms(configured[hop])
+        hops.append(entry)
+    rank = {hop: i for i, hop in enumerate(order)}
+    rows = sorted(series, key=lambda r: (r.send_time, r.session, r.seq, rank.get(r.hop, len(rank))))
+    sc = registry.session_counts()
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "target": target,
+        "started_at": datetime.fromtimestamp(started_at, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "duration_s": round(float(duration_s), 3),
+        "clocks": clocks,
+        "sessions": {
+            "started": sc.started,
+            "completed": sc.completed,
+            "failed": sc.failed,
+            "open": sc.open,
+            "errors": [e.as_dict() for e in sc.errors],
+        },
+        "hops": hops,
+        "send_lag_ms": registry.send_lag().summary_ms(),
+    }
+    if reply or reply_missed:
+        report["reply_ms"] = summarize_ms(reply)
+        if reply_missed is not None:
+            report["reply_missed"] = reply_missed
+    report["series"] = [
+        {
+            "hop": r.hop,
+            "session": r.session,
+            "marker": r.seq,
+            "send_time": r.send_time,
+            "latency_ms": _ms(r.latency_s) if isinstance(r, Measurement) else None,
+            "outcome": "detected" if isinstance(r, Measurement) else "missed",
+        }
+        for r in rows
+    ]
+    return report
+
+
+def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write the report as JSON, atomically (a temporary file beside it, then a rename)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a report written by :func:`write_report`; ConfigError if it is not one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"Cannot read report {os.fspath(path)!r}: {e.strerror or e}.") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"Report {os.fspath(path)!r} is not valid JSON: {e}.") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"Report {os.fspath(path)!r} is not a JSON object.")
+    if data.get("schema") != SCHEMA:
+        raise ConfigError(
+            f"Report {os.fspath(path)!r} has schema {data.get('schema')!r}; expected {SCHEMA!r}."
+        )
+    missing = [k for k in _TOP_KEYS if k not in data]
+    if missing:
+        raise ConfigError(f"Report {os.fspath(path)!r} lacks {', '.join(missing)}.")
+    hops = data["hops"]
+    if not isinstance(hops, list) or not all(
+        isinstance(h, dict) and {"name", "markers", "latency_ms", "own_latency_ms"} <= h.keys()
+        for h in hops
+    ):
+        raise ConfigError(f"Report {os.fspath(path)!r} has a malformed 'hops' list.")
+    if not isinstance(data["series"], list):
+        raise ConfigError(f"Report {os.fspath(path)!r} has a malformed 'series' list.")
+    return data
+
+
+def _fmt(v: object) -> str:
+    return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def _line(name: str, summary: Mapping[str, Any]) -> str:
+    if not summary.get("count"):
+        return f"{name}: none"
+    parts = ", ".join(f"{k} {_fmt(summary[k])}" for k in ("p50", "p95", "p99", "max"))
+    return f"{name} (ms): {parts} (n={summary['count']})"
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """A plain-text table for people: per hop, cumulative and own latency (ms), marker counts and
+    the configured delay where known; then sessions, send lag and replies."""
+    head = (
+        "hop",
+        "p50",
+        "p95",
+        "p99",
+        "max",
+        "own p50",
+        "own p95",
+        "own p99",
+        "own max",
+        "sent",
+        "det",
+        "miss",
+        "conf",
+    )
+    rows: list[tuple[str, ...]] = [head]
+    for h in report["hops"]:
+        cum, own, mk = h["latency_ms"], h["own_latency_ms"], h["markers"]
+        rows.append(
+            (
+                str(h["name"]),
+                *(_fmt(cum[k]) for k in ("p50", "p95", "p99", "max")),
+                *(_fmt(own[k]) for k in ("p50", "p95", "p99", "max")),
+                str(mk["sent"]),
+                str(mk["detected"]),
+                str(mk["missed"]),
+                _fmt(h.get("configured_ms")),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = report["sessions"]
+    lines.append("")
+    lines.append(
+        f"sessions: {s['started']} started, {s['completed']} completed, {s['failed']} failed"
+    )
+    for e in s["errors"][:5]:
+        lines.append(f"  {e['session']}: {e['error']}")
+    if len(s["errors"]) > 5:
+        lines.append(f"  ... and {len(s['errors']) - 5} more")
+    lines.append(_line("send lag", report.get("send_lag_ms", {})))
+    if "reply_ms" in report:
+        line = _line("reply", report["reply_ms"])
+        if "reply_missed" in report:
+            line += f", {report['reply_missed']} missed"
+        lines.append(line)
+    return "\n".join(lines)

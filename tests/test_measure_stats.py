@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from probe.errors import ConfigError
+from probe.measure.stats import SUMMARY_KEYS, LatencyStats, summarize_ms
+
+
+def test_empty() -> None:
+    s = LatencyStats()
+    assert s.count == 0
+    assert s.quantile(0.5) is None
+    summary = s.summary_ms()
+    assert set(summary) == set(SUMMARY_KEYS)
+    assert summary["count"] == 0
+    assert all(summary[k] is None for k in SUMMARY_KEYS if k != "count")
+    assert summarize_ms([]) == summary
+
+
+def test_summary_ms_values() -> None:
+    values = [i / 1000.0 for i in range(1, 1001)]  # 1..1000 ms
+    s = LatencyStats()
+    s.extend(values[:500])
+    for v in values[500:]:
+        s.add(v)
+    summary = s.summary_ms()
+    assert summary["count"] == 1000
+    assert summary["max"] == 1000.0
+    assert summary["mean"] == 500.5
+    assert summary["p50"] == pytest.approx(float(np.quantile(values, 0.5)) * 1000, abs=1e-3)
+    assert summary["p999"] == pytest.approx(float(np.quantile(values, 0.999)) * 1000, abs=1e-3)
+    assert summarize_ms(values) == summary
+    assert s.quantile(1.0) == 1.0
+
+
+def test_rounding_to_microseconds() -> None:
+    assert summarize_ms([0.0123456789])["p50"] == 12.346
+
+
+def test_quantile_range_checked() -> None:
+    with pytest.raises(ConfigError):
+        LatencyStats([1.0]).quantile(1.5)
+
+
+def test_merge_and_round_trip() -> None:
+    a = LatencyStats([0.1, 0.2])
+    b = LatencyStats.from_list([0.3])
+    a.merge(b)
+    assert a.to_list() == [0.1, 0.2, 0.3]
+    a.merge(a)
+    assert a.count == 6
+    assert LatencyStats.from_list(a.to_list()).to_list() == a.to_list()
+
+
+@given(st.lists(st.floats(min_value=-1.0, max_value=100.0), max_size=300))
+def test_growth_keeps_every_value(values: list[float]) -> None:
+    s = LatencyStats()
+    for v in values:
+        s.add(v)
+    assert s.to_list() == values
+    assert len(s) == len(values)
