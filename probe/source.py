@@ -218,6 +218,7 @@ async def _receive(
     """Read the return direction until the target closes; return its abnormal close code."""
     plain = ReturnReceiver(audio)
     tw = TwilioReturnReceiver(twilio_sid) if twilio_sid is not None else None
+    heard = False
     try:
         async for frame in ws:
             arrival = clock()
@@ -239,6 +240,10 @@ async def _receive(
                 continue
             for ev in events:
                 if isinstance(ev, Audio):
+                    if not heard:
+                        # Audio comes back, so the return direction owes every marker.
+                        heard = True
+                        stream.registry.hop_connected(RETURN_HOP, stream.session_hint)
                     worker.submit(stream.on_audio, ev.data, arrival)
                 elif isinstance(ev, Started) and tw is None:
                     worker.submit(stream.set_format, plain.audio_format)
