@@ -256,7 +256,7 @@ def _configured_ms(hops: Sequence[Any]) -> dict[str, float]:
     total = 0.0
     out: dict[str, float] = {}
     for h in hops:
-        total += float(h.delay_s) * 1000.0
+        total += float(h.delay) * 1000.0
         out[h.name] = round(total, 3)
     out["return"] = round(total, 3)
     return out
