@@ -57,7 +57,8 @@ def test_pipeline_hops_measure_their_configured_delays() -> None:
     assert abs(own_c - 120.0) < 4.0
     assert report["sessions"]["completed"] == 2
     assert report["schema"] == "probe.report/v1"
-    assert report["series"] and {"hop", "session", "marker", "send_time"} <= set(report["series"][0])
+    assert report["series"]
+    assert {"hop", "session", "marker", "send_time"} <= set(report["series"][0])
 
 
 def test_echo_return_hop_and_accounting() -> None:
