@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,8 +32,14 @@ def _load(name: str) -> ModuleType:
 
 
 C = _load("_conditions")
-needs_sox = pytest.mark.skipif(shutil.which("sox") is None, reason="sox not installed")
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+# Under CI a missing tool is a failure, never a skip.
+_CI = os.environ.get("CI") == "true"
+needs_sox = pytest.mark.skipif(
+    shutil.which("sox") is None and not _CI, reason="sox not installed"
+)
+needs_ffmpeg = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None and not _CI, reason="ffmpeg not installed"
+)
 
 
 @pytest.fixture(scope="module")
