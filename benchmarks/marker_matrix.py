@@ -4,10 +4,11 @@ are timed, what embedding and detection cost, and whether unmarked audio ever tr
 
     python benchmarks/marker_matrix.py [--quick] [--level DB] [--hours H] [--json PATH]
 
-Material: each speech fixture looped to 30 s (10 s with --quick), markers every 0.5 s at
+Material: each speech fixture looped to 30 s (10 s with --quick), markers every 0.5 s (each
+moved later by a random 0..1 ms, so they are not all on the detector's 8 kHz sample grid) at
 --level dB relative to the speech's active level, a distinct 24-bit token per file and marker
-numbers 0..255 (payload = session_payload(token, i)). Each condition is applied to the marked
-audio and the detector runs on the result at the condition's output rate.
+numbers 0..255 wrapping (payload = session_payload(token, i)). Each condition is applied to the
+marked audio and the detector runs on the result at the condition's output rate.
 
 A marker is *found* when a detection carries its exact payload within 5 ms of where it should be;
 any other detection is *wrong* (a payload never placed in that file: a false pass of the check)
@@ -54,9 +55,9 @@ import numpy as np  # noqa: E402
 
 from probe.audio.fixtures import SPEECH_FIXTURES, load_fixture  # noqa: E402
 from probe.audio.resample import resample  # noqa: E402
-from probe.watermark.design import session_payload  # noqa: E402
+from probe.watermark.design import MARKER_S, session_payload  # noqa: E402
 from probe.watermark.detect import Detection, MarkerDetector, detect_all  # noqa: E402
-from probe.watermark.embed import Placement, embed  # noqa: E402
+from probe.watermark.embed import Placement, embed, marker_positions  # noqa: E402
 
 TOLERANCE_S = 0.005
 EVERY_S = 0.5
@@ -104,15 +105,25 @@ class Output:
 @dataclass(frozen=True)
 class Condition:
     name: str
-    klass: str  # "A": codec/resample/level/offset, "B": impairment
+    klass: str  # "A": codec/resample (and level/offset), "B": impairment
     embed_rate: int
     tool: str
     apply: Callable[[FileCtx], Output]
 
 
 def token_for(index: int, seed: int) -> int:
-    rng = np.random.default_rng([seed, 0x70CE, index])
-    return int(rng.integers(1, 1 << 24))
+    """The 24-bit session token of speech file ``index``: seeded, distinct for every file."""
+    base = int(np.random.default_rng([seed, 0x70CE]).integers(0, 1 << 24))
+    return (base + 0x2F1A3 * (index + 1)) & 0xFFFFFF
+
+
+def jittered_positions(n: int, rate: int, rng: np.random.Generator) -> list[int]:
+    """Marker starts every EVERY_S seconds, each moved later by a random 0..1 ms, so they do
+    not all sit on the detector's 8 kHz grid (sub-sample timing gets exercised)."""
+    base = marker_positions(n, rate, every_s=EVERY_S)
+    jitter = rng.integers(0, max(1, rate // 1000), size=len(base))
+    last = n - int(round(MARKER_S * rate))
+    return [int(min(b + j, last)) for b, j in zip(base, jitter, strict=True)]
 
 
 def _shift(off: float, ratio: float = 1.0) -> Callable[[Detection], float]:
@@ -333,10 +344,11 @@ def run_condition(ci: int, seconds: float, level_db: float, seed: int) -> dict[s
         src, _ = load_fixture(name, rate=rate)
         carrier = C.loop_to(src, int(round(seconds * rate)))
         token = token_for(fi, seed)
+        positions = jittered_positions(len(carrier), rate, np.random.default_rng([seed, 1, fi]))
         t0 = time.process_time()
         marked, placements = embed(
             carrier, rate, lambda i, t=token: session_payload(t, i & 0xFF),
-            every_s=EVERY_S, level_db=level_db,
+            level_db=level_db, positions=positions,
         )
         embed_cpu += time.process_time() - t0
         embed_s += len(carrier) / rate
@@ -432,7 +444,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 from probe.audio.fixtures import load_fixture
-from probe.watermark.design import session_payload
+from probe.watermark.design import MARKER_S, session_payload
 from probe.watermark.detect import detect_all
 from probe.watermark.embed import embed
 x, r = load_fixture("speech_en_us")
@@ -491,7 +503,8 @@ def report(rows: list[dict[str, Any]], streams: list[dict[str, Any]], args: argp
     pids = sorted({r["pid"] for r in rows} | {s["pid"] for s in streams})
 
     out(f"Marker matrix: {len(SPEECH_FIXTURES)} speech fixtures x {args.seconds:g} s, markers "
-        f"every {EVERY_S} s at {args.level:+.1f} dB, seed {args.seed}, "
+        f"every {EVERY_S} s (+ random 0..1 ms each) at {args.level:+.1f} dB re active speech "
+        f"level, seed {args.seed}, "
         f"{len(pids)} worker processes, wall {wall:.0f} s")
     out(f"CPU per audio second (process_time in the worker, after one warm-up per process): "
         f"embed {_ms(embed_cpu, embed_audio):.3f} ms/s [{by_rate}] over {embed_audio:.0f} s; "

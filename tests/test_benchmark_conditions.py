@@ -27,7 +27,12 @@ def _load(name: str) -> ModuleType:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    env = dict(os.environ)  # marker_matrix pins BLAS threads for its workers; not for pytest
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
     return mod
 
 
