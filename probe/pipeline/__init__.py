@@ -1,0 +1,48 @@
+"""The reference pipeline: a multi-hop real-time audio system to point the probe at.
+
+It plays the system under test of PROTOCOL.md: an ingress WebSocket server (probe or Twilio
+dialect) whose audio passes through configured hops, each adding a delay (with jitter or a step)
+and optionally transcoding, resampling, changing gain, adding noise, losing packets, stalling,
+failing or misbehaving on its fork; each hop forks what it emits to the session's sink, and the
+last hop's output comes back on the ingress connection. Its configured delays are the ground
+truth the probe's measurements are checked against.
+
+- `spec`: the `--hops` language (`parse_hops`, `HopSpec`). Pure.
+- `resample`: a streaming resampler with a ~3 ms hold-back (soxr QQ + a Kaiser FIR). Pure.
+- `hop`: `HopCore`, one hop of one session, sans-I/O: bytes and arrival times in, timed
+  emissions out. The timing rule lives here.
+- `server`: the asyncio shell, `ReferencePipeline` and `run_pipeline`.
+"""
+
+from __future__ import annotations
+
+from probe.pipeline.hop import Emission, HopCore, output_format
+from probe.pipeline.resample import LowLatencyResampler
+from probe.pipeline.server import (
+    CLOSE_INTERNAL,
+    Dialect,
+    ReferencePipeline,
+    SpanRecord,
+    child_context,
+    parse_listen,
+    run_pipeline,
+)
+from probe.pipeline.spec import HopSpec, check_hops, format_hops, parse_hops
+
+__all__ = [
+    "CLOSE_INTERNAL",
+    "Dialect",
+    "Emission",
+    "HopCore",
+    "HopSpec",
+    "LowLatencyResampler",
+    "ReferencePipeline",
+    "SpanRecord",
+    "check_hops",
+    "child_context",
+    "format_hops",
+    "output_format",
+    "parse_hops",
+    "parse_listen",
+    "run_pipeline",
+]

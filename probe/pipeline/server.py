@@ -1,0 +1,635 @@
+"""The reference pipeline's I/O shell: a WebSocket server that plays a multi-hop audio system.
+
+Each ingress connection is one session. Its frames are judged by the protocol receivers
+(`IngressReceiver`, or `TwilioReceiver` in the Twilio dialect); a bad first message closes the
+connection with the violation's code and reason (logged at INFO: a misbehaving client is normal
+business for a server). Audio then runs through one `HopCore` per hop (`hop.py` holds the timing
+rule), each hop with a task that waits until an emission is due and then emits it: to its fork
+(a WebSocket to the session's sink, PROTOCOL.md 2) and to the next hop. After the last hop a
+zero-delay return stage converts the audio back to the ingress format and sends it on the ingress
+connection (binary frames, or Twilio `media` events of 20 ms).
+
+Waiting. A task waits for an absolute due time on the loop's monotonic clock (the injected clock
+only stamps arrivals and sets the due times), so delays never accumulate. asyncio's own timers
+wake up to ~1 ms late on Linux (epoll rounds timeouts up to whole milliseconds; measured median
+0.72 ms, p90 1.15 ms), so the last `spin` seconds (default 1 ms) of each wait are spent yielding
+to the loop in a busy loop (a bare timer wait then lands a median 3 us late, p99 10 us). Measured
+with the 3-hop test chain, a hop emits (fork frame written) a median 0.13 ms after its due time,
+p95 0.5 ms, against 0.9-1.1 ms / 1.5-1.6 ms with `spin=0`; the CPU cost was lost in the noise
+(0.32-0.39 s of process CPU for a 3 s session, test client and sink included, either way). Pass
+`spin=0` for load runs with very many sessions. On loopback, in one process on a shared 2-core
+box, forked frames reach a websockets sink a median 0.3-0.6 ms after their due time (p95
+0.5-1.6 ms), and a hop's own delay seen at the sink (arrival after it minus arrival after the hop
+before) is off by a median 0.02-0.2 ms (p95 0.3-1.0 ms).
+
+Faults on purpose (`spec.py`): `stall@S` (a hop stops emitting, its fork is closed without a
+stop), `close@S` (the session is torn down, ingress closed with 1011), `garbage` (a fork that
+sends non-JSON and random bytes), `nofork`, `refuse` (1008 at start). A sink that cannot be
+reached, or drops a fork, costs only that fork: one warning per sink URL, and the session goes on.
+
+Memory per session is bounded: each stage holds at most `MAX_PENDING` chunks (more means the
+client sends faster than real time; the excess is dropped with one warning).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
+
+from probe.errors import ConfigError, ProtocolError
+from probe.pipeline.hop import Emission, HopCore, output_format
+from probe.pipeline.spec import HopSpec, check_hops, parse_hops
+from probe.protocol import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_UNSUPPORTED,
+    Audio,
+    ForkStart,
+    IngressReceiver,
+    IngressStart,
+    ProtocolViolation,
+    Started,
+    Stop,
+    Stopped,
+    TraceContext,
+    TwilioReceiver,
+    TwilioResponder,
+    to_json,
+)
+
+__all__ = [
+    "CLOSE_INTERNAL",
+    "MAX_PENDING",
+    "Dialect",
+    "ReferencePipeline",
+    "SpanRecord",
+    "child_context",
+    "parse_listen",
+    "run_pipeline",
+]
+
+log = logging.getLogger("probe.pipeline")
+
+Dialect = Literal["probe", "twilio"]
+CLOSE_INTERNAL = 1011
+MAX_PENDING = 2000  # chunks per stage: 40 s of 20 ms frames
+MAX_SPANS = 10_000
+TWILIO_FRAME = 160  # 20 ms of 8 kHz mu-law
+_FORK_OPEN_TIMEOUT = 5.0
+_CLOSE_TIMEOUT = 2.0
+_DIRECT_WRITE_LIMIT = 4096  # bytes buffered on a fork's socket beyond which frames queue
+_DRAIN_SLACK = 5.0  # seconds past the largest delay a session may take to drain at its end
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRecord:
+    """One hop's span of one session: enough to check parenting (OTel export comes later)."""
+
+    session: str
+    hop: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+
+
+def child_context(parent: TraceContext) -> TraceContext:
+    """A child span context of `parent`: same trace id and flags, a new random span id."""
+    span_id = secrets.token_hex(8)
+    while span_id == "0" * 16:
+        span_id = secrets.token_hex(8)
+    return TraceContext(parent.trace_id, span_id, parent.flags)
+
+
+async def _sleep_until(due: float, clock: Callable[[], float], spin: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + (due - clock())
+    coarse = end - spin - loop.time()
+    if coarse > 0:
+        await asyncio.sleep(coarse)
+    while loop.time() < end:
+        await asyncio.sleep(0)
+
+
+class _End:
+    __slots__ = ("t",)
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+
+_CLOSE = object()
+
+
+class _Fork:
+    """One hop's fork connection.
+
+    A frame is written from the hop's own task the moment it is emitted (a websockets send does
+    not yield while the socket keeps up); only while the connection is still opening, or the
+    sink falls behind, do frames wait in a bounded queue for the writer task.
+    """
+
+    def __init__(self, session: _Session, hop: str, hello: str, garbage: random.Random | None):
+        self._session = session
+        self._hop = hop
+        self._hello = hello
+        self._garbage = garbage
+        self._items: deque[bytes | object] = deque()
+        self._wake = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._url = ""
+        self._busy = False
+        self._dead = False
+        self._stop = True
+        self._code = CLOSE_NORMAL
+
+    async def send(self, data: bytes) -> None:
+        if self._dead:
+            return
+        if self._garbage is not None:
+            data = self._garbage.randbytes(len(data))
+        ws = self._ws
+        if (ws is not None and not self._items and not self._busy
+                and ws.transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT):
+            self._busy = True
+            try:
+                await ws.send(data)
+            except ConnectionClosed as exc:
+                self._lost(exc)
+            finally:
+                self._busy = False
+            return
+        if len(self._items) >= MAX_PENDING:
+            self._session.warn_once(f"fork of hop {self._hop!r} fell behind; frames dropped.")
+            return
+        self._items.append(data)
+        self._wake.set()
+
+    def finish(self, *, stop: bool, code: int = CLOSE_NORMAL) -> None:
+        self._stop = stop
+        self._code = code
+        self._items.append(_CLOSE)
+        self._wake.set()
+
+    def _lost(self, exc: ConnectionClosed) -> None:
+        if not self._dead:
+            self._dead = True
+            self._session.pipeline.warn_sink(self._url, f"the sink {self._url} closed the fork "
+                                             f"of hop {self._hop!r} ({exc}); the session goes on.")
+
+    async def run(self, url: str) -> None:
+        self._url = url
+        try:
+            ws = await asyncio.wait_for(
+                connect(url, compression=None, proxy=None, open_timeout=None,
+                        close_timeout=_CLOSE_TIMEOUT, max_queue=4),
+                _FORK_OPEN_TIMEOUT,
+            )
+        except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:
+            self._dead = True
+            self._session.pipeline.warn_sink(url, f"hop {self._hop!r} could not open its fork "
+                                             f"to {url} ({exc or type(exc).__name__}); "
+                                             "the session goes on without it.")
+            return
+        try:
+            await self._pump(ws)
+        except ConnectionClosed as exc:
+            self._lost(exc)
+        finally:
+            self._ws = None
+            # Cancelled (pipeline stopped, session aborted) or failed: drop the TCP connection.
+            if ws.state is not State.CLOSED:
+                ws.transport.abort()
+
+    async def _pump(self, ws: ClientConnection) -> None:
+        await ws.send(self._hello)
+        self._ws = ws
+        while True:
+            while not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+            item = self._items.popleft()
+            if item is _CLOSE:
+                break
+            assert isinstance(item, bytes)
+            if self._dead:
+                continue
+            self._busy = True
+            try:
+                await ws.send(item)
+            finally:
+                self._busy = False
+        self._ws = None
+        if not self._dead:
+            if self._stop and self._garbage is None:
+                await ws.send(to_json(Stop()))
+            await ws.close(self._code)
+
+
+class _Stage:
+    """A hop (or the return) of one session: a `HopCore` plus the task that emits on time."""
+
+    def __init__(self, session: _Session, name: str, core: HopCore) -> None:
+        self.session = session
+        self.name = name
+        self.core = core
+        self._items: deque[Emission | _End] = deque()
+        self._wake = asyncio.Event()
+        self._last_due = session.t0
+
+    def feed(self, data: bytes, t: float) -> None:
+        self._enqueue(self.core.push(data, t))
+
+    def end(self, t: float) -> None:
+        self._enqueue(self.core.finish(t))
+        self._items.append(_End(t))
+        self._wake.set()
+
+    def _enqueue(self, emissions: list[Emission]) -> None:
+        for e in emissions:
+            if len(self._items) >= MAX_PENDING:
+                self.session.warn_once(
+                    f"hop {self.name!r} holds {MAX_PENDING} chunks (is the client sending "
+                    "faster than real time?); chunks dropped."
+                )
+                return
+            self._items.append(e)
+        if emissions:
+            self._wake.set()
+
+    async def run(self) -> None:
+        pipeline = self.session.pipeline
+        while True:
+            while not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+            item = self._items.popleft()
+            if isinstance(item, _End):
+                await self._ended(max(item.t, self._last_due))
+                return
+            await _sleep_until(item.due, pipeline.clock, pipeline.spin)
+            self._last_due = item.due
+            await self._emit(item)
+
+    async def _emit(self, item: Emission) -> None:
+        raise NotImplementedError
+
+    async def _ended(self, t: float) -> None:
+        raise NotImplementedError
+
+
+class _Hop(_Stage):
+    def __init__(self, session: _Session, spec: HopSpec, core: HopCore, nxt: _Stage,
+                 fork: _Fork | None) -> None:
+        super().__init__(session, spec.name, core)
+        self.next = nxt
+        self.fork = fork
+
+    async def _emit(self, item: Emission) -> None:
+        if self.fork is not None:
+            await self.fork.send(item.data)
+        observer = self.session.pipeline.observer
+        if observer is not None:
+            observer(self.session.start.session, self.name, item)
+        self.next.feed(item.data, item.due)
+
+    async def _ended(self, t: float) -> None:
+        if self.fork is not None:
+            self.fork.finish(stop=not self.core.stalled)
+        self.next.end(t)
+
+
+class _Return(_Stage):
+    def __init__(self, session: _Session, core: HopCore, ws: ServerConnection,
+                 responder: TwilioResponder | None) -> None:
+        super().__init__(session, "return", core)
+        self.ws = ws
+        self.responder = responder
+        self._open = True
+
+    async def _emit(self, item: Emission) -> None:
+        if not self._open:
+            return
+        try:
+            if self.responder is None:
+                await self.ws.send(item.data)
+            else:
+                await self.ws.send(self.responder.media(item.data))
+        except ConnectionClosed:
+            self._open = False
+
+    async def _ended(self, t: float) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            if self._open and self.responder is None:
+                await self.ws.send(to_json(Stop()))
+            await self.ws.close(CLOSE_NORMAL)
+
+
+class _Session:
+    """One ingress stream through every hop."""
+
+    def __init__(self, pipeline: ReferencePipeline, ws: ServerConnection, start: IngressStart,
+                 t0: float, responder: TwilioResponder | None) -> None:
+        self.pipeline = pipeline
+        self.ws = ws
+        self.start = start
+        self.t0 = t0
+        self.ended = False
+        self._warned: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        sink = start.sink or pipeline.sink
+        base = f"{pipeline.seed}/{start.session}"
+
+        formats = [start.audio]
+        for spec in pipeline.hops:
+            formats.append(output_format(spec, formats[-1]))
+        self.ret = _Return(
+            self,
+            HopCore(formats[-1], start.audio, t0=t0, seed=f"{base}/return",
+                    frame_samples=None if responder is None else TWILIO_FRAME),
+            ws, responder,
+        )
+        parent = start.traceparent
+        contexts: list[TraceContext] = []
+        for spec in pipeline.hops:
+            ctx = child_context(parent)
+            pipeline.spans.append(SpanRecord(start.session, spec.name, ctx.trace_id, ctx.span_id,
+                                             parent.span_id))
+            contexts.append(ctx)
+            parent = ctx
+        stages: list[_Hop] = []
+        nxt: _Stage = self.ret
+        for i in reversed(range(len(pipeline.hops))):
+            spec = pipeline.hops[i]
+            seed = f"{base}/{i}/{spec.name}"
+            fork = None
+            if sink is not None and spec.fork:
+                if spec.garbage:
+                    hello = "this is not JSON {"
+                else:
+                    hello = to_json(ForkStart(hop=spec.name, audio=formats[i + 1],
+                                              session=start.session, traceparent=contexts[i],
+                                              tracestate=start.tracestate))
+                fork = _Fork(self, spec.name, hello,
+                             random.Random(f"{seed}/garbage") if spec.garbage else None)
+                self._spawn(fork.run(sink))
+            core = HopCore(formats[i], formats[i + 1], t0=t0, seed=seed, spec=spec)
+            nxt = _Hop(self, spec, core, nxt, fork)
+            stages.append(nxt)
+        self.hops = stages[::-1]
+        self.first: _Stage = nxt
+        self.forks = [h.fork for h in self.hops if h.fork is not None]
+        self._fork_tasks = list(self._tasks)
+        self._spawn(self.ret.run())
+        for hop in self.hops:
+            self._spawn(hop.run())
+        closers = [h for h in pipeline.hops if h.close_at is not None]
+        if closers:
+            first = min(closers, key=lambda h: h.close_at or 0.0)
+            self._spawn(self._close_at(first))
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        return task
+
+    def warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("session %s: %s", self.start.session, message)
+
+    def feed(self, data: bytes, t: float) -> None:
+        if not self.ended:
+            self.first.feed(data, t)
+
+    def end(self, t: float) -> None:
+        if not self.ended:
+            self.ended = True
+            self.first.end(t)
+
+    async def _close_at(self, spec: HopSpec) -> None:
+        assert spec.close_at is not None
+        await _sleep_until(self.t0 + spec.close_at, self.pipeline.clock, 0.0)
+        log.info("session %s: hop %r closes the stream (close@%gs).", self.start.session,
+                 spec.name, spec.close_at)
+        self.ended = True
+        for fork in self.forks:
+            fork.finish(stop=False, code=CLOSE_INTERNAL)
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(CLOSE_INTERNAL,
+                                f"hop {spec.name} failed (close@{spec.close_at:g}s)")
+        for task in self._tasks:
+            if task is not asyncio.current_task() and task not in self._fork_tasks:
+                task.cancel()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait for the session to drain (every stage and fork done), then cancel leftovers."""
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            results = await asyncio.wait_for(
+                asyncio.gather(*self._tasks, return_exceptions=True), timeout
+            )
+            for result in results:
+                if isinstance(result, Exception):
+                    log.error("session %s: a pipeline task failed", self.start.session,
+                              exc_info=result)
+        self.cancel()
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+class ReferencePipeline:
+    """A multi-hop real-time audio system under test, served on WebSockets.
+
+    `hops` is a list of `HopSpec` or `--hops` text. `clock` stamps arrivals (seconds, the clock
+    the probe's sink uses); `seed` makes jitter, loss, noise and garbage reproducible; `sink` is
+    a fallback fork URL for sessions whose start names none; `spin` is explained in the module
+    docstring. `spans` records each hop's span of each session (the latest `MAX_SPANS`).
+    `observer(session, hop, emission)` is called as each hop emits a chunk: the ground truth
+    (ideal due time, input time of its first sample) to hold measurements against.
+    """
+
+    def __init__(
+        self,
+        hops: Sequence[HopSpec] | str,
+        *,
+        dialect: Dialect = "probe",
+        clock: Callable[[], float] = time.time,
+        seed: int | str = 0,
+        sink: str | None = None,
+        spin: float = 0.001,
+        observer: Callable[[str, str, Emission], None] | None = None,
+    ) -> None:
+        self.hops: tuple[HopSpec, ...] = tuple(parse_hops(hops) if isinstance(hops, str) else hops)
+        check_hops(self.hops)
+        if dialect not in ("probe", "twilio"):
+            raise ConfigError(f"The dialect must be 'probe' or 'twilio', got {dialect!r}.")
+        if not 0.0 <= spin <= 0.01:
+            raise ConfigError(f"spin must be from 0 to 0.01 seconds, got {spin!r}.")
+        self.dialect: Dialect = dialect
+        self.clock = clock
+        self.seed = str(seed)
+        self.sink = sink
+        self.spin = spin
+        self.observer = observer
+        self.spans: deque[SpanRecord] = deque(maxlen=MAX_SPANS)
+        self.url: str | None = None
+        self._server: Server | None = None
+        self._sessions: set[_Session] = set()
+        self._warned_sinks: set[str] = set()
+        self._max_delay = sum(h.max_delay for h in self.hops)
+
+    async def __aenter__(self) -> ReferencePipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on `host:port` (0: any free port); returns the ws:// URL actually bound."""
+        if self._server is not None:
+            raise ConfigError("This pipeline is already started; stop it first.")
+        try:
+            self._server = await serve(self._handler, host, port, compression=None,
+                                       close_timeout=_CLOSE_TIMEOUT)
+        except OSError as exc:
+            raise ConfigError(f"The pipeline cannot listen on {host}:{port} ({exc}).") from None
+        bound = self._server.sockets[0].getsockname()
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.url = f"ws://{shown}:{bound[1]}/"
+        log.info("reference pipeline (%s dialect, %d hops) listening on %s", self.dialect,
+                 len(self.hops), self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop listening, cancel every session's tasks and close every connection."""
+        for session in list(self._sessions):
+            session.cancel()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), _CLOSE_TIMEOUT + 1.0)
+
+    def warn_sink(self, url: str, message: str) -> None:
+        """Log `message` as a warning the first time `url` fails, at DEBUG after that."""
+        level = logging.DEBUG if url in self._warned_sinks else logging.WARNING
+        self._warned_sinks.add(url)
+        log.log(level, "%s", message)
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        receiver: IngressReceiver | TwilioReceiver = (
+            TwilioReceiver() if self.dialect == "twilio" else IngressReceiver()
+        )
+        session: _Session | None = None
+        try:
+            async for message in ws:
+                t = self.clock()
+                try:
+                    if isinstance(message, str):
+                        events = receiver.receive_text(message)
+                    else:
+                        events = receiver.receive_binary(message)
+                    for event in events:
+                        if isinstance(event, Started):
+                            if session is None and self.hops and self.hops[0].refuse:
+                                log.info("hop %r refuses session %s (refuse option).",
+                                         self.hops[0].name, event.msg.session)
+                                await ws.close(CLOSE_POLICY, f"hop {self.hops[0].name} "
+                                               "refuses this stream (refuse option).")
+                                return
+                            if session is None:
+                                session = self._open(ws, receiver, event.msg, t)
+                            elif event.msg.audio != session.start.audio:
+                                raise ProtocolViolation(
+                                    "the reference pipeline cannot change the audio format "
+                                    "mid-stream; open a new connection.",
+                                    close_code=CLOSE_UNSUPPORTED,
+                                )
+                        elif isinstance(event, Audio) and session is not None:
+                            session.feed(event.data, t)
+                        elif isinstance(event, Stopped) and session is not None:
+                            session.end(t)
+                except ProtocolError as exc:
+                    violation = exc if isinstance(exc, ProtocolViolation) else ProtocolViolation(
+                        str(exc))
+                    log.info("closing ingress from %s with %d: %s", ws.remote_address,
+                             violation.close_code, violation)
+                    if session is not None:
+                        session.end(self.clock())
+                    await ws.close(violation.close_code, violation.reason)
+                    return
+        except ConnectionClosed:
+            pass
+        finally:
+            if session is not None:
+                session.end(self.clock())
+                try:
+                    await session.wait(self._max_delay + _DRAIN_SLACK)
+                finally:
+                    session.cancel()
+                    self._sessions.discard(session)
+
+    def _open(self, ws: ServerConnection, receiver: IngressReceiver | TwilioReceiver,
+              start: IngressStart, t: float) -> _Session:
+        responder = None
+        if isinstance(receiver, TwilioReceiver):
+            assert receiver.stream_sid is not None
+            responder = TwilioResponder(receiver.stream_sid)
+        session = _Session(self, ws, start, t, responder)
+        self._sessions.add(session)
+        return session
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT`, `PORT` or `ws://HOST:PORT` to (host, port)."""
+    text = listen.strip().removeprefix("ws://").rstrip("/")
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--listen {listen!r} must be HOST:PORT with a port from 0 to 65535.")
+    return host, port
+
+
+async def run_pipeline(
+    listen: str,
+    hops: Sequence[HopSpec] | str,
+    dialect: Dialect = "probe",
+    *,
+    seed: int | str = 0,
+    sink: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve a reference pipeline on `listen` (HOST:PORT) until cancelled (the CLI's entry).
+
+    `on_ready` gets the bound ws:// URL once the server listens.
+    """
+    host, port = parse_listen(listen)
+    pipeline = ReferencePipeline(hops, dialect=dialect, seed=seed, sink=sink)
+    url = await pipeline.start(host, port)
+    if on_ready is not None:
+        on_ready(url)
+    try:
+        await asyncio.Future()
+    finally:
+        await pipeline.stop()

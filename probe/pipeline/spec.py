@@ -1,0 +1,286 @@
+"""The `--hops SPEC` language of the reference pipeline: parse, validate, print. Pure.
+
+A spec is comma-separated hops, each `name:delay[:option]...`:
+
+    asr:20ms,codec:35ms~5ms:mulaw8k:loss=2,tts:50ms->2s@3s:gain=-6:noise=30
+
+- `name`: 1-64 characters of `[A-Za-z0-9._-]`, unique in the spec (it names the hop's fork).
+- `delay`: `20ms`, `1.5s` or `0`; `20ms~5ms` adds uniform jitter of +-5 ms (seeded); `50ms->2s@3s`
+  steps the delay from 50 ms to 2 s at 3 s into the session (each side may carry its own `~jitter`).
+- options: `mulaw8k` / `alaw8k` (the hop emits 8 kHz G.711), `rate=HZ` (the hop resamples),
+  `gain=DB`, `noise=SNR_DB` (white noise at that SNR below the signal's running power),
+  `loss=PCT` (zero-fill that percentage of 20 ms frames, seeded), `stall@S` (emit nothing after S
+  seconds of the session), `close@S` (close the ingress connection with 1011 after S seconds),
+  `garbage` (the hop's fork sends a non-JSON first message and random bytes), `nofork` (no fork),
+  `refuse` (ingress closes with 1008 at start; first hop only). `S` takes `ms` or `s`, seconds if
+  bare.
+
+Every mistake raises `ConfigError` with one sentence naming the piece that is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from probe.errors import ConfigError
+
+__all__ = ["MAX_DELAY", "Codec", "HopSpec", "check_hops", "format_hops", "parse_hops"]
+
+Codec = Literal["mulaw", "alaw"]
+
+MAX_DELAY = 60.0  # seconds; bounds the audio a hop holds per session
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NUMBER = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"
+_DURATION = re.compile(rf"({_NUMBER})(ms|s)?")
+_RATE_MIN, _RATE_MAX = 8000, 48000
+
+
+def _fmt(seconds: float) -> str:
+    ms = seconds * 1000.0
+    if ms >= 1000.0 and float(ms).is_integer() and int(ms) % 1000 == 0:
+        return f"{int(ms) // 1000}s"
+    return f"{ms:g}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class HopSpec:
+    """One hop of the reference pipeline. Times are in seconds; validated on construction."""
+
+    name: str
+    delay: float = 0.0
+    jitter: float = 0.0
+    step_delay: float | None = None
+    step_jitter: float = 0.0
+    step_at: float | None = None
+    codec: Codec | None = None
+    rate: int | None = None
+    gain_db: float | None = None
+    noise_snr_db: float | None = None
+    loss_pct: float = 0.0
+    stall_at: float | None = None
+    close_at: float | None = None
+    garbage: bool = False
+    fork: bool = True
+    refuse: bool = False
+
+    def __post_init__(self) -> None:
+        where = f"hop {self.name!r}"
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"Hop name {self.name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -."
+            )
+        for label, value in (("delay", self.delay), ("jitter", self.jitter),
+                             ("step delay", self.step_delay), ("step jitter", self.step_jitter)):
+            if value is None:
+                continue
+            if not math.isfinite(value) or not 0.0 <= value <= MAX_DELAY:
+                raise ConfigError(
+                    f"The {label} of {where} must be from 0 to {MAX_DELAY:g} s, got {value!r}."
+                )
+        if self.jitter > self.delay:
+            raise ConfigError(
+                f"The jitter of {where} ({_fmt(self.jitter)}) exceeds its delay "
+                f"({_fmt(self.delay)}); a delay cannot go below zero."
+            )
+        if (self.step_delay is None) != (self.step_at is None):
+            raise ConfigError(f"A delay step of {where} needs both a new delay and a time.")
+        if self.step_delay is not None and self.step_jitter > self.step_delay:
+            raise ConfigError(
+                f"The jitter after the delay step of {where} ({_fmt(self.step_jitter)}) exceeds "
+                f"its delay ({_fmt(self.step_delay)})."
+            )
+        for label, at in (("step time", self.step_at), ("stall time", self.stall_at),
+                          ("close time", self.close_at)):
+            if at is not None and (not math.isfinite(at) or at < 0.0):
+                raise ConfigError(f"The {label} of {where} must be a time >= 0, got {at!r}.")
+        if self.codec not in (None, "mulaw", "alaw"):
+            raise ConfigError(f"The codec of {where} must be mulaw or alaw, got {self.codec!r}.")
+        if self.rate is not None and (
+            isinstance(self.rate, bool) or not isinstance(self.rate, int)
+            or not _RATE_MIN <= self.rate <= _RATE_MAX
+        ):
+            raise ConfigError(
+                f"The rate of {where} must be a whole number of Hz from {_RATE_MIN} to "
+                f"{_RATE_MAX}, got {self.rate!r}."
+            )
+        if self.codec is not None and self.rate not in (None, 8000):
+            raise ConfigError(
+                f"{where.capitalize()} emits 8 kHz {self.codec} and cannot also set rate="
+                f"{self.rate}; drop one of them."
+            )
+        if self.gain_db is not None and not -120.0 <= self.gain_db <= 60.0:
+            raise ConfigError(
+                f"The gain of {where} must be from -120 to 60 dB, got {self.gain_db}."
+            )
+        if self.noise_snr_db is not None and not -60.0 <= self.noise_snr_db <= 120.0:
+            raise ConfigError(
+                f"The noise SNR of {where} must be from -60 to 120 dB, got {self.noise_snr_db}."
+            )
+        if not 0.0 <= self.loss_pct <= 100.0:
+            raise ConfigError(f"The loss of {where} must be from 0 to 100 %, got {self.loss_pct}.")
+
+    def delay_at(self, session_time: float) -> tuple[float, float]:
+        """(delay, jitter) in force at `session_time` seconds into the session."""
+        if self.step_at is not None and self.step_delay is not None and (
+            session_time >= self.step_at
+        ):
+            return self.step_delay, self.step_jitter
+        return self.delay, self.jitter
+
+    @property
+    def max_delay(self) -> float:
+        """The largest delay this hop can apply, jitter included."""
+        step = 0.0 if self.step_delay is None else self.step_delay + self.step_jitter
+        return max(self.delay + self.jitter, step)
+
+    def to_spec(self) -> str:
+        """This hop in `--hops` syntax; `parse_hops(h.to_spec()) == [h]`."""
+        delay = _fmt(self.delay) + (f"~{_fmt(self.jitter)}" if self.jitter else "")
+        if self.step_delay is not None and self.step_at is not None:
+            delay += "->" + _fmt(self.step_delay)
+            delay += f"~{_fmt(self.step_jitter)}" if self.step_jitter else ""
+            delay += "@" + _fmt(self.step_at)
+        parts = [self.name, delay]
+        if self.codec is not None:
+            parts.append(f"{self.codec}8k")
+        if self.rate is not None and self.codec is None:
+            parts.append(f"rate={self.rate}")
+        if self.gain_db is not None:
+            parts.append(f"gain={self.gain_db:g}")
+        if self.noise_snr_db is not None:
+            parts.append(f"noise={self.noise_snr_db:g}")
+        if self.loss_pct:
+            parts.append(f"loss={self.loss_pct:g}")
+        if self.stall_at is not None:
+            parts.append(f"stall@{_fmt(self.stall_at)}")
+        if self.close_at is not None:
+            parts.append(f"close@{_fmt(self.close_at)}")
+        parts += [flag for flag, on in (("garbage", self.garbage), ("nofork", not self.fork),
+                                         ("refuse", self.refuse)) if on]
+        return ":".join(parts)
+
+
+def _duration(text: str, what: str, *, bare_seconds: bool) -> float:
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        raise ConfigError(f"{what} {text!r} is not a duration; write it like 20ms or 1.5s.")
+    value = float(m.group(1))
+    unit = m.group(2)
+    if unit is None and value != 0.0 and not bare_seconds:
+        raise ConfigError(f"{what} {text!r} needs a unit; write it like 20ms or 1.5s.")
+    return value / 1000.0 if unit == "ms" else value
+
+
+def _delay_part(text: str, where: str) -> tuple[float, float]:
+    base, sep, jitter = text.partition("~")
+    delay = _duration(base, f"The delay of {where}", bare_seconds=False)
+    if not sep:
+        return delay, 0.0
+    return delay, _duration(jitter, f"The jitter of {where}", bare_seconds=False)
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} {text!r} must be a finite number.")
+    return value
+
+
+def _hop(piece: str) -> HopSpec:
+    fields = piece.split(":")
+    name = fields[0]
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"Hop name {name!r} in {piece!r} must be 1-64 characters of A-Z a-z 0-9 . _ -."
+        )
+    where = f"hop {name!r}"
+    if len(fields) < 2 or not fields[1]:
+        raise ConfigError(f"Hop {piece!r} has no delay; write it as name:delay, like {name}:20ms.")
+    args: dict[str, object] = {"name": name}
+    first, arrow, rest = fields[1].partition("->")
+    args["delay"], args["jitter"] = _delay_part(first, where)
+    if arrow:
+        after, at_sign, at = rest.partition("@")
+        if not at_sign:
+            raise ConfigError(
+                f"The delay step {fields[1]!r} of {where} needs a time; write it like 50ms->2s@3s."
+            )
+        args["step_delay"], args["step_jitter"] = _delay_part(after, where)
+        args["step_at"] = _duration(at, f"The step time of {where}", bare_seconds=True)
+    seen: set[str] = set()
+    for option in fields[2:]:
+        key = re.split(r"[=@]", option, maxsplit=1)[0]
+        if key in seen:
+            raise ConfigError(f"Option {key!r} is given twice for {where}.")
+        seen.add(key)
+        value = option[len(key) + 1:]
+        if option in ("mulaw8k", "alaw8k"):
+            if "codec" in args:
+                raise ConfigError(f"{where.capitalize()} can take only one of mulaw8k and alaw8k.")
+            args["codec"] = option[:-2]
+        elif option in ("garbage", "refuse"):
+            args[option] = True
+        elif option == "nofork":
+            args["fork"] = False
+        elif option.startswith("rate="):
+            rate = _number(value, f"The rate of {where}")
+            if not rate.is_integer():
+                raise ConfigError(
+                    f"The rate of {where} must be a whole number of Hz, got {value!r}."
+                )
+            args["rate"] = int(rate)
+        elif option.startswith("gain="):
+            args["gain_db"] = _number(value, f"The gain of {where}")
+        elif option.startswith("noise="):
+            args["noise_snr_db"] = _number(value, f"The noise SNR of {where}")
+        elif option.startswith("loss="):
+            args["loss_pct"] = _number(value.removesuffix("%"), f"The loss of {where}")
+        elif option.startswith("stall@"):
+            args["stall_at"] = _duration(value, f"The stall time of {where}", bare_seconds=True)
+        elif option.startswith("close@"):
+            args["close_at"] = _duration(value, f"The close time of {where}", bare_seconds=True)
+        else:
+            raise ConfigError(
+                f"Unknown option {option!r} for {where}; use mulaw8k, alaw8k, rate=HZ, gain=DB, "
+                "noise=SNR_DB, loss=PCT, stall@S, close@S, garbage, nofork or refuse."
+            )
+    return HopSpec(**args)  # type: ignore[arg-type]
+
+
+def parse_hops(text: str) -> list[HopSpec]:
+    """Parse a `--hops` spec into hops, in pipeline order."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("The hop spec is empty; give at least one hop, like asr:20ms.")
+    hops: list[HopSpec] = []
+    for raw in text.split(","):
+        piece = raw.strip()
+        if not piece:
+            raise ConfigError(f"The hop spec {text!r} has an empty hop between commas.")
+        hops.append(_hop(piece))
+        check_hops(hops)
+    return hops
+
+
+def check_hops(hops: Sequence[HopSpec]) -> None:
+    """Check what no single hop can: unique names, and `refuse` only on the first hop."""
+    seen: set[str] = set()
+    for i, hop in enumerate(hops):
+        if not isinstance(hop, HopSpec):
+            raise ConfigError(f"Hop {i + 1} is not a HopSpec but {type(hop).__name__}.")
+        if hop.name in seen:
+            raise ConfigError(f"Hop name {hop.name!r} is used twice; hop names must be unique.")
+        seen.add(hop.name)
+        if hop.refuse and i:
+            raise ConfigError(f"Only the first hop can refuse streams, not hop {hop.name!r}.")
+
+
+def format_hops(hops: Iterable[HopSpec]) -> str:
+    """The `--hops` text of `hops` (the inverse of `parse_hops`)."""
+    return ",".join(h.to_spec() for h in hops)
