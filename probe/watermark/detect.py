@@ -286,15 +286,19 @@ class MarkerDetector:
         score = (abs(float(z[p])) + float(z[q]) * sign) / np.sqrt(2.0)
         if score < self.threshold or float(z[q]) * sign < _PARTNER_Z:
             return None
-        stretch = (q - p) / _PARTNER - 1.0
-        starts = p + np.rint(np.arange(1, DATA_SEGMENTS + 1) * _N * (1.0 + stretch)).astype(int)
+        frac = _parabolic(corr, p)
+        # A partner a sample or two off is peak-picking noise on a marker that sits between
+        # samples, not stretch: reading it as stretch would slide every data segment off its code.
+        span = q + _parabolic(corr, q) - (p + frac)
+        stretch = 0.0 if abs(q - p - _PARTNER) <= 2 else span / _PARTNER - 1.0
+        offsets = np.arange(1, DATA_SEGMENTS + 1) * _N * (1.0 + stretch)
+        starts = np.rint(p + frac + offsets).astype(int)
         if starts[-1] + _N > len(w):
             return None
         segs = w[starts[:, None] + np.arange(_N)[None, :]] * sign
         payload = _decode_symbols(segs)
         if payload is None:
             return None
-        frac = _parabolic(corr, p)
         pos8 = origin + p + frac
         position = pos8 * self.rate / DETECT_RATE
         sample = int(np.floor(position + 0.5))
