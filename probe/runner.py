@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from probe.hopstream import DetectionWorker
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
+from probe.observe import RunObserver
 from probe.sink import Sink
 from probe.source import SourceConfig, run_session
 
@@ -58,8 +59,12 @@ async def run_probe(
     *,
     clock: Callable[[], float] = time.time,
     progress: Progress | None = None,
+    observer: RunObserver | None = None,
 ) -> dict[str, Any]:
-    """Run every session, wait for the markers to settle, return the ``probe.report/v1`` dict."""
+    """Run every session, wait for the markers to settle, return the ``probe.report/v1`` dict.
+
+    ``observer`` (see :mod:`probe.observe`) hears every session, detection, miss and send lag as
+    it happens, and the finished report; closing it is the caller's business."""
     progress = progress or Progress(None)
     # The detection thread holds the GIL in bursts; by default Python lets a thread keep it for
     # 5 ms, which shows up directly as send lag. 1 ms keeps the pacing loop responsive.
@@ -69,6 +74,7 @@ async def run_probe(
         clock=clock,
         marker_timeout=cfg.marker_timeout_s,
         expected_hops=tuple(cfg.hop_order or ()),
+        observer=observer,
     )
     worker = DetectionWorker()
     sink: Sink | None = None
@@ -102,7 +108,7 @@ async def run_probe(
             await sink.stop()
         await asyncio.to_thread(worker.close)
         progress.done()
-    return build_report(
+    report = build_report(
         registry,
         target=cfg.source.target,
         started_at=started_at,
@@ -110,6 +116,9 @@ async def run_probe(
         hop_order=cfg.hop_order,
         configured={k: v / 1000.0 for k, v in cfg.configured_ms.items()} or None,
     )
+    if observer is not None:
+        observer.run_finished(report)
+    return report
 
 
 async def _settle(registry: SessionRegistry, worker: DetectionWorker, timeout_s: float) -> None:

@@ -90,7 +90,7 @@ class Sink:
                         msg = ev.msg
                         if stream is None:
                             hop, session = msg.hop, msg.session
-                            self.registry.hop_connected(hop, session)
+                            self.registry.hop_connected(hop, session, msg.traceparent)
                             stream = HopStream(
                                 self.registry, hop, msg.audio, session_hint=session
                             )

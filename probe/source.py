@@ -123,9 +123,13 @@ async def run_session(
     marker_at: dict[int, list[tuple[int, int]]] = {}
     for p in placements:
         marker_at.setdefault(p.sample // frame_len, []).append((p.index, p.sample % frame_len))
-    ctx = new_trace_context()
     audio = AudioFormat(cfg.encoding, cfg.rate, 1)
     url = target_url(cfg.target, session)
+    ctx: TraceContext | None = None
+    if registry.observer is not None:
+        ctx = registry.observer.session_started(session, url, clock())
+    if ctx is None:
+        ctx = new_trace_context()
     try:
         async with asyncio.timeout(cfg.connect_timeout_s):
             ws = await connect(url, max_size=2**22, open_timeout=cfg.connect_timeout_s)

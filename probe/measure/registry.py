@@ -26,10 +26,15 @@ import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from probe.errors import ConfigError
 from probe.measure.stats import LatencyStats
 from probe.watermark.design import PAYLOAD_BYTES, session_payload, split_session_payload
+
+if TYPE_CHECKING:
+    from probe.observe import RunObserver
+    from probe.protocol import TraceContext
 
 __all__ = [
     "NEGATIVE_TOLERANCE_S",
@@ -172,6 +177,7 @@ class SessionRegistry:
         marker_timeout: float = 10.0,
         session_ttl: float = 60.0,
         expected_hops: Sequence[str] = (),
+        observer: RunObserver | None = None,
     ) -> None:
         if not marker_timeout > 0:
             raise ConfigError(f"marker_timeout must be positive seconds, got {marker_timeout}.")
@@ -182,6 +188,8 @@ class SessionRegistry:
         for hop in expected_hops:
             _check_hop(hop)
         self._clock = clock
+        # Told of every change after the lock is released (see probe.observe).
+        self.observer = observer
         self.marker_timeout = float(marker_timeout)
         self.session_ttl = float(session_ttl)
         self.expected_hops: tuple[str, ...] = tuple(dict.fromkeys(expected_hops))
@@ -233,7 +241,8 @@ class SessionRegistry:
         with self._lock:
             s = self._get(session_id)
             now = self._clock()
-            if s.closed_at is None:
+            first = s.closed_at is None
+            if first:
                 s.closed_at = now
                 s.last_activity = now
                 if error is None:
@@ -242,23 +251,26 @@ class SessionRegistry:
                     self._fail(s, error, newly=True)
             elif error is not None:
                 self._fail(s, error, newly=False)
+        if self.observer is not None and (first or error is not None):
+            self.observer.session_ended(session_id, now, error)
 
     def session_failed(self, session_id: str, error: str) -> None:
         """Record a failed session, opened or not (e.g. the connection was refused)."""
         with self._lock:
+            now = self._clock()
             s = self._sessions.get(session_id)
             if s is None:
                 self._started += 1
                 self._failed += 1
                 self._session_errors.append(ErrorNote(session_id, error))
-                return
-            now = self._clock()
-            if s.closed_at is None:
+            elif s.closed_at is None:
                 s.closed_at = now
                 s.last_activity = now
                 self._fail(s, error, newly=True)
             else:
                 self._fail(s, error, newly=False)
+        if self.observer is not None:
+            self.observer.session_ended(session_id, now, error)
 
     def _fail(self, s: _Session, error: str, *, newly: bool) -> None:
         self._session_errors.append(ErrorNote(s.id, error))
@@ -310,17 +322,24 @@ class SessionRegistry:
             if s is not None:
                 s.last_activity = self._clock()
             self._send_lag.add(lag_s)
+        if self.observer is not None:
+            self.observer.send_lag(session_id, lag_s)
 
     # -- the sink side --------------------------------------------------------------------------
 
-    def hop_connected(self, hop: str, session_id: str | None) -> None:
-        """A hop reports (for a session, or in general): it is owed that session's markers."""
+    def hop_connected(
+        self, hop: str, session_id: str | None, trace: TraceContext | None = None
+    ) -> None:
+        """A hop reports (for a session, or in general): it is owed that session's markers.
+        ``trace`` is the hop's own span context from its fork ``start``, if any."""
         _check_hop(hop)
         with self._lock:
             self._tally.setdefault(hop, _HopTally())
             s = self._sessions.get(session_id) if session_id is not None else None
             if s is not None:
                 self._expect(s, hop)
+        if self.observer is not None:
+            self.observer.hop_joined(hop, session_id, trace)
 
     def hop_error(self, hop: str, session_id: str | None, error: str) -> None:
         """A hop failed (garbage on its fork, a stall, a dropped connection), with the reason."""
@@ -328,6 +347,8 @@ class SessionRegistry:
         with self._lock:
             self._tally.setdefault(hop, _HopTally())
             self._hop_errors.setdefault(hop, []).append(ErrorNote(session_id, error))
+        if self.observer is not None:
+            self.observer.hop_failed(hop, session_id, error)
 
     def _expect(self, s: _Session, hop: str) -> None:
         if hop in s.pending:
@@ -356,6 +377,14 @@ class SessionRegistry:
         """
         del session_hint  # the payload is authoritative; the hint only names the fork it came on
         _check_hop(hop)
+        m = self._detect(hop, payload, arrival_time, score)
+        if m is not None and self.observer is not None:
+            self.observer.detected(m, None)
+        return m
+
+    def _detect(
+        self, hop: str, payload: bytes, arrival_time: float, score: float
+    ) -> Measurement | None:
         with self._lock:
             tally = self._tally.setdefault(hop, _HopTally())
             if len(payload) != PAYLOAD_BYTES:
@@ -426,7 +455,8 @@ class SessionRegistry:
                     for seq in due:
                         out.append(self._miss(s, hop, seq, pending.pop(seq)))
             self._drop_stale(now)
-            return out
+        self._tell_missed(out)
+        return out
 
     def settle_all(self) -> list[Missed]:
         """The run is over and the timeout was waited out: every pending marker is missed."""
@@ -437,7 +467,13 @@ class SessionRegistry:
                     for seq, t in pending.items():
                         out.append(self._miss(s, hop, seq, t))
                     pending.clear()
-            return out
+        self._tell_missed(out)
+        return out
+
+    def _tell_missed(self, misses: list[Missed]) -> None:
+        if self.observer is not None:
+            for m in misses:
+                self.observer.missed(m)
 
     def _miss(self, s: _Session, hop: str, seq: int, send_time: float) -> Missed:
         self._tally[hop].missed += 1
