@@ -82,6 +82,16 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--every", type=float, default=None, help="seconds between markers")
     r.add_argument("--hop-order", default=None, help="comma-separated hop names")
     r.add_argument("--marker-timeout", type=float, default=10.0)
+    r.add_argument(
+        "--reply",
+        action="store_true",
+        help="the system answers in its own voice: send utterances with gaps and time the reply",
+    )
+    r.add_argument("--utterance", type=float, default=3.0, help="seconds per utterance (--reply)")
+    r.add_argument("--gap", type=float, default=3.0, help="seconds of silence after each (--reply)")
+    r.add_argument(
+        "--reply-threshold", type=float, default=-40.0, help="dBFS a reply must exceed (--reply)"
+    )
     r.add_argument("--json", default=None, help="write the JSON report here")
 
 
@@ -187,6 +197,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name} must be at least 1")
     if args.duration <= 0.5:
         raise ConfigError("--duration must be more than 0.5 s")
+    if args.reply and (args.utterance < 0.5 or args.gap < 0.2):
+        raise ConfigError("--utterance must be at least 0.5 s and --gap at least 0.2 s")
     _check_fixture(args.fixture, args.rate)
     host, port = _host_port(args.sink_listen, "--sink-listen")
     src = SourceConfig(
@@ -197,6 +209,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         encoding=args.encoding,
         frame_ms=args.frame_ms,
         duration_s=args.duration,
+        reply=args.reply,
+        utterance_s=args.utterance,
+        gap_s=args.gap,
+        reply_threshold_dbfs=args.reply_threshold,
         **({"every_s": args.every} if args.every else {}),
     )
     cfg = RunConfig(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from probe.audio.fixtures import load_fixture
-from probe.audio.formats import Encoding, encode
+from probe.audio.formats import Encoding, decode, encode
 from probe.hopstream import DetectionWorker, HopStream
 from probe.measure.registry import SessionRegistry
+from probe.measure.reply import ReplyTracker
 from probe.protocol import (
     Audio,
     AudioFormat,
@@ -41,7 +43,7 @@ from probe.protocol import (
     to_json,
 )
 from probe.protocol.twilio import TwilioReturnReceiver, TwilioSender
-from probe.watermark.design import DEFAULT_EVERY_S, DEFAULT_LEVEL_DB
+from probe.watermark.design import DEFAULT_EVERY_S, DEFAULT_LEVEL_DB, MARKER_S
 from probe.watermark.embed import active_rms, embed
 
 RETURN_HOP = "return"
@@ -64,6 +66,13 @@ class SourceConfig:
     meta: dict[str, str] = field(default_factory=dict)
     connect_timeout_s: float = 5.0
     drain_s: float = 3.0
+    # Reply mode: the system answers in its own voice instead of passing the audio on. The
+    # stream alternates utterances of speech with silent gaps; the return direction is timed as
+    # voice-to-voice reply latency (end of utterance to reply onset), not as the `return` hop.
+    reply: bool = False
+    utterance_s: float = 3.0
+    gap_s: float = 3.0
+    reply_threshold_dbfs: float = -40.0
 
     def __post_init__(self) -> None:
         if self.dialect == "twilio" and (self.rate != 8000 or self.encoding != "mulaw"):
@@ -84,6 +93,77 @@ def _carrier(fixture: str, rate: int, duration_s: float) -> tuple[np.ndarray, fl
     looped = np.tile(x, reps)[:n].astype(np.float32)
     looped.setflags(write=False)
     return looped, active_rms(np.asarray(x, dtype=np.float32), rate)
+
+
+def turn_layout(
+    carrier: np.ndarray, rate: int, utterance_s: float, gap_s: float
+) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
+    """Speech cut into utterances of ``utterance_s`` with ``gap_s`` of silence after each.
+
+    Returns the audio, the sample index just after each utterance (its end), and the
+    ``(start, stop)`` sample ranges that hold speech."""
+    u = max(1, int(round(utterance_s * rate)))
+    g = max(0, int(round(gap_s * rate)))
+    out = np.zeros(len(carrier), dtype=np.float32)
+    ends: list[int] = []
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < len(carrier):
+        stop = min(len(carrier), start + u)
+        out[start:stop] = carrier[start:stop]
+        ends.append(stop)
+        spans.append((start, stop))
+        start = stop + g
+    return out, ends, spans
+
+
+def _positions_in(spans: list[tuple[int, int]], rate: int, every_s: float) -> list[int]:
+    """Marker starts every ``every_s`` inside each speech span, wholly inside it."""
+    length = int(round(MARKER_S * rate))
+    out: list[int] = []
+    for start, stop in spans:
+        t = start + int(round(0.25 * rate))
+        while t + length <= stop:
+            out.append(t)
+            t += max(length, int(round(every_s * rate)))
+    return out
+
+
+class _ReplyTap:
+    """Voice-to-voice timing of one session: utterance ends from the pacing loop, reply audio
+    from the detection thread, both into one :class:`ReplyTracker` under a lock."""
+
+    def __init__(self, cfg: SourceConfig, registry: SessionRegistry, session: str) -> None:
+        self.tracker = ReplyTracker(
+            threshold_dbfs=cfg.reply_threshold_dbfs, max_wait_s=registry.marker_timeout
+        )
+        self.registry = registry
+        self.session = session
+        self._lock = threading.Lock()
+
+    def utterance_end(self, t: float) -> None:
+        with self._lock:
+            self.tracker.utterance_end(self.session, t)
+
+    def feed(self, stream: HopStream, data: bytes, arrival: float) -> None:
+        fmt = stream.audio
+        usable = len(data) - len(data) % fmt.frame_width
+        if usable <= 0:
+            return
+        samples = decode(data[:usable], fmt.encoding)
+        with self._lock:
+            seen = len(self.tracker.answers)
+            self.tracker.feed(self.session, samples, fmt.sample_rate, arrival)
+            new = self.tracker.answers[seen:]
+        for end, latency in new:
+            self.registry.record_reply(self.session, end, latency)
+
+    def close(self) -> None:
+        with self._lock:
+            self.tracker.close(self.session)
+            missed = self.tracker.expire(float("inf"))
+        for m in missed:
+            self.registry.record_reply(self.session, m.utterance_end, None)
 
 
 def target_url(template: str, session: str) -> str:
@@ -110,6 +190,11 @@ async def run_session(
     result = SessionResult(session)
     registry.open_session(session)
     carrier, ref_rms = _carrier(cfg.fixture, cfg.rate, cfg.duration_s)
+    positions: list[int] | None = None
+    ends: list[int] = []
+    if cfg.reply:
+        carrier, ends, spans = turn_layout(carrier, cfg.rate, cfg.utterance_s, cfg.gap_s)
+        positions = _positions_in(spans, cfg.rate, cfg.every_s)
     marked, placements = embed(
         carrier,
         cfg.rate,
@@ -117,12 +202,19 @@ async def run_session(
         every_s=cfg.every_s,
         level_db=cfg.level_db,
         reference_rms=ref_rms,
+        positions=positions,
     )
     frame_len = max(1, int(round(cfg.frame_ms * cfg.rate / 1000)))
     frames = [marked[i : i + frame_len] for i in range(0, len(marked), frame_len)]
     marker_at: dict[int, list[tuple[int, int]]] = {}
     for p in placements:
         marker_at.setdefault(p.sample // frame_len, []).append((p.index, p.sample % frame_len))
+    # An utterance ends after its last speech sample: (frame of that sample, offset of the end).
+    end_at: dict[int, list[int]] = {}
+    for e in ends:
+        k = (e - 1) // frame_len
+        end_at.setdefault(k, []).append(e - k * frame_len)
+    tap = _ReplyTap(cfg, registry, session) if cfg.reply else None
     audio = AudioFormat(cfg.encoding, cfg.rate, 1)
     url = target_url(cfg.target, session)
     ctx: TraceContext | None = None
@@ -158,7 +250,9 @@ async def run_session(
             )
             await ws.send(to_json(start))
         receiving = asyncio.create_task(
-            _receive(ws, stream, worker, audio, clock, twilio.stream_sid if twilio else None)
+            _receive(
+                ws, stream, worker, audio, clock, twilio.stream_sid if twilio else None, tap
+            )
         )
         frame_s = frame_len / cfg.rate
         loop = asyncio.get_running_loop()
@@ -181,6 +275,9 @@ async def run_session(
             registry.record_send_lag(session, max(0.0, lag))
             for index, offset in marker_at.get(n, ()):
                 registry.record_send(session, index, sent_at + offset / cfg.rate)
+            if tap is not None:
+                for offset in end_at.get(n, ()):
+                    tap.utterance_end(sent_at + offset / cfg.rate)
         if not receiving.done():
             await ws.send(twilio.stop() if twilio is not None else to_json(Stop()))
             with contextlib.suppress(TimeoutError):
@@ -197,6 +294,8 @@ async def run_session(
         result.error = _closed_message(code, reason, result.frames_sent, frame_len, cfg.rate)
     finally:
         worker.submit(stream.close)
+        if tap is not None:
+            worker.submit(tap.close)
         await ws.close()
     if result.error is None and result.frames_sent < len(frames):
         result.error = f"stream ended after {result.frames_sent} of {len(frames)} frames"
@@ -218,6 +317,7 @@ async def _receive(
     audio: AudioFormat,
     clock: Callable[[], float],
     twilio_sid: str | None,
+    tap: _ReplyTap | None = None,
 ) -> tuple[int, str] | None:
     """Read the return direction until the target closes; return its abnormal close code."""
     plain = ReturnReceiver(audio)
@@ -244,11 +344,14 @@ async def _receive(
                 continue
             for ev in events:
                 if isinstance(ev, Audio):
-                    if not heard:
-                        # Audio comes back, so the return direction owes every marker.
+                    if not heard and tap is None:
+                        # Audio comes back, so the return direction owes every marker (unless
+                        # it is a reply in the system's own voice, timed by the tap instead).
                         heard = True
                         stream.registry.hop_connected(RETURN_HOP, stream.session_hint)
                     worker.submit(stream.on_audio, ev.data, arrival)
+                    if tap is not None:
+                        worker.submit(tap.feed, stream, ev.data, arrival)
                 elif isinstance(ev, Started) and tw is None:
                     worker.submit(stream.set_format, plain.audio_format)
     except ConnectionClosed as exc:

@@ -203,6 +203,8 @@ class SessionRegistry:
         self._failed = 0
         self._session_errors: list[ErrorNote] = []
         self._send_lag = LatencyStats()
+        self._reply: list[float] = []
+        self._reply_missed = 0
         self._series: list[Measurement | Missed] = []
 
     # -- sessions -------------------------------------------------------------------------------
@@ -324,6 +326,22 @@ class SessionRegistry:
             self._send_lag.add(lag_s)
         if self.observer is not None:
             self.observer.send_lag(session_id, lag_s)
+
+    def record_reply(self, session_id: str, utterance_end: float, latency_s: float | None) -> None:
+        """An utterance of a session got a reply after ``latency_s`` (onset minus utterance end),
+        or none (``None``): voice-to-voice latency of a system that answers in its own voice."""
+        with self._lock:
+            if latency_s is None:
+                self._reply_missed += 1
+            else:
+                self._reply.append(latency_s)
+        if self.observer is not None:
+            self.observer.reply(session_id, utterance_end, latency_s)
+
+    def replies(self) -> tuple[list[float], int]:
+        """Reply latencies (seconds) and the number of utterances that got no reply."""
+        with self._lock:
+            return list(self._reply), self._reply_missed
 
     # -- the sink side --------------------------------------------------------------------------
 

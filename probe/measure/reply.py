@@ -69,6 +69,8 @@ class ReplyTracker:
         self._streams: dict[str, _Stream] = {}
         self._missed: list[MissedReply] = []
         self.latencies: list[float] = []
+        # (utterance end, latency) of every reply, in the order found.
+        self.answers: list[tuple[float, float]] = []
 
     def utterance_end(self, session: str, t: float) -> None:
         """The probe finished an utterance at ``t`` (same clock as arrival times)."""
@@ -127,6 +129,7 @@ class ReplyTracker:
             self._missed.append(MissedReply(session, end))
             return None
         self.latencies.append(latency)
+        self.answers.append((end, latency))
         return latency
 
     def expire(self, now: float) -> list[MissedReply]:

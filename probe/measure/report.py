@@ -102,6 +102,10 @@ def build_report(
         "hops": hops,
         "send_lag_ms": registry.send_lag().summary_ms(),
     }
+    if not reply and reply_missed is None:
+        reply, reply_missed = registry.replies()
+        if not reply and not reply_missed:
+            reply_missed = None
     if reply or reply_missed:
         report["reply_ms"] = summarize_ms(reply)
         if reply_missed is not None:
