@@ -100,3 +100,17 @@ def test_bad_arguments() -> None:
         ReplyTracker(min_onset_s=0)
     with pytest.raises(ConfigError):
         ReplyTracker().feed("s", silence(0.1), 0, 0.0)
+
+
+def test_a_pause_with_no_audio_at_all_counts_as_silence() -> None:
+    """Discontinuous transmission: two loud replies with nothing sent between them."""
+    rate = 8000
+    tone = np.full(int(0.3 * rate), 0.3)
+    tr = ReplyTracker(max_wait_s=5.0)
+    tr.utterance_end("s", 1.0)
+    tr.feed("s", tone, rate, 1.5)
+    tr.utterance_end("s", 3.0)
+    # Nothing arrives between 1.8 s and 3.4 s; the second reply is a new onset.
+    tr.feed("s", tone, rate, 3.4)
+    assert [round(x, 6) for x in tr.latencies] == [0.5, 0.4]
+    assert tr.answers == [(1.0, tr.latencies[0]), (3.0, tr.latencies[1])]

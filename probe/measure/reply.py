@@ -4,7 +4,8 @@ The probe notes when it finished each utterance; the reply audio is cut into 10 
 reply's onset is the start of the first run of frames, each louder than ``threshold_dbfs`` (RMS
 relative to a full-scale 1.0 RMS), lasting at least ``min_onset_s``, that starts at or after the
 utterance's end. Sound already playing when the utterance ends is not an onset: the reply must
-start afresh.
+start afresh. Systems that send nothing between replies (discontinuous transmission) are handled:
+a pause of more than ``GAP_S`` with no audio received at all counts as silence.
 
 One onset answers the latest utterance that ended before it; utterances before that one were
 passed over without a reply and are reported missed, as are utterances still unanswered
@@ -25,6 +26,8 @@ from probe.errors import ConfigError
 __all__ = ["FRAME_S", "MissedReply", "ReplyTracker"]
 
 FRAME_S = 0.010
+# A pause in the reply stream this long (no audio received at all) counts as silence.
+GAP_S = 0.100
 _F64 = npt.NDArray[np.float64]
 
 
@@ -43,6 +46,8 @@ class _Stream:
     run_start: float | None = None
     run_frames: int = 0
     onset_done: bool = False
+    # When the audio received so far ends (arrival of the last block plus its length).
+    heard_until: float | None = None
     waiting: list[float] = field(default_factory=list)
 
 
@@ -93,6 +98,12 @@ class ReplyTracker:
             st.rest = np.zeros(0, dtype=np.float64)
         # The held-back samples are placed just before this block's first sample, so every frame
         # is timed from the latest arrival stamp.
+        if st.heard_until is not None and arrival_time - st.heard_until > GAP_S:
+            # Nothing was sent for a while (discontinuous transmission between replies): that
+            # was silence, so a sound after it is a new onset.
+            st.rest = np.zeros(0, dtype=np.float64)
+            st.run_start, st.run_frames, st.onset_done = None, 0, False
+        st.heard_until = arrival_time + len(x) / rate
         t0 = arrival_time - len(st.rest) / rate
         buf = np.concatenate([st.rest, x]) if len(st.rest) else x
         whole = len(buf) - len(buf) % frame
