@@ -12,12 +12,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from probe.errors import ConfigError, ProbeError
+
+if TYPE_CHECKING:
+    from probe.runner import RunConfig
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,6 +60,21 @@ def _build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="drive a system that speaks the probe protocol")
     _run_options(r)
 
+    c = sub.add_parser("canary", help="one short probe judged by thresholds (exit 0 pass, 1 fail)")
+    _run_options(_Unset(c))  # options not given fall back to the scenario, then to run's defaults
+    _canary_options(c)
+
+    ex = sub.add_parser("exporter", help="serve /probe?target=&scenario= for Prometheus")
+    ex.add_argument("--listen", default="127.0.0.1:9116", help="HOST:PORT")
+    ex.add_argument("--scenarios", default=None, help="directory of *.toml scenarios")
+    ex.add_argument("--max-probes", type=int, default=2, help="probes allowed at once")
+    ex.add_argument("--queue-timeout", type=float, default=5.0,
+                    help="seconds a request waits for a free slot before HTTP 503")
+    ex.add_argument("--sessions", type=int, default=1, help="default when no scenario sets it")
+    ex.add_argument("--duration", type=float, default=3.0, help="default when no scenario sets it")
+    ex.add_argument("--marker-timeout", type=float, default=3.0,
+                    help="default when no scenario sets it")
+
     pl = sub.add_parser("pipeline", help="serve the reference multi-hop pipeline")
     pl.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT")
     pl.add_argument("--hops", default=DEMO_HOPS, help="e.g. a:20ms,b:35ms:mulaw8k,c:120ms")
@@ -64,7 +82,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_options(r: argparse.ArgumentParser) -> None:
+class _Unset:
+    """Adds options that are left out of the namespace when not given (no default, optional)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        kwargs.update(default=argparse.SUPPRESS, required=False)
+        return self.parser.add_argument(*args, **kwargs)
+
+
+def _run_options(r: argparse.ArgumentParser | _Unset) -> None:
     r.add_argument("--target", required=True, help="ws:// URL; {session} is replaced")
     r.add_argument("--dialect", choices=("probe", "twilio"), default="probe")
     r.add_argument("--sink-listen", default="127.0.0.1:0", help="HOST:PORT for the sink")
@@ -95,6 +124,25 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--json", default=None, help="write the JSON report here")
 
 
+def _run_defaults() -> dict[str, Any]:
+    """``probe run``'s option defaults, by option name (``sink_listen``, ``hop_order``...)."""
+    p = _Parser(prog="probe run")
+    _run_options(p)
+    defaults = vars(p.parse_args(["--target", "ws://-/"]))
+    defaults.pop("target")
+    return defaults
+
+
+def _canary_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--scenario", default=None, help="a scenario .toml file (options override it)")
+    c.add_argument("--threshold", action="append", default=[], metavar="THRESHOLD",
+                   help="e.g. 'hop=model p95<250ms', 'markers>=99.9%%' (repeatable)")
+    c.add_argument("--pushgateway", default=None, help="Pushgateway URL to push the result to")
+    c.add_argument("--job", default=None, help="Pushgateway job name (default probe_canary)")
+    c.add_argument("--junit", default=None, help="write JUnit XML here")
+    c.add_argument("--html", default=None, help="write a self-contained HTML report here")
+
+
 def _host_port(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host:
@@ -114,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "detect": _cmd_detect,
             "demo": _cmd_demo,
             "run": _cmd_run,
+            "canary": _cmd_canary,
+            "exporter": _cmd_exporter,
             "pipeline": _cmd_pipeline,
         }[args.command]
         return handler(args)
@@ -187,9 +237,21 @@ def _report_out(report: dict[str, Any], path: str | None) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from probe.runner import RunConfig, default_progress, run_probe
+    from probe.runner import default_progress, run_probe
+
+    cfg = run_config(vars(args))
+    report = asyncio.run(run_probe(cfg, progress=default_progress()))
+    _report_out(report, args.json)
+    return EXIT_OK
+
+
+def run_config(options: Mapping[str, Any]) -> RunConfig:
+    """A checked :class:`RunConfig` from ``probe run``'s options by name (``vars(args)``, or a
+    scenario's options over :func:`_run_defaults`); ConfigError names the bad option."""
+    from probe.runner import RunConfig
     from probe.source import SourceConfig
 
+    args = argparse.Namespace(**options)
     if not args.target.startswith(("ws://", "wss://")):
         raise ConfigError(f"--target must be a ws:// or wss:// URL, got {args.target!r}")
     for name in ("sessions", "concurrency"):
@@ -226,9 +288,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         marker_timeout_s=args.marker_timeout,
         hop_order=args.hop_order.split(",") if args.hop_order else None,
     )
-    report = asyncio.run(run_probe(cfg, progress=default_progress()))
-    _report_out(report, args.json)
-    return EXIT_OK
+    return cfg
 
 
 def _check_fixture(fixture: str, rate: int) -> None:
@@ -276,6 +336,19 @@ def _configured_ms(hops: Sequence[Any]) -> dict[str, float]:
         out[h.name] = round(total, 3)
     out["return"] = round(total, 3)
     return out
+
+
+def _cmd_canary(args: argparse.Namespace) -> int:
+    from probe.canary.command import canary
+
+    return EXIT_OK if canary(args, run_config, _run_defaults()) else EXIT_FAILED
+
+
+def _cmd_exporter(args: argparse.Namespace) -> int:
+    from probe.canary.command import exporter
+
+    exporter(args, run_config, _run_defaults())
+    return EXIT_OK
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:

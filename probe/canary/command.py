@@ -1,0 +1,174 @@
+"""The I/O shells of ``probe canary`` and ``probe exporter``: options in; files, pushes, a
+server out. The CLI passes in how to build a run from options (``build_config``) and ``probe
+run``'s defaults, so both commands take exactly ``probe run``'s options."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from probe.canary.html import render_html
+from probe.canary.junit import junit_xml
+from probe.canary.metrics import probe_registry
+from probe.canary.pushgateway import DEFAULT_JOB, push
+from probe.canary.scenario import Scenario, load_scenario, load_scenario_dir
+from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse_thresholds
+from probe.errors import ConfigError, ProbeError
+from probe.measure.report import write_report
+from probe.runner import RunConfig
+
+__all__ = ["canary", "exporter"]
+
+log = logging.getLogger(__name__)
+
+BuildConfig = Callable[[Mapping[str, Any]], RunConfig]
+
+
+def _check_out(option: str, path: str | None) -> None:
+    if path is None:
+        return
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path!r}: the directory {str(parent)!r} does not exist.")
+    if Path(path).is_dir():
+        raise ConfigError(f"{option} {path!r} is a directory; give a file name.")
+
+
+def _write(option: str, path: str, text: str) -> str | None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        return f"cannot write {option} {path}: {exc.strerror or exc}"
+    return None
+
+
+def _options(
+    args: argparse.Namespace, defaults: Mapping[str, Any], scenario: Scenario | None
+) -> dict[str, Any]:
+    given = {k: getattr(args, k) for k in (*defaults, "target") if hasattr(args, k)}
+    return {**defaults, **(scenario.options if scenario else {}), **given}
+
+
+def canary(
+    args: argparse.Namespace, build_config: BuildConfig, defaults: Mapping[str, Any]
+) -> bool:
+    """Run ``probe canary``; True when every threshold held. ConfigError for usage errors."""
+    from probe.runner import default_progress, run_probe
+
+    scenario = load_scenario(args.scenario) if args.scenario else None
+    opts = _options(args, defaults, scenario)
+    if not opts.get("target"):
+        raise ConfigError(
+            "probe canary needs a target: give --target URL or a --scenario that sets target."
+        )
+    thresholds = [*(scenario.thresholds if scenario else ()), *parse_thresholds(args.threshold)]
+    cfg = build_config(opts)
+    for option, path in (
+        ("--json", opts.get("json")),
+        ("--junit", args.junit),
+        ("--html", args.html),
+    ):
+        _check_out(option, path)
+    if args.pushgateway is not None and not args.pushgateway.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--pushgateway must be an http:// or https:// URL, got {args.pushgateway!r}."
+        )
+    job = args.job or DEFAULT_JOB
+    if not job.strip() or "/" in job:
+        raise ConfigError(f"--job must be a non-empty name without '/', got {job!r}.")
+    target = str(opts["target"])
+    name = scenario.name if scenario else "canary"
+
+    report: dict[str, Any] | None = None
+    failure: ProbeError | None = None
+    t0 = time.monotonic()
+    try:
+        report = asyncio.run(run_probe(cfg, progress=default_progress()))
+    except ConfigError:
+        raise
+    except ProbeError as exc:  # the run itself could not happen: a failed canary, still reported
+        failure = exc
+    elapsed = time.monotonic() - t0
+
+    problems: list[str] = []
+    if report is None:
+        verdict = Verdict((Check("run", False, None, "", f"the probe could not run: {failure}"),))
+        print(f"canary: FAIL (the probe could not run: {failure})")
+    else:
+        verdict = judge(report, thresholds)
+        print(format_verdict(report, verdict))
+        if opts.get("json"):
+            try:
+                write_report(report, opts["json"])
+            except OSError as exc:
+                problems.append(f"cannot write --json {opts['json']}: {exc.strerror or exc}")
+        if args.html:
+            title = f"probe canary: {name}"
+            problems.append(
+                _write("--html", args.html, render_html(report, verdict, title=title)) or ""
+            )
+    if args.junit:
+        shown = report or {"target": target, "duration_s": elapsed, "hops": [], "sessions": {}}
+        problems.append(_write("--junit", args.junit, junit_xml(shown, verdict, suite=name)) or "")
+    if args.pushgateway:
+        reg = probe_registry(
+            report,
+            verdict,
+            duration_s=float(report["duration_s"]) if report else elapsed,
+            success=verdict.ok,
+            last_success=time.time() if verdict.ok else None,
+        )
+        warning = push(args.pushgateway, reg, job=job, target=target)
+        if warning:
+            print(f"probe: warning: {warning}", file=sys.stderr)
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(problems[0][0].upper() + problems[0][1:] + ".")
+    return verdict.ok
+
+
+def exporter(
+    args: argparse.Namespace, build_config: BuildConfig, defaults: Mapping[str, Any]
+) -> None:
+    """Serve ``probe exporter`` until interrupted."""
+    from probe.canary.exporter import ProbeExporter, serve_exporter
+
+    scenarios = load_scenario_dir(args.scenarios) if args.scenarios else {}
+    base = {
+        **defaults,
+        "sessions": args.sessions,
+        "concurrency": args.sessions,
+        "duration": args.duration,
+        "marker_timeout": args.marker_timeout,
+    }
+    build_config({**base, "target": "ws://127.0.0.1:1/"})  # bad defaults fail now, not per probe
+    listen = args.listen
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen must be HOST:PORT, got {listen!r}.")
+    exp = ProbeExporter(
+        scenarios,
+        build_config,
+        defaults=base,
+        max_probes=args.max_probes,
+        queue_timeout_s=args.queue_timeout,
+    )
+    server = serve_exporter(exp, host.strip("[]"), int(port))
+    bound_host, bound_port = server.server_address[:2]
+    print(
+        f"probe exporter on http://{bound_host!s}:{bound_port}/probe "
+        f"({len(scenarios)} scenarios, {args.max_probes} probes at once)",
+        flush=True,
+    )
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
