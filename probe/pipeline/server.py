@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -70,6 +70,9 @@ from probe.protocol import (
     to_json,
 )
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer, TracerProvider
+
 __all__ = [
     "CLOSE_INTERNAL",
     "MAX_PENDING",
@@ -96,7 +99,8 @@ _DRAIN_SLACK = 5.0  # seconds past the largest delay a session may take to drain
 
 @dataclass(frozen=True, slots=True)
 class SpanRecord:
-    """One hop's span of one session: enough to check parenting (OTel export comes later)."""
+    """One hop's span of one session (ids as lowercase hex): the context its fork sends, and,
+    with a tracer provider, the ids of the OTel span exported for it."""
 
     session: str
     hop: str
@@ -308,6 +312,7 @@ class _Hop(_Stage):
     async def _ended(self, t: float) -> None:
         if self.fork is not None:
             self.fork.finish(stop=not self.core.stalled)
+        self.session.end_span(self.name, t, "the hop stalled" if self.core.stalled else None)
         self.next.end(t)
 
 
@@ -363,8 +368,20 @@ class _Session:
         )
         parent = start.traceparent
         contexts: list[TraceContext] = []
+        # hop name -> its OTel span, while open (only with a tracer provider).
+        self.otel_spans: dict[str, Span] = {}
         for spec in pipeline.hops:
-            ctx = child_context(parent)
+            if pipeline.tracer is not None:
+                from probe.telemetry.traces import start_child_span
+
+                span, ctx = start_child_span(
+                    pipeline.tracer, f"hop {spec.name}", parent, t0,
+                    {"probe.session": start.session, "probe.hop": spec.name,
+                     "probe.hop.delay_ms": round(spec.delay * 1000.0, 3)},
+                )
+                self.otel_spans[spec.name] = span
+            else:
+                ctx = child_context(parent)
             pipeline.spans.append(SpanRecord(start.session, spec.name, ctx.trace_id, ctx.span_id,
                                              parent.span_id))
             contexts.append(ctx)
@@ -404,6 +421,19 @@ class _Session:
         task = asyncio.create_task(coro)
         self._tasks.append(task)
         return task
+
+    def end_span(self, hop: str, t: float, error: str | None) -> None:
+        """End hop's OTel span (if any, once) at `t` seconds, with ERROR status if `error`."""
+        span = self.otel_spans.pop(hop, None)
+        if span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        from probe.telemetry.traces import to_ns
+
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end(end_time=to_ns(t))
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -449,6 +479,10 @@ class _Session:
     def cancel(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.otel_spans:
+            now = self.pipeline.clock()
+            for hop in list(self.otel_spans):
+                self.end_span(hop, now, "the session ended before this hop finished")
 
 
 class ReferencePipeline:
@@ -459,7 +493,11 @@ class ReferencePipeline:
     a fallback fork URL for sessions whose start names none; `spin` is explained in the module
     docstring. `spans` records each hop's span of each session (the latest `MAX_SPANS`).
     `observer(session, hop, emission)` is called as each hop emits a chunk: the ground truth
-    (ideal due time, input time of its first sample) to hold measurements against.
+    (ideal due time, input time of its first sample) to hold measurements against. With a
+    `tracer_provider`, each hop's span of each session is a real OTel span ("hop NAME", from the
+    session's start to the hop's end, on `clock`), whose ids are the ones in `spans` and in the
+    hop's fork `start`: a child of the ingress `traceparent` for the first hop, of the previous
+    hop's span after that. Without one, no OTel code runs.
     """
 
     def __init__(
@@ -472,6 +510,7 @@ class ReferencePipeline:
         sink: str | None = None,
         spin: float = 0.001,
         observer: Callable[[str, str, Emission], None] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.hops: tuple[HopSpec, ...] = tuple(parse_hops(hops) if isinstance(hops, str) else hops)
         check_hops(self.hops)
@@ -485,6 +524,9 @@ class ReferencePipeline:
         self.sink = sink
         self.spin = spin
         self.observer = observer
+        self.tracer: Tracer | None = (
+            tracer_provider.get_tracer("probe.pipeline") if tracer_provider is not None else None
+        )
         self.spans: deque[SpanRecord] = deque(maxlen=MAX_SPANS)
         self.url: str | None = None
         self._server: Server | None = None
@@ -619,13 +661,16 @@ async def run_pipeline(
     seed: int | str = 0,
     sink: str | None = None,
     on_ready: Callable[[str], None] | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> None:
     """Serve a reference pipeline on `listen` (HOST:PORT) until cancelled (the CLI's entry).
 
-    `on_ready` gets the bound ws:// URL once the server listens.
+    `on_ready` gets the bound ws:// URL once the server listens; `tracer_provider` exports the
+    hops' spans (see `ReferencePipeline`).
     """
     host, port = parse_listen(listen)
-    pipeline = ReferencePipeline(hops, dialect=dialect, seed=seed, sink=sink)
+    pipeline = ReferencePipeline(hops, dialect=dialect, seed=seed, sink=sink,
+                                 tracer_provider=tracer_provider)
     url = await pipeline.start(host, port)
     if on_ready is not None:
         on_ready(url)
