@@ -34,13 +34,14 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /opt/probe
 COPY audio_fixtures ./audio_fixtures
 COPY scenarios ./scenarios
+COPY deploy/scenarios ./deploy/scenarios
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PROBE_FIXTURES=/opt/probe/audio_fixtures
 USER 10001:10001
 # 8765 reference pipeline, 8766 sink, 8089 Locust web UI, 5557 Locust master, 9646 worker
-# metrics, 9647 exporter.
-EXPOSE 8765 8766 8089 5557 9646 9647
+# metrics, 9116 exporter.
+EXPOSE 8765 8766 8089 5557 9646 9116
 ENTRYPOINT ["probe"]
 CMD ["--help"]
