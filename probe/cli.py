@@ -21,6 +21,7 @@ from probe.errors import ConfigError, ProbeError
 
 if TYPE_CHECKING:
     from probe.runner import RunConfig
+    from probe.telemetry.setup import Telemetry
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -36,6 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from probe.telemetry.setup import add_telemetry_options
+
     p = _Parser(prog="probe", description="Per-hop latency of real-time audio services.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -56,9 +59,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=6.0)
     demo.add_argument("--hops", default=DEMO_HOPS)
     demo.add_argument("--json", default="probe-report.json", help="where to write the report")
+    add_telemetry_options(demo)
 
     r = sub.add_parser("run", help="drive a system that speaks the probe protocol")
     _run_options(r)
+    add_telemetry_options(r)
 
     c = sub.add_parser("canary", help="one short probe judged by thresholds (exit 0 pass, 1 fail)")
     _run_options(_Unset(c))  # options not given fall back to the scenario, then to run's defaults
@@ -240,9 +245,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from probe.runner import default_progress, run_probe
 
     cfg = run_config(vars(args))
-    report = asyncio.run(run_probe(cfg, progress=default_progress()))
-    _report_out(report, args.json)
+    telemetry = _telemetry(args, target=args.target, scenario="run", hop_order=cfg.hop_order)
+    try:
+        report = asyncio.run(
+            run_probe(cfg, progress=default_progress(), observer=telemetry.observer)
+        )
+        _report_out(report, args.json)
+    finally:
+        telemetry.close()
     return EXIT_OK
+
+
+def _telemetry(
+    args: argparse.Namespace, *, target: str, scenario: str, hop_order: Sequence[str] | None
+) -> Telemetry:
+    """Traces (when ``OTEL_*`` configures them) and metrics (``--metrics-listen``) for a run."""
+    from probe.telemetry.setup import start_telemetry
+
+    telemetry = start_telemetry(
+        service="probe",
+        target=target,
+        scenario=scenario,
+        metrics_listen=args.metrics_listen,
+        hop_order=hop_order,
+    )
+    if telemetry.metrics_url:
+        print(f"probe: metrics at {telemetry.metrics_url}", file=sys.stderr, flush=True)
+    return telemetry
 
 
 def run_config(options: Mapping[str, Any]) -> RunConfig:
@@ -303,28 +332,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from probe.pipeline import ReferencePipeline, parse_hops
     from probe.runner import RunConfig, default_progress, run_probe
     from probe.source import SourceConfig
+    from probe.telemetry.setup import start_pipeline_tracing
 
     hops = parse_hops(args.hops)
+    order = [h.name for h in hops] + ["return"]
+    telemetry = _telemetry(args, target="demo", scenario="demo", hop_order=order)
+    try:
+        # The pipeline plays another system: its spans go out as their own service.
+        pipeline_tracing = start_pipeline_tracing("probe-pipeline", force_service=True)
+        telemetry.attach(pipeline_tracing)
 
-    async def go() -> dict[str, Any]:
-        pipeline = ReferencePipeline(hops)
-        url = await pipeline.start("127.0.0.1", 0)
-        try:
-            cfg = RunConfig(
-                source=SourceConfig(target=url, duration_s=args.duration),
-                sessions=args.sessions,
-                concurrency=args.sessions,
-                hop_order=[h.name for h in hops] + ["return"],
-                configured_ms=_configured_ms(hops),
-                marker_timeout_s=5.0,
+        async def go() -> dict[str, Any]:
+            pipeline = ReferencePipeline(
+                hops,
+                tracer_provider=pipeline_tracing.provider if pipeline_tracing else None,
             )
-            return await run_probe(cfg, progress=default_progress())
-        finally:
-            await pipeline.stop()
+            url = await pipeline.start("127.0.0.1", 0)
+            try:
+                cfg = RunConfig(
+                    source=SourceConfig(target=url, duration_s=args.duration),
+                    sessions=args.sessions,
+                    concurrency=args.sessions,
+                    hop_order=order,
+                    configured_ms=_configured_ms(hops),
+                    marker_timeout_s=5.0,
+                )
+                return await run_probe(
+                    cfg, progress=default_progress(), observer=telemetry.observer
+                )
+            finally:
+                await pipeline.stop()
 
-    print(f"reference pipeline: {args.hops}; {args.sessions} sessions of {args.duration:g} s")
-    report = asyncio.run(go())
-    _report_out(report, args.json)
+        print(f"reference pipeline: {args.hops}; {args.sessions} sessions of {args.duration:g} s")
+        report = asyncio.run(go())
+        _report_out(report, args.json)
+    finally:
+        telemetry.close()
     return EXIT_OK
 
 
@@ -353,9 +396,23 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from probe.pipeline import run_pipeline
+    from probe.telemetry.setup import start_pipeline_tracing
 
     host, port = _host_port(args.listen, "--listen")
-    asyncio.run(run_pipeline(f"{host}:{port}", args.hops, args.dialect))
+    tracing = start_pipeline_tracing("probe-pipeline")
+    try:
+        asyncio.run(
+            run_pipeline(
+                f"{host}:{port}",
+                args.hops,
+                args.dialect,
+                tracer_provider=tracing.provider if tracing else None,
+            )
+        )
+    finally:
+        warning = tracing.close() if tracing is not None else None
+        if warning:
+            print(f"probe: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

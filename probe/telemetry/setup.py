@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TextIO
@@ -80,6 +81,12 @@ class Telemetry:
         self._flush_timeout_s = flush_timeout_s
         self._stderr = stderr
         self._closed = False
+        self._more: list[Tracing] = []
+
+    def attach(self, tracing: Tracing | None) -> None:
+        """Close ``tracing`` (another service's, e.g. the demo's pipeline) with this one."""
+        if tracing is not None:
+            self._more.append(tracing)
 
     @property
     def tracer_provider(self) -> TracerProvider | None:
@@ -95,10 +102,22 @@ class Telemetry:
             self.observer.close()
         except Exception as exc:  # close must never raise
             self._warn(f"warning: telemetry did not close cleanly ({exc}).")
-        if self.tracing is not None:
-            warning = self.tracing.close(self._flush_timeout_s)
-            if warning:
-                self._warn(warning)
+        tracings = [t for t in (self.tracing, *self._more) if t is not None]
+        warnings: list[str | None] = [None] * len(tracings)
+
+        def flush(i: int) -> None:
+            warnings[i] = tracings[i].close(self._flush_timeout_s)
+
+        # Flushed side by side: an unreachable collector costs one flush bound, not one each.
+        threads = [threading.Thread(target=flush, args=(i,), daemon=True)
+                   for i in range(len(tracings))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self._flush_timeout_s + 2.0)
+        first = next((w for w in warnings if w), None)
+        if first:
+            self._warn(first)
         if self._server is not None:
             try:
                 self._server.close()
