@@ -109,7 +109,7 @@ def _svg_waterfall(w: Waterfall, scale_ms: float, colors: Mapping[str, str]) -> 
     height = row_h * len(w.bars) + 30
     span = max(scale_ms, 1e-9)
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 80}" '
+        f'<svg width="{label_w + plot_w + 80}" '
         f'height="{height}" role="img">'
     ]
     for i, b in enumerate(w.bars):
@@ -163,7 +163,7 @@ def _svg_series(
         return f"{x:.1f},{y:.1f}"
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + plot_w + 20}" '
+        f'<svg width="{left + plot_w + 20}" '
         f'height="{top + plot_h + 30}" role="img">',
         f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
         'stroke="#ccc"/>',
