@@ -68,6 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("canary", help="one short probe judged by thresholds (exit 0 pass, 1 fail)")
     _run_options(_Unset(c))  # options not given fall back to the scenario, then to run's defaults
     _canary_options(c)
+    add_telemetry_options(c)
 
     ex = sub.add_parser("exporter", help="serve /probe?target=&scenario= for Prometheus")
     ex.add_argument("--listen", default="127.0.0.1:9116", help="HOST:PORT")
@@ -384,7 +385,11 @@ def _configured_ms(hops: Sequence[Any]) -> dict[str, float]:
 def _cmd_canary(args: argparse.Namespace) -> int:
     from probe.canary.command import canary
 
-    return EXIT_OK if canary(args, run_config, _run_defaults()) else EXIT_FAILED
+    def telemetry(target: str, scenario: str, hop_order: Sequence[str] | None) -> Telemetry:
+        return _telemetry(args, target=target, scenario=scenario, hop_order=hop_order)
+
+    ok = canary(args, run_config, _run_defaults(), telemetry=telemetry)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _cmd_exporter(args: argparse.Namespace) -> int:

@@ -9,9 +9,9 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from probe.canary.html import render_html
 from probe.canary.junit import junit_xml
@@ -21,6 +21,7 @@ from probe.canary.scenario import Scenario, load_scenario, load_scenario_dir
 from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse_thresholds
 from probe.errors import ConfigError, ProbeError
 from probe.measure.report import write_report
+from probe.observe import RunObserver
 from probe.runner import RunConfig
 
 __all__ = ["canary", "exporter"]
@@ -28,6 +29,16 @@ __all__ = ["canary", "exporter"]
 log = logging.getLogger(__name__)
 
 BuildConfig = Callable[[Mapping[str, Any]], RunConfig]
+
+
+class _Telemetry(Protocol):
+    @property
+    def observer(self) -> RunObserver: ...
+
+    def close(self) -> None: ...
+
+
+StartTelemetry = Callable[[str, str, Sequence[str] | None], _Telemetry]
 
 
 def _check_out(option: str, path: str | None) -> None:
@@ -56,9 +67,14 @@ def _options(
 
 
 def canary(
-    args: argparse.Namespace, build_config: BuildConfig, defaults: Mapping[str, Any]
+    args: argparse.Namespace,
+    build_config: BuildConfig,
+    defaults: Mapping[str, Any],
+    *,
+    telemetry: StartTelemetry | None = None,
 ) -> bool:
-    """Run ``probe canary``; True when every threshold held. ConfigError for usage errors."""
+    """Run ``probe canary``; True when every threshold held. ConfigError for usage errors.
+    ``telemetry(target, scenario, hop_order)`` starts the run's traces and metrics."""
     from probe.runner import default_progress, run_probe
 
     scenario = load_scenario(args.scenario) if args.scenario else None
@@ -88,12 +104,17 @@ def canary(
     report: dict[str, Any] | None = None
     failure: ProbeError | None = None
     t0 = time.monotonic()
+    tel = telemetry(target, name, cfg.hop_order) if telemetry is not None else None
     try:
-        report = asyncio.run(run_probe(cfg, progress=default_progress()))
+        observer = tel.observer if tel is not None else None
+        report = asyncio.run(run_probe(cfg, progress=default_progress(), observer=observer))
     except ConfigError:
         raise
     except ProbeError as exc:  # the run itself could not happen: a failed canary, still reported
         failure = exc
+    finally:
+        if tel is not None:
+            tel.close()
     elapsed = time.monotonic() - t0
 
     problems: list[str] = []
