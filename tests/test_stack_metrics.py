@@ -1,0 +1,315 @@
+"""The Grafana dashboard asks only for metrics the probe really exposes, in valid PromQL.
+
+Two real runs against the reference pipeline on loopback give the names: a probe run with its
+/metrics served (what Locust workers and `probe run --metrics-listen` expose), and the stack's
+canary (`probe canary --scenario deploy/scenarios/reference.toml`) pushed to Debian's real
+Pushgateway (what the compose canary pushes; the exporter's /probe answers the same names).
+promtool parses every query as a recording rule, with Grafana's variables filled in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy/grafana/dashboards/probe.json"
+DATASOURCES = ROOT / "deploy/grafana/provisioning/datasources/datasources.yaml"
+SCENARIO = ROOT / "deploy/scenarios/reference.toml"
+HOPS = "ingest:20ms,telephony:35ms:mulaw8k,model:120ms"
+HOP_ORDER = ["ingest", "telephony", "model", "return"]
+PUSHGATEWAY = "prometheus-pushgateway"
+_CI = os.environ.get("CI") == "true"
+_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def _need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        if _CI:
+            pytest.fail(f"{binary} is not installed (CI installs it in .ci/run)")
+        pytest.skip(f"{binary} not installed")
+    return path
+
+
+def _dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text(encoding="utf-8")))
+
+
+def _panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))
+    return out
+
+
+def _exprs(dash: dict[str, Any]) -> list[str]:
+    exprs = [t["expr"] for p in _panels(dash) for t in p.get("targets", []) if t.get("expr")]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def _dashboard_metrics() -> set[str]:
+    names = set()
+    for expr in _exprs(_dashboard()):
+        for name in re.findall(r"\bprobe_[a-z0-9_]+", expr):
+            for suffix in _SUFFIXES:
+                if name.endswith(suffix):
+                    name = name[: -len(suffix)]
+            names.add(name)
+    return names
+
+
+def _exposed_names(text: str) -> set[str]:
+    """Metric family names (``# TYPE``) and sample names in a text exposition."""
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            names.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, accept: str | None = None) -> str:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return str(r.read().decode())
+
+
+class _BackgroundPipeline:
+    """The reference pipeline on its own event loop thread, so a CLI can asyncio.run beside it."""
+
+    def __init__(self) -> None:
+        from probe.pipeline import ReferencePipeline, parse_hops
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.pipeline = ReferencePipeline(parse_hops(HOPS))
+        self.url = asyncio.run_coroutine_threadsafe(
+            self.pipeline.start("127.0.0.1", 0), self.loop
+        ).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.pipeline.stop(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[_BackgroundPipeline]:
+    p = _BackgroundPipeline()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture(scope="module")
+def live_metrics(pipeline: _BackgroundPipeline) -> dict[str, str]:
+    """/metrics of a real probe run, in both expositions, read while it is still served."""
+    from prometheus_client import CollectorRegistry
+
+    from probe.runner import RunConfig, run_probe
+    from probe.source import SourceConfig
+    from probe.telemetry.setup import start_telemetry
+
+    telemetry = start_telemetry(
+        service="probe-stack-test",
+        target=pipeline.url,
+        scenario="stack-test",
+        metrics_listen="127.0.0.1:0",
+        hop_order=HOP_ORDER,
+        registry=CollectorRegistry(),
+        environ={},
+    )
+    try:
+        assert telemetry.metrics_url, "start_telemetry served no /metrics"
+        cfg = RunConfig(
+            source=SourceConfig(target=pipeline.url, duration_s=2.5),
+            sessions=2,
+            concurrency=2,
+            hop_order=HOP_ORDER,
+            marker_timeout_s=3.0,
+        )
+        report = asyncio.run(run_probe(cfg, observer=telemetry.observer))
+        assert report["sessions"]["completed"] == 2, report["sessions"]
+        return {
+            "text": _get(telemetry.metrics_url),
+            "openmetrics": _get(telemetry.metrics_url, "application/openmetrics-text"),
+        }
+    finally:
+        telemetry.close()
+
+
+@pytest.fixture(scope="module")
+def canary_metrics(pipeline: _BackgroundPipeline) -> str:
+    """The Pushgateway's /metrics after the stack's canary scenario ran against the pipeline."""
+    from probe.cli import main
+
+    exe = _need(PUSHGATEWAY)
+    port = _free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [exe, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                _get(f"{gateway}/-/ready")
+                break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"the Pushgateway did not start: {err[-500:]}")
+            time.sleep(0.1)
+        argv = [
+            "canary", "--scenario", str(SCENARIO), "--target", pipeline.url,
+            "--sink-listen", "127.0.0.1:0", "--pushgateway", gateway, "--job", "stack_test",
+        ]  # fmt: skip
+        # The stack's scenario must pass against the reference pipeline (it is what the compose
+        # canary runs). A second try absorbs one run starved of CPU by a busy machine.
+        code = main(argv)
+        if code != 0:
+            code = main(argv)
+        assert code == 0, "the stack's canary scenario failed against the reference pipeline"
+        return _get(f"{gateway}/metrics")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_dashboard_queries_the_metrics_the_issue_names() -> None:
+    assert _dashboard_metrics() >= {
+        "probe_hop_latency_seconds",
+        "probe_hop_own_latency_seconds",
+        "probe_markers_total",
+        "probe_send_lag_seconds",
+        "probe_sessions_total",
+        "probe_active_sessions",
+        "probe_success",
+        "probe_last_success_timestamp_seconds",
+    }
+
+
+def test_every_dashboard_metric_exists_in_a_real_run_or_canary_push(
+    live_metrics: dict[str, str], canary_metrics: str
+) -> None:
+    live = _exposed_names(live_metrics["text"])
+    pushed = _exposed_names(canary_metrics)
+    missing = sorted(_dashboard_metrics() - live - pushed)
+    assert not missing, f"the dashboard queries metrics nobody exposes: {missing}"
+    # Each source really contributed (the test would pass vacuously on an empty set otherwise).
+    assert "probe_hop_latency_seconds" in live and "probe_markers_total" in live
+    assert {"probe_success", "probe_last_success_timestamp_seconds"} <= pushed
+
+
+def test_the_name_check_catches_a_metric_nobody_exposes(live_metrics: dict[str, str]) -> None:
+    live = _exposed_names(live_metrics["text"])
+    assert "probe_hop_latency_typo_seconds" not in live
+    assert "probe_hop_latency_seconds_bucket" in live
+
+
+def test_live_latency_buckets_carry_trace_id_exemplars(live_metrics: dict[str, str]) -> None:
+    """What the dashboard's exemplar links need: `trace_id` on the latency histograms."""
+    lines = [
+        ln
+        for ln in live_metrics["openmetrics"].splitlines()
+        if ln.startswith("probe_hop_latency_seconds_bucket") and " # {" in ln
+    ]
+    assert lines, "no exemplars on probe_hop_latency_seconds in the OpenMetrics exposition"
+    assert all(re.search(r'# \{trace_id="[0-9a-f]{32}"\}', ln) for ln in lines), lines[:3]
+    sources = {d["uid"]: d for d in yaml.safe_load(DATASOURCES.read_text())["datasources"]}
+    prom = sources["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert [d["name"] for d in prom] == ["trace_id"]
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    exe = _need("promtool")
+    fill = {
+        "$__rate_interval": "1m",
+        "$__interval": "1m",
+        "$hop": ".*",
+        "$scenario": ".*",
+        "$target": ".*",
+    }
+    rules = []
+    for i, expr in enumerate(_exprs(_dashboard())):
+        if expr.startswith("label_values("):
+            # A Grafana variable query: label_values(SELECTOR, LABEL); check the selector.
+            expr = expr[len("label_values(") : expr.rindex(",")]
+        for key, value in fill.items():
+            expr = expr.replace(key, value)
+        assert "$" not in expr, f"an unfilled Grafana variable in {expr!r}"
+        rules.append({"record": f"probe:dashboard_query_{i}", "expr": expr})
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = subprocess.run(
+        [exe, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{len(rules)} rules found" in out.stdout
+
+
+def test_dashboard_structure_grafana_loads() -> None:
+    dash = _dashboard()
+    sources = {d["uid"] for d in yaml.safe_load(DATASOURCES.read_text())["datasources"]}
+    panels = _panels(dash)
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert variables == {"hop", "scenario", "target"}
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] in sources, p["title"]
+            used = set(re.findall(r"\$(\w+)", t["expr"])) - {"__rate_interval", "__interval"}
+            assert used <= variables, (p["title"], used)
+    for v in dash["templating"]["list"]:
+        assert v["datasource"]["uid"] in sources
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for p in panels:
+        by_type.setdefault(p["type"], []).append(p)
+    (heatmap,) = by_type["heatmap"]
+    assert heatmap["targets"][0]["format"] == "heatmap"
+    assert "probe_hop_latency_seconds_bucket" in heatmap["targets"][0]["expr"]
+    assert heatmap["repeat"] == "hop"
+    exemplar_panels = [
+        p["title"] for p in panels if any(t.get("exemplar") for t in p.get("targets", []))
+    ]
+    assert any("Cumulative latency" in t for t in exemplar_panels), exemplar_panels
+    assert any("Own latency" in t for t in exemplar_panels), exemplar_panels
+    titles = " | ".join(p["title"] for p in panels)
+    for needed in ("Canary success", "Markers detected vs missed", "Send lag", "Active sessions"):
+        assert needed in titles
