@@ -51,12 +51,12 @@ def _check_out(option: str, path: str | None) -> None:
         raise ConfigError(f"{option} {path!r} is a directory; give a file name.")
 
 
-def _write(option: str, path: str, text: str) -> str | None:
+def _write(option: str, path: str, text: str, problems: list[str]) -> None:
+    """Write ``text``; a failure is noted in ``problems`` so the other outputs still happen."""
     try:
         Path(path).write_text(text, encoding="utf-8")
     except OSError as exc:
-        return f"cannot write {option} {path}: {exc.strerror or exc}"
-    return None
+        problems.append(f"Cannot write {option} {path}: {exc.strerror or exc}.")
 
 
 def _options(
@@ -128,15 +128,13 @@ def canary(
             try:
                 write_report(report, opts["json"])
             except OSError as exc:
-                problems.append(f"cannot write --json {opts['json']}: {exc.strerror or exc}")
+                problems.append(f"Cannot write --json {opts['json']}: {exc.strerror or exc}.")
         if args.html:
-            title = f"probe canary: {name}"
-            problems.append(
-                _write("--html", args.html, render_html(report, verdict, title=title)) or ""
-            )
+            page = render_html(report, verdict, title=f"probe canary: {name}")
+            _write("--html", args.html, page, problems)
     if args.junit:
         shown = report or {"target": target, "duration_s": elapsed, "hops": [], "sessions": {}}
-        problems.append(_write("--junit", args.junit, junit_xml(shown, verdict, suite=name)) or "")
+        _write("--junit", args.junit, junit_xml(shown, verdict, suite=name), problems)
     if args.pushgateway:
         reg = probe_registry(
             report,
@@ -148,9 +146,8 @@ def canary(
         warning = push(args.pushgateway, reg, job=job, target=target)
         if warning:
             print(f"probe: warning: {warning}", file=sys.stderr)
-    problems = [p for p in problems if p]
     if problems:
-        raise ConfigError(problems[0][0].upper() + problems[0][1:] + ".")
+        raise ConfigError(problems[0])
     return verdict.ok
 
 

@@ -108,10 +108,7 @@ def _svg_waterfall(w: Waterfall, scale_ms: float, colors: Mapping[str, str]) -> 
     label_w, plot_w, row_h = 130, 560, 22
     height = row_h * len(w.bars) + 30
     span = max(scale_ms, 1e-9)
-    parts = [
-        f'<svg width="{label_w + plot_w + 80}" '
-        f'height="{height}" role="img">'
-    ]
+    parts = [f'<svg width="{label_w + plot_w + 80}" height="{height}" role="img">']
     for i, b in enumerate(w.bars):
         y = 6 + i * row_h
         parts.append(
@@ -163,8 +160,7 @@ def _svg_series(
         return f"{x:.1f},{y:.1f}"
 
     parts = [
-        f'<svg width="{left + plot_w + 20}" '
-        f'height="{top + plot_h + 30}" role="img">',
+        f'<svg width="{left + plot_w + 20}" height="{top + plot_h + 30}" role="img">',
         f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
         'stroke="#ccc"/>',
         f'<text x="{left - 6}" y="{top + 10}" text-anchor="end">{y_max:.0f} ms</text>',

@@ -287,6 +287,8 @@ def format_verdict(report: Mapping[str, Any], verdict: Verdict) -> str:
         )
         for r in rows
     ]
+    if len(rows) == 1:
+        lines.append("(no hop was seen)")
     s = report.get("sessions", {})
     lines.append(
         f"sessions {s.get('completed', 0)}/{s.get('started', 0)} completed, "
