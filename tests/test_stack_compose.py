@@ -266,8 +266,8 @@ def test_the_canary_and_exporter_tell_the_hops_their_own_sink() -> None:
     # The worker advertises its own container address, so scaled replicas each get their own.
     # (`docker-compose config` prints `$` escaped as `$$`, the file's own spelling.)
     worker = worker.replace("$$", "$")
-    assert 'PROBE_SINK_HOST="$(hostname -i' in worker
-    assert 'PROBE_SINK_URL="ws://${PROBE_SINK_HOST}:8766/sink"' in worker
+    assert 'PROBE_SINK_HOST="${PROBE_SINK_HOST:-$(hostname -i' in worker
+    assert 'PROBE_SINK_URL="${PROBE_SINK_URL:-ws://${PROBE_SINK_HOST}:8766/sink}"' in worker
     assert worker.rstrip().split()[-2:] == ["--locustfile", '"${PROBE_LOCUSTFILE}"']
 
 
