@@ -1,0 +1,20 @@
+"""Locust load runs with probe sessions (issue 5).
+
+``from probe.locust import AudioProbeUser`` in a locustfile, subclass it, and run
+``locust -f scenarios/locust_reference.py --host ws://...``. Importing this package imports Locust
+(which monkey-patches the standard library for gevent) and registers the event listeners of
+:mod:`probe.locust.plugin`.
+
+- `session`: one session with gevent (the ``websockets`` sync client), paced on an absolute
+  schedule; `sink`: the worker's own fork sink (``websockets`` sync server in greenlets);
+- `detect`: detection on a native thread, results handed back to the hub;
+- `engine`: registry, sink, detection thread and pump of one process;
+- `report`: Locust request events; `hopstats`: exact per-hop statistics across workers;
+- `user`: the closed-loop and open-model users; `plugin`: the event wiring and the Hops tab.
+"""
+
+from __future__ import annotations
+
+from probe.locust.user import AudioProbeUser, OpenAudioProbeUser
+
+__all__ = ["AudioProbeUser", "OpenAudioProbeUser"]

@@ -1,0 +1,186 @@
+"""The probe machinery of one Locust worker process: registry, sink, detection thread, pump.
+
+One :class:`ProbeEngine` per process that runs users (a worker, or a local run). It owns
+
+- the :class:`SessionRegistry` every session of the process reports to, with an
+  :class:`~probe.observe.Observers` fan-out (own latency joined live) to the Locust reporter, the
+  exact Hops statistics and, when configured, telemetry;
+- the process's own sink (:class:`GeventSink`), whose URL goes in every ``start`` so a marker
+  comes back to the worker that sent it;
+- the native detection thread and the pump greenlet that hands its detections to the registry and
+  declares markers missed once they are older than the marker timeout.
+
+Configuration comes from the environment at the edge (:meth:`EngineConfig.from_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+
+from probe.errors import ConfigError
+from probe.locust.detect import DetectionOutbox, NativeDetectionWorker
+from probe.locust.sink import GeventSink
+from probe.measure.registry import SessionRegistry
+from probe.observe import Observers, RunObserver
+
+__all__ = ["EngineConfig", "ProbeEngine", "parse_listen"]
+
+
+def parse_listen(text: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) for a listening socket; ConfigError with one sentence."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT (e.g. 0.0.0.0:8766), got {text!r}.")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Where the sink listens and what it advertises; how markers settle."""
+
+    sink_host: str = "127.0.0.1"
+    sink_port: int = 0
+    # The URL hops should fork to, when it differs from the bound one (another host, NAT, k8s).
+    sink_url: str | None = None
+    # The host name or address other hosts reach this worker by; the bound port is added.
+    advertise_host: str | None = None
+    use_sink: bool = True
+    marker_timeout_s: float = 10.0
+    hop_order: Sequence[str] = field(default_factory=tuple)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> EngineConfig:
+        """``PROBE_SINK_LISTEN`` (HOST:PORT, default 127.0.0.1:0, or 0.0.0.0:0 when
+        ``PROBE_SINK_HOST`` is set), ``PROBE_SINK_HOST``, ``PROBE_SINK_URL``, ``PROBE_NO_SINK``,
+        ``PROBE_MARKER_TIMEOUT`` (s), ``PROBE_HOP_ORDER`` (a,b,c)."""
+        env = os.environ if env is None else env
+        advertise = env.get("PROBE_SINK_HOST") or None
+        listen = env.get("PROBE_SINK_LISTEN") or ("0.0.0.0:0" if advertise else "127.0.0.1:0")
+        host, port = parse_listen(listen, "PROBE_SINK_LISTEN")
+        url = env.get("PROBE_SINK_URL") or None
+        if url is not None and not url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"PROBE_SINK_URL must be a ws:// or wss:// URL, got {url!r}.")
+        raw_timeout = env.get("PROBE_MARKER_TIMEOUT", "10")
+        try:
+            timeout = float(raw_timeout)
+        except ValueError:
+            timeout = -1.0
+        if not timeout > 0:
+            raise ConfigError(
+                f"PROBE_MARKER_TIMEOUT must be positive seconds, got {raw_timeout!r}."
+            )
+        order = tuple(h.strip() for h in env.get("PROBE_HOP_ORDER", "").split(",") if h.strip())
+        return cls(
+            sink_host=host,
+            sink_port=port,
+            sink_url=url,
+            advertise_host=advertise,
+            use_sink=env.get("PROBE_NO_SINK", "") in ("", "0", "false"),
+            marker_timeout_s=timeout,
+            hop_order=order,
+        )
+
+
+class ProbeEngine:
+    """Registry, sink, detection thread and pump of one process (module docstring)."""
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        *,
+        observers: Sequence[RunObserver] = (),
+        clock: Callable[[], float] = time.time,
+        pump_interval_s: float = 0.05,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.observers = Observers(observers, hop_order=cfg.hop_order)
+        self.registry = SessionRegistry(
+            clock=clock,
+            marker_timeout=cfg.marker_timeout_s,
+            expected_hops=(),
+            observer=self.observers,
+        )
+        self.outbox = DetectionOutbox()
+        self.worker = NativeDetectionWorker()
+        self.sink: GeventSink | None = None
+        self.sink_url: str | None = None
+        self.late_starts = 0
+        self._pump_interval = pump_interval_s
+        self._pump: Any = None
+        self._closed = False
+
+    def start(self) -> None:
+        """Open the sink (ConfigError if its port is taken) and start the pump."""
+        # The detection thread holds the GIL in bursts; Python's default 5 ms switch interval
+        # would show up directly as send lag (as in probe.runner).
+        if sys.getswitchinterval() > 0.001:
+            sys.setswitchinterval(0.001)
+        if self.cfg.use_sink:
+            self.sink = GeventSink(self.registry, self.worker, self.outbox, clock=self.clock)
+            try:
+                bound = self.sink.start(self.cfg.sink_host, self.cfg.sink_port)
+            except ConfigError:
+                self.worker.close()
+                raise
+            if self.cfg.sink_url:
+                self.sink_url = self.cfg.sink_url
+            elif self.cfg.advertise_host:
+                shown = self.cfg.advertise_host
+                shown = f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown
+                self.sink_url = f"ws://{shown}:{self.sink.port}/sink"
+            else:
+                self.sink_url = bound
+        self._pump = gevent.spawn(self._pump_loop)
+
+    def pump(self) -> None:
+        """Hand finished detections to the registry and expire old markers (on the hub)."""
+        self.outbox.deliver(self.registry)
+        self.registry.expire()
+        self.worker.report_failures()
+
+    def _pump_loop(self) -> None:
+        last_expire = 0.0
+        while not self._closed:
+            gevent.sleep(self._pump_interval)
+            self.outbox.deliver(self.registry)
+            now = time.monotonic()
+            if now - last_expire >= 0.5:
+                last_expire = now
+                self.registry.expire()
+                self.worker.report_failures()
+
+    def settle(self, timeout_s: float | None = None, *, give_up: bool = True) -> None:
+        """Wait (cooperatively) until every marker owed is detected or missed; after
+        ``timeout_s`` the rest are declared missed (or, without ``give_up``, left pending)."""
+        limit = self.cfg.marker_timeout_s + 1.0 if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            upto = self.worker.submitted
+            while not self.worker.drained(upto) and time.monotonic() < deadline:
+                gevent.sleep(0.02)
+            self.pump()
+            if sum(c.pending for c in self.registry.hop_counts().values()) == 0:
+                return
+            gevent.sleep(0.1)
+        self.outbox.deliver(self.registry)
+        if give_up:
+            self.registry.settle_all()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.sink is not None:
+            self.sink.stop()
+        if self._pump is not None:
+            self._pump.kill(block=False)
+        self.worker.close()
+        self.outbox.deliver(self.registry)

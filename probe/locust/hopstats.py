@@ -1,0 +1,291 @@
+"""Exact per-hop statistics for the Locust Hops tab, mergeable across worker processes (sans-I/O).
+
+Locust keeps response times rounded to two significant digits; a 137.4 ms hop shows as 140 ms.
+:class:`HopsStats` keeps every latency value instead (cumulative and own, per hop) so the p99.9 of
+the Hops tab is the sample's own p99.9, like the ``probe.report/v1`` report.
+
+In a distributed run each worker ships what it measured since its last report
+(:meth:`HopsStats.take_report`: new latency values, and its running totals of markers and
+sessions); the master merges them (:meth:`HopsStats.merge_report`), summing the latest totals of
+every worker it has heard from. Frame send lags are many (50 a second per stream), so they are
+kept as counts per 10 microseconds, exact to that resolution.
+
+The report is plain lists, dicts and numbers: it travels in Locust's msgpack messages.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from probe.measure.latency import RETURN_HOP
+from probe.measure.stats import LatencyStats, summarize_ms
+
+__all__ = [
+    "COLUMNS",
+    "LAG_RESOLUTION_S",
+    "HopsStats",
+    "LagHistogram",
+    "Totals",
+]
+
+LAG_RESOLUTION_S = 1e-5
+
+# (key, title) of the Hops table; keys are plain lowercase words (the web UI camel-cases keys).
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("name", "Hop"),
+    ("sent", "Markers sent"),
+    ("detected", "Detected"),
+    ("missed", "Missed"),
+    ("pending", "Pending"),
+    ("p50", "p50 ms"),
+    ("p90", "p90 ms"),
+    ("p95", "p95 ms"),
+    ("p99", "p99 ms"),
+    ("p999", "p99.9 ms"),
+    ("max", "max ms"),
+    ("ownp50", "own p50 ms"),
+    ("ownp90", "own p90 ms"),
+    ("ownp95", "own p95 ms"),
+    ("ownp99", "own p99 ms"),
+    ("ownp999", "own p99.9 ms"),
+    ("ownmax", "own max ms"),
+    ("note", "Note"),
+)
+_PCTS = ("p50", "p90", "p95", "p99", "p999", "max")
+_COUNTS = ("sent", "detected", "missed", "pending")
+_SESSION_KEYS = ("started", "completed", "failed", "active", "late_starts")
+
+
+class LagHistogram:
+    """Send lags as counts per :data:`LAG_RESOLUTION_S` (quantiles exact to that resolution)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.n = 0
+
+    def add(self, lag_s: float) -> None:
+        b = max(0, int(round(lag_s / LAG_RESOLUTION_S)))
+        self.counts[b] = self.counts.get(b, 0) + 1
+        self.n += 1
+
+    def merge(self, counts: Mapping[int | str, int]) -> None:
+        for b, c in counts.items():
+            k = int(b)
+            self.counts[k] = self.counts.get(k, 0) + int(c)
+            self.n += int(c)
+
+    def summary_ms(self) -> dict[str, float | int | None]:
+        """p50 ... p99.9 and max (ms, upper edge of the bucket holding the rank), and count."""
+        out: dict[str, float | int | None] = dict.fromkeys(_PCTS)
+        out["count"] = self.n
+        if not self.n:
+            return out
+        keys = sorted(self.counts)
+        ranks = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
+        targets = {k: max(1, math.ceil(q * self.n)) for k, q in ranks.items()}
+        seen = 0
+        for b in keys:
+            seen += self.counts[b]
+            for k, t in targets.items():
+                if out[k] is None and seen >= t:
+                    out[k] = round(b * LAG_RESOLUTION_S * 1000.0, 3)
+        out["max"] = round(keys[-1] * LAG_RESOLUTION_S * 1000.0, 3)
+        return out
+
+
+@dataclass
+class Totals:
+    """Running totals one process reports: marker accounting per hop and sessions."""
+
+    markers: dict[str, dict[str, int]] = field(default_factory=dict)
+    sessions: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"markers": self.markers, "sessions": self.sessions}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Totals:
+        markers = {
+            str(h): {k: int(v) for k, v in c.items()} for h, c in dict(d.get("markers", {})).items()
+        }
+        sessions = {str(k): int(v) for k, v in dict(d.get("sessions", {})).items()}
+        return cls(markers, sessions)
+
+
+class HopsStats:
+    """Exact latency values per hop, send lags, and the totals of every reporting process.
+
+    Own latency (a hop's cumulative latency minus that of the hop before it, for the same
+    marker) is joined here, not live: the hops' detections of one marker reach the registry in
+    whatever order the detector finishes them, so a marker's hops are held until ``hold_s``
+    after its first detection, then joined in pipeline order (declared, else by mean cumulative
+    latency; the return direction last), as the report does. Not thread-safe: the Locust
+    integration uses it from the gevent hub only."""
+
+    def __init__(self, hop_order: Sequence[str] = (), *, hold_s: float = 2.0) -> None:
+        self.hop_order = list(hop_order)
+        self.hold_s = hold_s
+        self.reset()
+
+    def reset(self) -> None:
+        self.cumulative: dict[str, LatencyStats] = {}
+        self.own: dict[str, LatencyStats] = {}
+        self.lag = LagHistogram()
+        # Totals per source (a worker id, or "local"), the latest each has reported.
+        self.totals: dict[str, Totals] = {}
+        # What this process measured and has not reported yet (workers only).
+        self._new_cum: dict[str, list[float]] = {}
+        self._new_own: dict[str, list[float]] = {}
+        self._new_lag: dict[int, int] = {}
+        # marker -> (first detection time, hop -> cumulative latency), oldest first.
+        self._held: dict[tuple[str, int], tuple[float, dict[str, float]]] = {}
+        self._sums: dict[str, list[float]] = {}
+
+    # -- one process ----------------------------------------------------------------------------
+
+    def add_detection(
+        self, hop: str, latency_s: float, *, marker: tuple[str, int], at: float
+    ) -> None:
+        """Marker ``marker`` (session, seq) seen on ``hop``; ``at`` is the caller's clock."""
+        self.cumulative.setdefault(hop, LatencyStats()).add(latency_s)
+        self._new_cum.setdefault(hop, []).append(latency_s)
+        acc = self._sums.setdefault(hop, [0.0, 0.0])
+        acc[0] += latency_s
+        acc[1] += 1.0
+        held = self._held.get(marker)
+        if held is None:
+            self._held[marker] = (at, {hop: latency_s})
+        else:
+            held[1][hop] = latency_s
+
+    def _rank(self, hop: str) -> tuple[int, float, str]:
+        if hop in self.hop_order:
+            return (0, float(self.hop_order.index(hop)), hop)
+        if hop == RETURN_HOP:
+            return (2, 0.0, hop)
+        total, n = self._sums.get(hop, [0.0, 0.0])
+        return (1, total / n if n else 0.0, hop)
+
+    def join_own(self, now: float, *, force: bool = False) -> int:
+        """Join the own latency of markers held longer than ``hold_s`` (all with ``force``);
+        returns how many markers were joined."""
+        done = [
+            k for k, (first, _) in self._held.items() if force or now - first >= self.hold_s
+        ]
+        for k in done:
+            _, seen = self._held.pop(k)
+            prev: float | None = None
+            for hop in sorted(seen, key=self._rank):
+                own = seen[hop] - prev if prev is not None else seen[hop]
+                prev = seen[hop]
+                self.own.setdefault(hop, LatencyStats()).add(own)
+                self._new_own.setdefault(hop, []).append(own)
+        return len(done)
+
+    def add_send_lag(self, lag_s: float) -> None:
+        self.lag.add(lag_s)
+        b = max(0, int(round(lag_s / LAG_RESOLUTION_S)))
+        self._new_lag[b] = self._new_lag.get(b, 0) + 1
+
+    def set_totals(self, source: str, totals: Totals) -> None:
+        self.totals[source] = totals
+
+    def take_report(self, totals: Totals) -> dict[str, Any]:
+        """What a worker sends its master: values since the last report, and its totals."""
+        out = {
+            "cumulative": self._new_cum,
+            "own": self._new_own,
+            "lag": {str(k): v for k, v in self._new_lag.items()},
+            "totals": totals.as_dict(),
+        }
+        self._new_cum, self._new_own, self._new_lag = {}, {}, {}
+        return out
+
+    # -- the master -----------------------------------------------------------------------------
+
+    def merge_report(self, source: str, report: Mapping[str, Any]) -> None:
+        """Add a worker's report (from :meth:`take_report`)."""
+        for hop, values in dict(report.get("cumulative", {})).items():
+            self.cumulative.setdefault(str(hop), LatencyStats()).extend(values)
+        for hop, values in dict(report.get("own", {})).items():
+            self.own.setdefault(str(hop), LatencyStats()).extend(values)
+        self.lag.merge(dict(report.get("lag", {})))
+        if "totals" in report:
+            self.totals[source] = Totals.from_dict(report["totals"])
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def summed(self) -> Totals:
+        """Totals summed over every source."""
+        out = Totals()
+        for t in self.totals.values():
+            for hop, c in t.markers.items():
+                acc = out.markers.setdefault(hop, dict.fromkeys(_COUNTS, 0))
+                for k in _COUNTS:
+                    acc[k] += c.get(k, 0)
+            for k, v in t.sessions.items():
+                out.sessions[k] = out.sessions.get(k, 0) + v
+        return out
+
+    def hops(self) -> list[str]:
+        """Hops in pipeline order: declared first, then by median cumulative latency, the
+        return direction last."""
+        known = set(self.cumulative) | set(self.summed().markers)
+        declared = [h for h in self.hop_order if h in known]
+
+        def rank(h: str) -> tuple[int, float, str]:
+            if h == RETURN_HOP:
+                return (1, 0.0, h)
+            q = self.cumulative[h].quantile(0.5) if h in self.cumulative else None
+            return (0, math.inf if q is None else q, h)
+
+        rest = sorted((h for h in known if h not in declared), key=rank)
+        return declared + rest
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The Hops table: a row per hop, then send lag and sessions."""
+        totals = self.summed()
+        rows: list[dict[str, Any]] = []
+        for hop in self.hops():
+            row: dict[str, Any] = {"name": hop}
+            counts = totals.markers.get(hop, {})
+            for k in _COUNTS:
+                row[k] = counts.get(k, 0)
+            cum = summarize_ms(self.cumulative[hop].values()) if hop in self.cumulative else {}
+            own = summarize_ms(self.own[hop].values()) if hop in self.own else {}
+            for k in _PCTS:
+                row[k] = _cell(cum.get(k))
+                row["own" + k] = _cell(own.get(k))
+            row["note"] = f"{cum.get('count', 0)} latencies"
+            rows.append(row)
+        lag = self.lag.summary_ms()
+        lag_row: dict[str, Any] = {k: "" for k, _ in COLUMNS}
+        lag_row["name"] = "send lag"
+        for k in _PCTS:
+            lag_row[k] = _cell(lag.get(k))
+        lag_row["note"] = f"{lag['count']} frames, 10 us resolution"
+        rows.append(lag_row)
+        s = totals.sessions
+        ses_row: dict[str, Any] = {k: "" for k, _ in COLUMNS}
+        ses_row["name"] = "sessions"
+        ses_row["note"] = ", ".join(f"{k.replace('_', ' ')} {s.get(k, 0)}" for k in _SESSION_KEYS)
+        rows.append(ses_row)
+        return rows
+
+    def csv(self) -> str:
+        """The Hops table as CSV (the web UI's download)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([title for _, title in COLUMNS])
+        for row in self.rows():
+            w.writerow([row.get(k, "") for k, _ in COLUMNS])
+        return buf.getvalue()
+
+
+def _cell(v: object) -> float | str:
+    return "" if v is None else float(v) if isinstance(v, (int, float)) else str(v)

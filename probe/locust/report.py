@@ -1,0 +1,109 @@
+"""What Locust hears of a probe run: request events per hop, misses, fork failures, send lag.
+
+:class:`LocustReporter` is a :class:`~probe.observe.RunObserver` (called on the gevent hub by the
+engine's registry). Entries, by request type and name:
+
+- ``hop`` / *hop name*: one per marker detected on that hop, response time = the hop's cumulative
+  latency in ms; a marker not seen within the marker timeout is a failure of the same entry with
+  the timeout as its response time (a miss is at least that late);
+- ``fork`` / *hop name*: a hop's fork that broke (garbage, stall, dropped connection), a failure;
+- ``send`` / ``lag``: each session's largest frame send lag over each second of audio (ms).
+
+Exact values go to :class:`~probe.locust.hopstats.HopsStats` as well (every detection, every
+frame's lag). Session connect and stream entries are fired by the user, which knows the connect
+time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from probe.locust.hopstats import HopsStats
+from probe.measure.registry import Measurement, Missed
+from probe.observe import RunObserver
+
+__all__ = ["ForkFailed", "LocustReporter", "MarkerMissed", "SendLagWindow"]
+
+LAG_WINDOW_FRAMES = 50
+
+
+class MarkerMissed(Exception):
+    """A hop did not deliver a marker within the marker timeout."""
+
+
+class ForkFailed(Exception):
+    """A hop's fork broke."""
+
+
+class SendLagWindow:
+    """Largest lag over each window of frames of one session."""
+
+    __slots__ = ("frames", "worst")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.worst = 0.0
+
+
+class LocustReporter(RunObserver):
+    """Fires Locust request events for what the registry measures (module docstring)."""
+
+    def __init__(
+        self,
+        events: Any,
+        stats: HopsStats,
+        *,
+        marker_timeout_s: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.events = events
+        self.stats = stats
+        self.monotonic = monotonic
+        self.marker_timeout_s = marker_timeout_s
+        self._lag: dict[str, SendLagWindow] = {}
+
+    def _fire(self, kind: str, name: str, ms: float, exc: Exception | None) -> None:
+        self.events.request.fire(
+            request_type=kind,
+            name=name,
+            response_time=ms,
+            response_length=0,
+            exception=exc,
+            context={},
+        )
+
+    def detected(self, m: Measurement, own_s: float | None) -> None:
+        self.stats.add_detection(
+            m.hop, m.latency_s, marker=(m.session, m.seq), at=self.monotonic()
+        )
+        self._fire("hop", m.hop, m.latency_s * 1000.0, None)
+
+    def missed(self, m: Missed) -> None:
+        self._fire(
+            "hop",
+            m.hop,
+            self.marker_timeout_s * 1000.0,
+            MarkerMissed(f"marker not detected within {self.marker_timeout_s:g} s"),
+        )
+
+    def hop_failed(self, hop: str, session: str | None, error: str) -> None:
+        self._fire("fork", hop, 0.0, ForkFailed(error))
+
+    def send_lag(self, session: str, lag_s: float) -> None:
+        self.stats.add_send_lag(lag_s)
+        w = self._lag.get(session)
+        if w is None:
+            w = self._lag[session] = SendLagWindow()
+        w.frames += 1
+        if lag_s > w.worst:
+            w.worst = lag_s
+        if w.frames >= LAG_WINDOW_FRAMES:
+            self._fire("send", "lag", w.worst * 1000.0, None)
+            w.frames, w.worst = 0, 0.0
+
+    def session_ended(self, session: str, at: float, error: str | None) -> None:
+        w = self._lag.pop(session, None)
+        if w is not None and w.frames:
+            self._fire("send", "lag", w.worst * 1000.0, None)

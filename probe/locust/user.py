@@ -1,0 +1,211 @@
+"""Locust users that run probe sessions: closed-loop :class:`AudioProbeUser` and open-model
+:class:`OpenAudioProbeUser`.
+
+Each user streams real-time audio with markers to ``--host`` (a ``ws://`` URL, ``{session}``
+replaced by the session id) through the process's engine (:mod:`probe.locust.engine`): the same
+carrier, embedder, registry, detector and join as ``probe run``. Besides the entries of
+:mod:`probe.locust.report`, the user fires
+
+- ``session`` / ``connect``: the WebSocket connect time, or a failure (refused, unreachable);
+- ``session`` / ``stream``: the session's duration, or a failure with the reason it ended early;
+- ``session`` / ``start`` (open model only): a failure for every session that could not start in
+  time.
+
+The closed loop runs one session after another per user, which hides overload: a slow target
+just gets fewer sessions. The open model starts sessions at a fixed rate whatever happens to the
+earlier ones, measures latency from each frame's *intended* send time, and counts the sessions
+that could not start within ``start_slack_s`` of their scheduled time (or beyond
+``max_in_flight``) instead of quietly starting them later.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, ClassVar
+
+import gevent
+from gevent.pool import Group
+from locust import User, constant, task
+from locust.exception import StopUser
+
+from probe.errors import ConfigError
+from probe.locust.plugin import engine_of
+from probe.locust.session import SessionOutcome, run_session
+from probe.source import SourceConfig
+
+__all__ = ["AudioProbeUser", "OpenAudioProbeUser"]
+
+
+class LateStart(Exception):
+    """An open-model session that could not start in time."""
+
+
+class SessionFailed(Exception):
+    """A session that could not connect or ended early."""
+
+
+class AudioProbeUser(User):
+    """Runs probe sessions back to back (closed loop). Subclass it and set the attributes."""
+
+    abstract = True
+    wait_time = constant(0)
+
+    dialect: ClassVar[str] = "probe"
+    fixture: ClassVar[str] = "speech_en_us"
+    sample_rate: ClassVar[int] = 16000
+    encoding: ClassVar[str] = "pcm_s16le"
+    frame_ms: ClassVar[float] = 20.0
+    session_s: ClassVar[float] = 10.0
+    every_s: ClassVar[float] = 0.5
+    level_db: ClassVar[float] = -20.0
+    meta: ClassVar[dict[str, str]] = {}
+    connect_timeout_s: ClassVar[float] = 5.0
+    # Pause after a session that could not connect, so a down target is not hammered.
+    retry_pause_s: ClassVar[float] = 1.0
+
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        self._source: SourceConfig | None = None
+
+    def source_config(self) -> SourceConfig:
+        """The session template: this class's attributes, the host, and the engine's sink."""
+        if self._source is None:
+            host = self.host or ""
+            if not host.startswith(("ws://", "wss://")):
+                raise ConfigError(f"The host must be a ws:// or wss:// URL, got {host!r}.")
+            engine = engine_of(self.environment)
+            self._source = SourceConfig(
+                target=host,
+                dialect=self.dialect,
+                fixture=self.fixture,
+                rate=self.sample_rate,
+                encoding=self.encoding,  # type: ignore[arg-type]
+                frame_ms=self.frame_ms,
+                duration_s=self.session_s,
+                every_s=self.every_s,
+                level_db=self.level_db,
+                sink_url=engine.sink_url,
+                meta=dict(self.meta),
+                connect_timeout_s=self.connect_timeout_s,
+            )
+        return self._source
+
+    def _config_or_stop(self) -> SourceConfig:
+        try:
+            return self.source_config()
+        except ConfigError as exc:
+            self._fire("session", "connect", 0.0, SessionFailed(str(exc)))
+            raise StopUser() from exc
+
+    def _fire(self, kind: str, name: str, ms: float, exc: Exception | None) -> None:
+        self.environment.events.request.fire(
+            request_type=kind,
+            name=name,
+            response_time=ms,
+            response_length=0,
+            exception=exc,
+            context={},
+        )
+
+    def probe_session(
+        self, *, intended_start: float | None = None, from_intended: bool = False
+    ) -> SessionOutcome:
+        """Run one session and fire its session entries."""
+        cfg = self._config_or_stop()
+        engine = engine_of(self.environment)
+        out = run_session(
+            cfg,
+            engine,
+            session=uuid.uuid4().hex,
+            intended_start=intended_start,
+            from_intended=from_intended,
+        )
+        if out.connect_s is None:
+            self._fire("session", "connect", 0.0, SessionFailed(out.error or "not connected"))
+        else:
+            self._fire("session", "connect", out.connect_s * 1000.0, None)
+            self._fire(
+                "session",
+                "stream",
+                out.duration_s * 1000.0,
+                SessionFailed(out.error) if out.error else None,
+            )
+        return out
+
+    @task
+    def stream(self) -> None:
+        out = self.probe_session()
+        if out.connect_s is None:
+            gevent.sleep(self.retry_pause_s)
+
+
+class OpenAudioProbeUser(AudioProbeUser):
+    """Starts sessions at ``sessions_per_s`` (per user; ``PROBE_SESSION_RATE`` overrides)
+    whatever happened to the earlier ones (open model)."""
+
+    abstract = True
+    sessions_per_s: ClassVar[float] = 1.0
+    max_in_flight: ClassVar[int] = 1000
+    start_slack_s: ClassVar[float] = 0.5
+
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        self._sessions = Group()
+
+    def rate(self) -> float:
+        raw = os.environ.get("PROBE_SESSION_RATE")
+        if raw is None:
+            return float(self.sessions_per_s)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ConfigError(f"PROBE_SESSION_RATE must be positive sessions/s, got {raw!r}.")
+        return value
+
+    def on_stop(self) -> None:
+        self._sessions.kill(block=False)
+
+    def _one(self, due: float) -> None:
+        self.probe_session(intended_start=due, from_intended=True)
+
+    @task
+    def stream(self) -> None:
+        self._config_or_stop()
+        try:
+            rate = self.rate()
+        except ConfigError as exc:
+            self._fire("session", "start", 0.0, LateStart(str(exc)))
+            raise StopUser() from exc
+        engine = engine_of(self.environment)
+        t0 = time.monotonic()
+        k = 0
+        while True:
+            due = t0 + k / rate
+            k += 1
+            delay = due - time.monotonic()
+            if delay > 0:
+                gevent.sleep(delay)
+            late = time.monotonic() - due
+            if late > self.start_slack_s:
+                engine.late_starts += 1
+                self._fire(
+                    "session",
+                    "start",
+                    late * 1000.0,
+                    LateStart(f"could not start within {self.start_slack_s:g} s of schedule"),
+                )
+                continue
+            if len(self._sessions) >= self.max_in_flight:
+                engine.late_starts += 1
+                self._fire(
+                    "session",
+                    "start",
+                    late * 1000.0,
+                    LateStart(f"{self.max_in_flight} sessions already in flight"),
+                )
+                continue
+            self._sessions.spawn(self._one, due)
