@@ -129,7 +129,9 @@ def _clear_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-def _check_trace(spans: list[Span], report: dict[str, Any]) -> None:
+def _check_trace(
+    spans: list[Span], report: dict[str, Any], pipeline: str = "probe-pipeline"
+) -> None:
     """One trace per session: the probe's root, the pipeline's hop chain under it, and one marker
     span per marker and hop under the root, linked to that hop's span."""
     roots = [s for s in spans if s.name == SESSION_SPAN]
@@ -137,7 +139,7 @@ def _check_trace(spans: list[Span], report: dict[str, Any]) -> None:
     for root in roots:
         assert root.service == "probe" and root.parent == "" and not root.error
         mine = [s for s in spans if s.trace_id == root.trace_id]
-        hops = {s.attrs["probe.hop"]: s for s in mine if s.service == "probe-pipeline"}
+        hops = {s.attrs["probe.hop"]: s for s in mine if s.service == pipeline}
         assert sorted(hops) == ["a", "b"]
         assert hops["a"].parent == root.span_id
         assert hops["b"].parent == hops["a"].span_id
@@ -254,3 +256,45 @@ def test_unreachable_collector_warns_once_and_changes_nothing(
     assert "Traceback" not in proc.stderr
     # The run takes ~3 s; the flush gives up after its 5 s bound at most.
     assert elapsed < 20.0
+
+
+def test_probe_pipeline_command_exports_its_hop_spans_and_flushes_on_interrupt(
+    grpc_receiver: tuple[str, _Receiver], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import signal
+
+    endpoint, receiver = grpc_receiver
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+               OTEL_SERVICE_NAME="sut-pipeline")
+    port = _closed_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probe.cli", "pipeline", "--listen", f"127.0.0.1:{port}",
+         "--hops", HOPS],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "pipeline not up"
+                time.sleep(0.1)
+        _clear_otel_env(monkeypatch)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        out = tmp_path / "r.json"
+        rc = main(["run", "--target", f"ws://127.0.0.1:{port}/", "--duration", "1.5",
+                   "--hop-order", ",".join(ORDER), "--marker-timeout", "3", "--json", str(out)])
+        assert rc == 0
+        report = json.loads(out.read_text())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    spans = _spans(receiver.requests)
+    assert {s.service for s in spans} == {"probe", "sut-pipeline"}
+    _check_trace(spans, report, pipeline="sut-pipeline")
