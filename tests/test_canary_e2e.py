@@ -3,13 +3,10 @@ CLI's exit codes, and every output file."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -21,38 +18,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.cli import main
-from probe.pipeline import ReferencePipeline
+from tests.canary_support import BackgroundPipeline, free_port
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 PUSHGATEWAY = "/usr/bin/prometheus-pushgateway"
 HOPS = "a:20ms,b:35ms:mulaw8k,c:60ms"
 SHORT = ["--sessions", "2", "--concurrency", "2", "--duration", "3", "--marker-timeout", "2",
          "--hop-order", "a,b,c,return"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class BackgroundPipeline:
-    """A ReferencePipeline on its own event loop thread, so the CLI can asyncio.run beside it."""
-
-    def __init__(self, hops: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.pipeline = ReferencePipeline(hops)
-        self.url = asyncio.run_coroutine_threadsafe(
-            self.pipeline.start("127.0.0.1", 0), self.loop
-        ).result(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.pipeline.stop(), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +42,7 @@ def pushgateway() -> Iterator[str]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{PUSHGATEWAY} is missing (CI installs prometheus-pushgateway)")
         pytest.skip("prometheus-pushgateway is not installed")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL,
@@ -160,7 +132,7 @@ def test_canary_pass_then_breach_through_the_pushgateway(
 
 def test_down_target_fails_the_canary_and_pushes_zero(pushgateway: str, tmp_path: Path,
                                                       capsys: Any) -> None:
-    target = f"ws://127.0.0.1:{_free_port()}/"
+    target = f"ws://127.0.0.1:{free_port()}/"
     junit = tmp_path / "j.xml"
     rc = main(["canary", "--target", target, "--duration", "1", "--marker-timeout", "1",
                "--threshold", "p95<1s", "--junit", str(junit), "--pushgateway", pushgateway])
@@ -179,7 +151,7 @@ def test_unreachable_pushgateway_is_a_warning_not_a_failure(
     pipeline: BackgroundPipeline, tmp_path: Path, capsys: Any
 ) -> None:
     report = tmp_path / "r.json"
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     rc = main(["canary", "--target", pipeline.url, *SHORT, "--threshold", "hop=c p95<250ms",
                "--pushgateway", dead, "--json", str(report)])

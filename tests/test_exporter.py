@@ -3,9 +3,7 @@ target, the bound on probes at once, bad queries, /metrics, and the command itse
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from probe.canary.exporter import ProbeExporter, serve_exporter
 from probe.canary.scenario import load_scenario_dir
 from probe.cli import _run_defaults, run_config
-from probe.pipeline import ReferencePipeline
+from tests.canary_support import BackgroundPipeline, free_port
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 QUICK = """
@@ -33,12 +31,6 @@ marker_timeout = 2.0
 hop_order = ["a", "b", "return"]
 thresholds = ["hop=b p95<250ms", "markers>=50%"]
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, timeout: float = 30.0) -> tuple[int, str]:
@@ -57,26 +49,9 @@ def _values(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
-class _Pipeline:
-    def __init__(self, hops: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.pipeline = ReferencePipeline(hops)
-        self.url = asyncio.run_coroutine_threadsafe(
-            self.pipeline.start("127.0.0.1", 0), self.loop
-        ).result(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.pipeline.stop(), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def pipeline() -> Iterator[_Pipeline]:
-    p = _Pipeline("a:20ms,b:40ms")
+def pipeline() -> Iterator[BackgroundPipeline]:
+    p = BackgroundPipeline("a:20ms,b:40ms")
     try:
         yield p
     finally:
@@ -102,7 +77,7 @@ def exporter(tmp_path: Path) -> Iterator[tuple[str, ProbeExporter]]:
 
 
 def test_probe_success_and_bounded_concurrency(
-    pipeline: _Pipeline, exporter: tuple[str, ProbeExporter]
+    pipeline: BackgroundPipeline, exporter: tuple[str, ProbeExporter]
 ) -> None:
     base, _ = exporter
     answers: list[tuple[int, str]] = []
@@ -135,13 +110,13 @@ def test_probe_success_and_bounded_concurrency(
     counts = {lb["result"]: x for lb, x in _values(own)["probe_exporter_probes_total"]}
     assert counts["success"] == 1 and counts["rejected"] == 1 and counts["failure"] == 0
     # The slot is free again.
-    status, _ = _get(f"{base}/probe?{urlencode({'target': f'ws://127.0.0.1:{_free_port()}/'})}")
+    status, _ = _get(f"{base}/probe?{urlencode({'target': f'ws://127.0.0.1:{free_port()}/'})}")
     assert status == 200
 
 
 def test_down_target_is_probe_success_0_with_http_200(exporter: tuple[str, ProbeExporter]) -> None:
     base, _ = exporter
-    target = f"ws://127.0.0.1:{_free_port()}/x/{{session}}"
+    target = f"ws://127.0.0.1:{free_port()}/x/{{session}}"
     status, text = _get(f"{base}/probe?{urlencode({'target': target})}")
     assert status == 200
     v = _values(text)
