@@ -4,7 +4,9 @@ Two real runs against the reference pipeline on loopback give the names: a probe
 /metrics served (what Locust workers and `probe run --metrics-listen` expose), and the stack's
 canary (`probe canary --scenario deploy/scenarios/reference.toml`) pushed to Debian's real
 Pushgateway (what the compose canary pushes; the exporter's /probe answers the same names).
-promtool parses every query as a recording rule, with Grafana's variables filled in."""
+promtool parses every query as a recording rule, with Grafana's variables filled in, and a real
+Prometheus started as the compose file starts it (exemplar storage on) scrapes a live run and
+answers every live panel's query with numbers, and the latency exemplars with trace ids."""
 
 from __future__ import annotations
 
@@ -313,3 +315,119 @@ def test_dashboard_structure_grafana_loads() -> None:
     titles = " | ".join(p["title"] for p in panels)
     for needed in ("Canary success", "Markers detected vs missed", "Send lag", "Active sessions"):
         assert needed in titles
+
+
+def _prometheus_config(tmp_path: Path, metrics_port: int) -> Path:
+    """The compose Prometheus configuration, pointed at a probe on loopback and sped up."""
+    cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    cfg["global"].update(scrape_interval="500ms", scrape_timeout="500ms")
+    cfg["scrape_configs"] = [
+        {"job_name": "probe-run", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+    ]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _query(base: str, path: str, **params: str) -> Any:
+    from urllib.parse import urlencode
+
+    body = json.loads(_get(f"{base}{path}?{urlencode(params)}"))
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_dashboard_panels_show_data_from_a_real_prometheus(
+    pipeline: _BackgroundPipeline, tmp_path: Path
+) -> None:
+    """Prometheus (as compose runs it: exemplar storage on) scrapes a live probe run; every live
+    panel's query then returns finite numbers, and the latency exemplars carry trace ids."""
+    import math
+
+    from prometheus_client import CollectorRegistry
+
+    from probe.runner import RunConfig, run_probe
+    from probe.source import SourceConfig
+    from probe.telemetry.setup import start_telemetry
+
+    exe = _need("prometheus")
+    metrics_port, prom_port = _free_port(), _free_port()
+    base = f"http://127.0.0.1:{prom_port}"
+    proc = subprocess.Popen(
+        [exe, f"--config.file={_prometheus_config(tmp_path, metrics_port)}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
+         "--enable-feature=exemplar-storage"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    telemetry = start_telemetry(
+        service="probe-stack-test",
+        target=pipeline.url,
+        scenario="stack-prometheus",
+        metrics_listen=f"127.0.0.1:{metrics_port}",
+        hop_order=HOP_ORDER,
+        registry=CollectorRegistry(),
+        environ={},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # ready, and the probe's target already scraped once
+            try:
+                up = _query(base, "/api/v1/query", query='up{job="probe-run"}')["result"]
+                if up and up[0]["value"][1] == "1":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"Prometheus did not start or scrape: {err[-800:]}")
+            time.sleep(0.2)
+        t0 = time.time()
+        cfg = RunConfig(
+            source=SourceConfig(target=pipeline.url, duration_s=3.0),
+            sessions=2,
+            concurrency=2,
+            hop_order=HOP_ORDER,
+            marker_timeout_s=3.0,
+        )
+        report = asyncio.run(run_probe(cfg, observer=telemetry.observer))
+        assert report["sessions"]["completed"] == 2
+        time.sleep(1.5)  # two more scrapes after the last marker
+        window = f"{max(10, math.ceil(time.time() - t0) + 3)}s"
+        live = [
+            (p["title"], t["expr"])
+            for p in _panels(_dashboard())
+            for t in p.get("targets", [])
+            if "expr" in t
+            and not re.search(r"probe_(success|last_success|duration_seconds|reply)", t["expr"])
+            and 'quantile="' not in t["expr"]
+        ]
+        assert len(live) >= 8, live
+        empty = []
+        for title, expr in live:
+            for key, value in (("$__rate_interval", window), ("$hop", ".*"),
+                               ("$scenario", ".*"), ("$target", ".*")):  # fmt: skip
+                expr = expr.replace(key, value)
+            result = _query(base, "/api/v1/query", query=expr)["result"]
+            values = [float(r["value"][1]) for r in result]
+            if not any(math.isfinite(v) for v in values):
+                empty.append(f"{title}: {expr} -> {values}")
+        assert not empty, "\n".join(empty)
+        hops = _query(base, "/api/v1/label/hop/values")
+        assert set(HOP_ORDER) <= set(hops), hops
+        exemplars = _query(
+            base,
+            "/api/v1/query_exemplars",
+            query="probe_hop_latency_seconds_bucket",
+            start=str(t0 - 5),
+            end=str(time.time() + 1),
+        )
+        trace_ids = {e["labels"].get("trace_id") for s in exemplars for e in s["exemplars"]}
+        assert trace_ids and all(re.fullmatch(r"[0-9a-f]{32}", t or "") for t in trace_ids)
+    finally:
+        telemetry.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
