@@ -106,7 +106,7 @@ def start_child_span(
 
 @dataclass(slots=True)
 class _SessionTrace:
-    span: Span
+    span: Span | None  # released once ended; the context in `parent` is all children need
     parent: Context
     sampled: bool
     trace_id: str
@@ -127,7 +127,7 @@ class TraceObserver(RunObserver):
         tracer_provider: TracerProvider,
         *,
         clock: Callable[[], float] = time.time,
-        max_sessions: int = 100_000,
+        max_sessions: int = 20_000,
     ) -> None:
         self._tracer = tracer_provider.get_tracer(_SCOPE)
         self._clock = clock
@@ -177,15 +177,16 @@ class TraceObserver(RunObserver):
 
     def _end(self, st: _SessionTrace, at: float, error: str | None) -> None:
         with self._lock:
-            if st.ended:
+            span, st.span = st.span, None
+            if st.ended or span is None:
                 return
             st.ended = True
         if error is not None:
-            st.span.set_status(Status(StatusCode.ERROR, error))
-            st.span.set_attribute("probe.outcome", "failed")
+            span.set_status(Status(StatusCode.ERROR, error))
+            span.set_attribute("probe.outcome", "failed")
         else:
-            st.span.set_attribute("probe.outcome", "completed")
-        st.span.end(end_time=to_ns(at))
+            span.set_attribute("probe.outcome", "completed")
+        span.end(end_time=to_ns(at))
 
     def session_ended(self, session: str, at: float, error: str | None) -> None:
         with self._lock:
