@@ -18,6 +18,7 @@ from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
 from probe.observe import RunObserver
 from probe.sink import Sink
+from probe.sinkproc import SinkProcess
 from probe.source import SourceConfig, run_session
 
 
@@ -35,6 +36,9 @@ class RunConfig:
     marker_timeout_s: float = 10.0
     hop_order: Sequence[str] | None = None
     configured_ms: Mapping[str, float] = field(default_factory=dict)
+    # Run the sink (fork traffic and its detection) in a child process, away from the pacing
+    # loop's interpreter; only with the wall clock (see probe.sinkproc).
+    sink_process: bool = True
 
 
 class Progress:
@@ -77,13 +81,16 @@ async def run_probe(
         observer=observer,
     )
     worker = DetectionWorker()
-    sink: Sink | None = None
+    sink: Sink | SinkProcess | None = None
     started_at = clock()
     t0 = time.monotonic()
     try:
         source = cfg.source
         if cfg.use_sink:
-            sink = Sink(registry, worker, clock=clock)
+            if cfg.sink_process and clock is time.time:
+                sink = SinkProcess(registry)
+            else:
+                sink = Sink(registry, worker, clock=clock)
             url = await sink.start(cfg.sink_host, cfg.sink_port)
             advertised = cfg.sink_url or url
             source = SourceConfig(**{**source.__dict__, "sink_url": advertised})
@@ -102,7 +109,7 @@ async def run_probe(
             )
 
         await asyncio.gather(*(one(i) for i in range(cfg.sessions)))
-        await _settle(registry, worker, cfg.marker_timeout_s)
+        await _settle(registry, worker, cfg.marker_timeout_s, sink)
     finally:
         if sink is not None:
             await sink.stop()
@@ -121,16 +128,25 @@ async def run_probe(
     return report
 
 
-async def _settle(registry: SessionRegistry, worker: DetectionWorker, timeout_s: float) -> None:
+async def _settle(
+    registry: SessionRegistry,
+    worker: DetectionWorker,
+    timeout_s: float,
+    sink: Sink | SinkProcess | None = None,
+) -> None:
     """Wait until every marker is detected or past its timeout, then settle the rest."""
     deadline = time.monotonic() + timeout_s + 1.0
     while time.monotonic() < deadline:
         await asyncio.to_thread(worker.drain)
+        if isinstance(sink, SinkProcess):
+            await asyncio.to_thread(sink.drain)
         registry.expire()
         if sum(c.pending for c in registry.hop_counts().values()) == 0:
             return
         await asyncio.sleep(0.2)
     await asyncio.to_thread(worker.drain)
+    if isinstance(sink, SinkProcess):
+        await asyncio.to_thread(sink.drain)
     registry.settle_all()
 
 

@@ -19,6 +19,7 @@ from probe.errors import ConfigError
 from probe.hopstream import DetectionWorker, HopStream
 from probe.measure.registry import SessionRegistry
 from probe.protocol import Audio, ForkReceiver, ForkStart, ProtocolViolation, Started, Stopped
+from probe.wsstamp import StampedServerConnection, server_factory
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,13 @@ class Sink:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen; return the ws:// URL of the sink as bound."""
         try:
-            self._server = await serve(self._handle, host, port, max_size=2**22)
+            self._server = await serve(
+                self._handle,
+                host,
+                port,
+                max_size=2**22,
+                create_connection=server_factory(self.clock),
+            )
         except OSError as exc:
             raise ConfigError(f"the sink cannot listen on {host}:{port}: {exc.strerror}") from exc
         sock = next(iter(self._server.sockets))
@@ -79,7 +86,7 @@ class Sink:
                     )
                     await ws.close(1008, "idle fork")
                     break
-                arrival = self.clock()
+                arrival = ws.arrival() if isinstance(ws, StampedServerConnection) else self.clock()
                 events = (
                     receiver.receive_binary(frame)
                     if isinstance(frame, bytes)

@@ -69,6 +69,7 @@ from probe.protocol import (
     TwilioResponder,
     to_json,
 )
+from probe.wsstamp import StampedServerConnection, server_factory
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
@@ -547,6 +548,7 @@ class ReferencePipeline:
             raise ConfigError("This pipeline is already started; stop it first.")
         try:
             self._server = await serve(self._handler, host, port, compression=None,
+                                       create_connection=server_factory(self.clock),
                                        close_timeout=_CLOSE_TIMEOUT)
         except OSError as exc:
             raise ConfigError(f"The pipeline cannot listen on {host}:{port} ({exc}).") from None
@@ -580,7 +582,8 @@ class ReferencePipeline:
         session: _Session | None = None
         try:
             async for message in ws:
-                t = self.clock()
+                # Stamped when the bytes were read off the socket, not when this task resumed.
+                t = ws.arrival() if isinstance(ws, StampedServerConnection) else self.clock()
                 try:
                     if isinstance(message, str):
                         events = receiver.receive_text(message)

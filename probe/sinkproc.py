@@ -1,0 +1,227 @@
+"""The sink in a child process, so fork traffic and detection never share a GIL with the pacing.
+
+With many sessions the sink receives several frames for every frame the source sends (one per
+hop) and runs the detector on all of them. In the same process that work competes with the
+pacing loop for the interpreter: frames are handed to the socket late (send lag). Here the
+:class:`~probe.sink.Sink` and its :class:`~probe.hopstream.DetectionWorker` run in a child process
+with their own event loop; what the registry needs (hop connected, hop error, detection) comes
+back over a pipe as small tuples and is applied to the parent's registry by one reader thread.
+
+Clock: the child stamps arrivals with ``time.time``, the wall clock the parent's source uses for
+send times, on the same host (PROTOCOL.md section 4). A run with any other injected clock uses
+the in-process sink instead (see :mod:`probe.runner`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any, cast
+
+from probe.errors import ConfigError
+from probe.measure.registry import SessionRegistry
+from probe.protocol import TraceContext
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SinkProcess"]
+
+_START_TIMEOUT_S = 30.0
+
+
+class _RegistryProxy:
+    """What the sink and its hop streams call on a registry, sent to the parent as tuples."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._conn.send(msg)
+
+    def hop_connected(
+        self, hop: str, session_id: str | None, trace: TraceContext | None = None
+    ) -> None:
+        self._send(("hop", hop, session_id, trace))
+
+    def hop_error(self, hop: str, session_id: str | None, error: str) -> None:
+        self._send(("hop_error", hop, session_id, error))
+
+    def record_detection(
+        self,
+        hop: str,
+        payload: bytes,
+        arrival_time: float,
+        *,
+        score: float,
+        session_hint: str | None = None,
+    ) -> None:
+        self._send(("det", hop, payload, arrival_time, score, session_hint))
+
+
+def _child(conn: Connection, host: str, port: int, idle_timeout: float) -> None:
+    """The child process: serve the sink until told to stop, answering drain requests."""
+    from probe.hopstream import DetectionWorker
+    from probe.sink import Sink
+
+    proxy = _RegistryProxy(conn)
+    # As in the parent (probe.runner): the detection thread must not hold the interpreter for
+    # the default 5 ms while a fork frame waits to be stamped.
+    sys.setswitchinterval(0.001)
+
+    async def main() -> None:
+        worker = DetectionWorker()
+        registry = cast(SessionRegistry, proxy)
+        sink = Sink(registry, worker, clock=time.time, idle_timeout=idle_timeout)
+        try:
+            url = await sink.start(host, port)
+        except ConfigError as exc:
+            proxy._send(("error", str(exc)))
+            return
+        proxy._send(("ready", url))
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                msg = await loop.run_in_executor(None, conn.recv)
+                if msg[0] == "drain":
+                    await asyncio.to_thread(worker.drain)
+                    proxy._send(("drained", msg[1]))
+                elif msg[0] == "stop":
+                    break
+        except (EOFError, OSError):
+            pass
+        finally:
+            await sink.stop()
+            await asyncio.to_thread(worker.close)
+            with contextlib.suppress(OSError):
+                proxy._send(("stopped",))
+
+    asyncio.run(main())
+
+
+def _import_root() -> str:
+    """PYTHONPATH for the child: where this ``probe`` package is, then the caller's path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = os.environ.get("PYTHONPATH")
+    return root + (os.pathsep + rest if rest else "")
+
+
+class SinkProcess:
+    """A :class:`~probe.sink.Sink` in a child process, feeding ``registry`` in this one."""
+
+    def __init__(self, registry: SessionRegistry, *, idle_timeout: float = 30.0) -> None:
+        self.registry = registry
+        self.idle_timeout = idle_timeout
+        self.url = ""
+        self._conn: Connection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._drained = -1
+        self._drain_seq = 0
+        self._stopped = False
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start the child and its sink; return the sink's ws:// URL."""
+        # A plain `python -m probe.sinkproc` child on one end of a socket pair: unlike
+        # multiprocessing's spawn it never re-imports the caller's __main__ (locustfiles,
+        # scripts), and unlike fork it copies no threads.
+        mine, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "probe.sinkproc", str(theirs.fileno()), host, str(port),
+                 str(self.idle_timeout)],
+                pass_fds=[theirs.fileno()],
+                env={**os.environ, "PYTHONPATH": _import_root()},
+            )
+        finally:
+            theirs.close()
+        parent = Connection(mine.detach())
+        self._conn, self._proc = parent, proc
+        ready = await asyncio.to_thread(parent.poll, _START_TIMEOUT_S)
+        msg = parent.recv() if ready else None
+        if msg is None or msg[0] != "ready":
+            proc.kill()
+            proc.wait(5)
+            parent.close()
+            self._conn = None
+            if msg is not None and msg[0] == "error":
+                raise ConfigError(str(msg[1]))
+            raise ConfigError(f"the sink process did not start within {_START_TIMEOUT_S:.0f} s")
+        self.url = str(msg[1])
+        self._reader = threading.Thread(target=self._read, name="probe-sink-reader", daemon=True)
+        self._reader.start()
+        return self.url
+
+    def _read(self) -> None:
+        assert self._conn is not None
+        reg = self.registry
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            try:
+                if kind == "det":
+                    _, hop, payload, arrival, score, hint = msg
+                    reg.record_detection(hop, payload, arrival, score=score, session_hint=hint)
+                elif kind == "hop":
+                    reg.hop_connected(msg[1], msg[2], msg[3])
+                elif kind == "hop_error":
+                    reg.hop_error(msg[1], msg[2], msg[3])
+                elif kind == "drained":
+                    with self._cond:
+                        self._drained = max(self._drained, int(msg[1]))
+                        self._cond.notify_all()
+                elif kind == "stopped":
+                    break
+            except Exception as exc:  # one bad message must not stop the reader
+                log.error("sink message %r failed: %s", kind, exc)
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Block until the child has detected everything received so far and it is applied."""
+        if self._conn is None or self._stopped:
+            return
+        with self._cond:
+            self._drain_seq += 1
+            seq = self._drain_seq
+        try:
+            self._conn.send(("drain", seq))
+        except OSError:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._drained >= seq or self._stopped, timeout)
+
+    async def stop(self) -> None:
+        """Stop the sink, apply its last detections, end the child."""
+        if self._conn is None:
+            return
+        with contextlib.suppress(OSError):
+            self._conn.send(("stop",))
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 30.0)
+        if self._proc is not None:
+            try:
+                await asyncio.to_thread(self._proc.wait, 10.0)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                await asyncio.to_thread(self._proc.wait, 5.0)
+        self._conn.close()
+        self._conn = None
+
+
+if __name__ == "__main__":
+    _child(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
