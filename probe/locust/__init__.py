@@ -1,9 +1,9 @@
 """Locust load runs with probe sessions (issue 5).
 
 ``from probe.locust import AudioProbeUser`` in a locustfile, subclass it, and run
-``locust -f scenarios/locust_reference.py --host ws://...``. Importing this package imports Locust
-(which monkey-patches the standard library for gevent) and registers the event listeners of
-:mod:`probe.locust.plugin`.
+``locust -f scenarios/locust_reference.py --host ws://...``. Taking the user classes imports
+Locust (which monkey-patches the standard library for gevent) and registers the event listeners of
+:mod:`probe.locust.plugin`; the package itself imports nothing heavy.
 
 - `session`: one session with gevent (the ``websockets`` sync client), paced on an absolute
   schedule; `sink`: the worker's own fork sink (``websockets`` sync server in greenlets);
@@ -15,6 +15,15 @@
 
 from __future__ import annotations
 
-from probe.locust.user import AudioProbeUser, OpenAudioProbeUser
+from typing import Any
 
 __all__ = ["AudioProbeUser", "OpenAudioProbeUser"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the sans-I/O parts (hopstats) import without Locust, so without its monkey patching.
+    if name in __all__:
+        from probe.locust import user
+
+        return getattr(user, name)
+    raise AttributeError(f"module 'probe.locust' has no attribute {name!r}")

@@ -277,12 +277,12 @@ class HopsStats:
         rows.append(ses_row)
         return rows
 
-    def csv(self) -> str:
-        """The Hops table as CSV (the web UI's download)."""
+    def csv(self, rows: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The Hops table (``rows``, by default :meth:`rows`) as CSV (the web UI's download)."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow([title for _, title in COLUMNS])
-        for row in self.rows():
+        for row in self.rows() if rows is None else rows:
             w.writerow([row.get(k, "") for k, _ in COLUMNS])
         return buf.getvalue()
 

@@ -227,8 +227,7 @@ def hops_rows(environment: Any) -> list[dict[str, Any]]:
 
 
 def hops_csv(environment: Any) -> str:
-    _refresh(environment)
-    return hops_stats_of(environment).csv()
+    return hops_stats_of(environment).csv(hops_rows(environment))
 
 
 def hops_json(environment: Any) -> dict[str, Any]:

@@ -76,11 +76,13 @@ def run_session(
     intended_start: float | None = None,
     from_intended: bool = False,
     monotonic: Callable[[], float] = time.monotonic,
+    on_connect: Callable[[SessionOutcome], None] | None = None,
 ) -> SessionOutcome:
     """Stream one session from the calling greenlet; never raises on peer faults.
 
     ``intended_start`` (``monotonic`` seconds) is when the open model scheduled the session: the
-    frame schedule starts there even if the greenlet runs late."""
+    frame schedule starts there even if the greenlet runs late. ``on_connect`` hears the outcome
+    of the connect (``connect_s`` set, or ``error``) as soon as it is known."""
     registry, worker, clock = engine.registry, engine.worker, engine.clock
     out = SessionOutcome(session)
     t_begin = monotonic()
@@ -124,8 +126,12 @@ def run_session(
         out.error = f"cannot connect to {url}: {why or type(exc).__name__}"
         registry.session_failed(session, out.error)
         out.duration_s = monotonic() - t_begin
+        if on_connect is not None:
+            on_connect(out)
         return out
     out.connect_s = monotonic() - t_connect
+    if on_connect is not None:
+        on_connect(out)
     stream = engine.outbox.stream(RETURN_HOP, audio, session_hint=session)
     twilio: TwilioSender | None = None
     receiving: Any = None

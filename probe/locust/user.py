@@ -121,11 +121,9 @@ class AudioProbeUser(User):
             session=uuid.uuid4().hex,
             intended_start=intended_start,
             from_intended=from_intended,
+            on_connect=self._connected,
         )
-        if out.connect_s is None:
-            self._fire("session", "connect", 0.0, SessionFailed(out.error or "not connected"))
-        else:
-            self._fire("session", "connect", out.connect_s * 1000.0, None)
+        if out.connect_s is not None:
             self._fire(
                 "session",
                 "stream",
@@ -133,6 +131,12 @@ class AudioProbeUser(User):
                 SessionFailed(out.error) if out.error else None,
             )
         return out
+
+    def _connected(self, out: SessionOutcome) -> None:
+        if out.connect_s is None:
+            self._fire("session", "connect", 0.0, SessionFailed(out.error or "not connected"))
+        else:
+            self._fire("session", "connect", out.connect_s * 1000.0, None)
 
     @task
     def stream(self) -> None:
@@ -143,7 +147,8 @@ class AudioProbeUser(User):
 
 class OpenAudioProbeUser(AudioProbeUser):
     """Starts sessions at ``sessions_per_s`` (per user; ``PROBE_SESSION_RATE`` overrides)
-    whatever happened to the earlier ones (open model)."""
+    whatever happened to the earlier ones (open model), at most ``max_in_flight`` at once
+    (``PROBE_MAX_IN_FLIGHT``)."""
 
     abstract = True
     sessions_per_s: ClassVar[float] = 1.0
@@ -166,6 +171,14 @@ class OpenAudioProbeUser(AudioProbeUser):
             raise ConfigError(f"PROBE_SESSION_RATE must be positive sessions/s, got {raw!r}.")
         return value
 
+    def in_flight_limit(self) -> int:
+        raw = os.environ.get("PROBE_MAX_IN_FLIGHT")
+        if raw is None:
+            return int(self.max_in_flight)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"PROBE_MAX_IN_FLIGHT must be a positive integer, got {raw!r}.")
+        return int(raw)
+
     def on_stop(self) -> None:
         self._sessions.kill(block=False)
 
@@ -177,6 +190,7 @@ class OpenAudioProbeUser(AudioProbeUser):
         self._config_or_stop()
         try:
             rate = self.rate()
+            limit = self.in_flight_limit()
         except ConfigError as exc:
             self._fire("session", "start", 0.0, LateStart(str(exc)))
             raise StopUser() from exc
@@ -199,13 +213,13 @@ class OpenAudioProbeUser(AudioProbeUser):
                     LateStart(f"could not start within {self.start_slack_s:g} s of schedule"),
                 )
                 continue
-            if len(self._sessions) >= self.max_in_flight:
+            if len(self._sessions) >= limit:
                 engine.late_starts += 1
                 self._fire(
                     "session",
                     "start",
                     late * 1000.0,
-                    LateStart(f"{self.max_in_flight} sessions already in flight"),
+                    LateStart(f"{limit} sessions already in flight"),
                 )
                 continue
             self._sessions.spawn(self._one, due)

@@ -1,0 +1,128 @@
+"""The Hops tab's statistics: exact values, own latency join, worker-to-master merge, CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import msgpack
+import numpy as np
+import pytest
+
+from probe.errors import ConfigError
+from probe.locust.engine import EngineConfig
+from probe.locust.hopstats import HopsStats, LagHistogram, Totals
+
+
+def _row(rows: list[dict[str, object]], name: str) -> dict[str, object]:
+    return next(r for r in rows if r["name"] == name)
+
+
+def test_quantiles_are_exact_not_rounded_to_two_digits() -> None:
+    s = HopsStats(["a"])
+    values = [0.1374 + 0.0001 * i for i in range(1000)]
+    for i, v in enumerate(values):
+        s.add_detection("a", v, marker=("s", i), at=0.0)
+    s.set_totals("local", Totals({"a": {"sent": 1000, "detected": 1000, "missed": 0}}, {}))
+    row = _row(s.rows(), "a")
+    want = np.quantile(np.array(values), [0.5, 0.99, 0.999]) * 1000
+    assert row["p50"] == pytest.approx(round(want[0], 3))
+    assert row["p99"] == pytest.approx(round(want[1], 3))
+    assert row["p999"] == pytest.approx(round(want[2], 3))
+    assert row["max"] == pytest.approx(round(values[-1] * 1000, 3))
+    assert row["sent"] == 1000 and row["detected"] == 1000
+
+
+def test_own_latency_is_joined_in_hop_order_whatever_the_detection_order() -> None:
+    s = HopsStats(["a", "b"], hold_s=2.0)
+    # The return direction and b are detected before a: own latency must still subtract a.
+    s.add_detection("return", 0.180, marker=("s", 0), at=10.0)
+    s.add_detection("b", 0.055, marker=("s", 0), at=10.1)
+    s.add_detection("a", 0.020, marker=("s", 0), at=10.2)
+    assert s.join_own(11.0) == 0  # still held
+    assert s.join_own(12.5) == 1
+    rows = s.rows()
+    assert _row(rows, "a")["ownp50"] == pytest.approx(20.0)
+    assert _row(rows, "b")["ownp50"] == pytest.approx(35.0)
+    assert _row(rows, "return")["ownp50"] == pytest.approx(125.0)
+    assert [r["name"] for r in rows][:3] == ["a", "b", "return"]
+
+
+def test_undeclared_hops_are_ordered_by_latency_and_a_lone_hop_owns_its_latency() -> None:
+    s = HopsStats()
+    s.add_detection("late", 0.100, marker=("s", 1), at=0.0)
+    s.add_detection("early", 0.030, marker=("s", 1), at=0.0)
+    s.add_detection("early", 0.031, marker=("s", 2), at=0.0)
+    s.join_own(0.0, force=True)
+    rows = s.rows()
+    assert [r["name"] for r in rows][:2] == ["early", "late"]
+    assert _row(rows, "late")["ownp50"] == pytest.approx(70.0)
+    assert _row(rows, "early")["ownmax"] == pytest.approx(31.0)
+
+
+def test_worker_reports_merge_on_the_master_through_msgpack() -> None:
+    w1, w2, master = HopsStats(["a"]), HopsStats(["a"]), HopsStats(["a"])
+    for i in range(10):
+        w1.add_detection("a", 0.020 + i * 0.001, marker=("s1", i), at=0.0)
+        w1.add_send_lag(0.0005)
+    for i in range(5):
+        w2.add_detection("a", 0.050, marker=("s2", i), at=0.0)
+        w2.add_send_lag(0.003)
+    for w in (w1, w2):
+        w.join_own(0.0, force=True)
+    t1 = Totals({"a": {"sent": 11, "detected": 10, "missed": 1, "pending": 0}},
+                {"started": 2, "completed": 2, "failed": 0, "active": 1, "late_starts": 0})
+    t2 = Totals({"a": {"sent": 5, "detected": 5, "missed": 0, "pending": 0}},
+                {"started": 1, "completed": 1, "failed": 0, "active": 1, "late_starts": 3})
+    for wid, w, t in (("w1", w1, t1), ("w2", w2, t2)):
+        wire = msgpack.unpackb(msgpack.packb(w.take_report(t)), strict_map_key=False)
+        master.merge_report(wid, wire)
+    # A second report carries only what is new, and the latest totals replace the old ones.
+    master.merge_report("w1", msgpack.unpackb(msgpack.packb(w1.take_report(t1))))
+    row = _row(master.rows(), "a")
+    assert row["sent"] == 16 and row["detected"] == 15 and row["missed"] == 1
+    assert row["max"] == pytest.approx(50.0)
+    assert master.cumulative["a"].count == 15
+    lag = _row(master.rows(), "send lag")
+    assert lag["p50"] == pytest.approx(0.5) and lag["max"] == pytest.approx(3.0)
+    note = str(_row(master.rows(), "sessions")["note"])
+    assert "started 3" in note and "active 2" in note and "late starts 3" in note
+
+
+def test_lag_histogram_quantiles_to_ten_microseconds() -> None:
+    h = LagHistogram()
+    rng = np.random.default_rng(1)
+    lags = rng.exponential(0.001, 5000)
+    for v in lags:
+        h.add(float(v))
+    s = h.summary_ms()
+    assert s["count"] == 5000
+    exact = np.quantile(lags, [0.5, 0.99]) * 1000
+    assert abs(float(s["p50"] or 0) - exact[0]) <= 0.011
+    assert abs(float(s["p99"] or 0) - exact[1]) <= 0.011
+    assert s["max"] == pytest.approx(round(round(lags.max() / 1e-5) * 1e-2, 3))
+
+
+def test_csv_has_a_row_per_hop_and_the_send_lag_and_sessions_rows() -> None:
+    s = HopsStats(["a"])
+    s.add_detection("a", 0.0213, marker=("s", 0), at=0.0)
+    s.join_own(0.0, force=True)
+    s.set_totals("local", Totals({"a": {"sent": 1, "detected": 1}}, {"started": 1}))
+    rows = list(csv.reader(io.StringIO(s.csv())))
+    assert rows[0][:3] == ["Hop", "Markers sent", "Detected"]
+    assert [r[0] for r in rows[1:]] == ["a", "send lag", "sessions"]
+    assert float(rows[1][5]) == pytest.approx(21.3)
+
+
+def test_engine_config_from_env() -> None:
+    cfg = EngineConfig.from_env({"PROBE_SINK_HOST": "10.0.0.7", "PROBE_HOP_ORDER": "a, b"})
+    assert (cfg.sink_host, cfg.sink_port, cfg.advertise_host) == ("0.0.0.0", 0, "10.0.0.7")
+    assert cfg.hop_order == ("a", "b")
+    assert EngineConfig.from_env({}).sink_host == "127.0.0.1"
+    for env, words in (
+        ({"PROBE_SINK_LISTEN": "nope"}, "PROBE_SINK_LISTEN"),
+        ({"PROBE_SINK_URL": "http://x/"}, "PROBE_SINK_URL"),
+        ({"PROBE_MARKER_TIMEOUT": "0"}, "PROBE_MARKER_TIMEOUT"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            EngineConfig.from_env(env)

@@ -1,0 +1,269 @@
+"""Locust runs of the probe users, as subprocesses, against the reference pipeline on loopback.
+
+Every run is a real ``locust`` process (gevent monkey patching, the websockets sync client and the
+worker's sync sink) against ``probe pipeline`` in another process; faults come from real peers: a
+pipeline killed mid-run, a port already taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = str(ROOT / "scenarios" / "locust_reference.py")
+OPEN = str(ROOT / "scenarios" / "locust_open.py")
+# One factor for slow machines (CI, a shared box).
+SLOW = float(os.environ.get("PROBE_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout * SLOW
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+@contextmanager
+def pipeline(hops: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "probe.cli", "pipeline", "--listen", f"127.0.0.1:{port}",
+         "--hops", hops],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield f"ws://127.0.0.1:{port}/", proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def locust_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROBE_", "OTEL_"))}
+    env.update({"PROBE_SESSION_S": "3", "PROBE_MARKER_TIMEOUT": "3"})
+    env.update(extra)
+    return env
+
+
+def run_locust(args: list[str], env: dict[str, str], timeout: float = 40.0) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "locust", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout * SLOW,
+    )
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def stat(rows: list[dict[str, str]], kind: str, name: str) -> dict[str, str]:
+    return next(r for r in rows if r["Type"] == kind and r["Name"] == name)
+
+
+def test_closed_loop_reports_each_hop_exactly(tmp_path: Path) -> None:
+    with pipeline("a:20ms,b:35ms") as (url, _):
+        res = run_locust(
+            ["-f", REFERENCE, "--headless", "-u", "2", "-r", "2", "-t", "7s", "--host", url,
+             "--csv", str(tmp_path / "run"), "--exit-code-on-error", "0"],
+            locust_env(PROBE_HOP_ORDER="a,b,return"),
+        )
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = read_csv(tmp_path / "run_stats.csv")
+    for hop in ("a", "b", "return"):
+        assert int(stat(stats, "hop", hop)["Request Count"]) >= 8
+    assert int(stat(stats, "session", "connect")["Request Count"]) >= 4
+    assert int(stat(stats, "send", "lag")["Request Count"]) >= 4
+    hops = {r["Hop"]: r for r in read_csv(tmp_path / "run_hops.csv")}
+    assert list(hops)[:3] == ["a", "b", "return"]
+    for name, want in (("a", 20.0), ("b", 55.0)):
+        h = hops[name]
+        assert int(h["Detected"]) >= 0.9 * (int(h["Markers sent"]) - int(h["Pending"])) > 0
+        assert abs(float(h["p50 ms"]) - want) < 5.0, h
+    assert abs(float(hops["b"]["own p50 ms"]) - 35.0) < 5.0, hops["b"]
+    # Exact values: not Locust's two significant digits.
+    assert float(hops["a"]["p50 ms"]) != round(float(hops["a"]["p50 ms"]))
+    assert float(hops["send lag"]["p50 ms"]) < 5.0
+    assert "started" in hops["sessions"]["Note"]
+
+
+def test_open_model_counts_sessions_that_could_not_start(tmp_path: Path) -> None:
+    with pipeline("a:20ms") as (url, _):
+        res = run_locust(
+            ["-f", OPEN, "--headless", "-u", "1", "-r", "1", "-t", "6s", "--host", url,
+             "--csv", str(tmp_path / "run")],
+            locust_env(PROBE_SESSION_RATE="4", PROBE_MAX_IN_FLIGHT="2", PROBE_SESSION_S="2"),
+        )
+    # Sessions that could not start are failures, so Locust exits 1.
+    assert res.returncode == 1, res.stderr[-3000:]
+    stats = read_csv(tmp_path / "run_stats.csv")
+    starts = stat(stats, "session", "start")
+    assert int(starts["Failure Count"]) >= 5
+    connects = int(stat(stats, "session", "connect")["Request Count"])
+    # 4 a second for ~6 s were scheduled; at most 2 in flight of 2 s each ran.
+    assert 4 <= connects <= 10
+    assert int(stat(stats, "hop", "a")["Request Count"]) >= 5
+    failures = read_csv(tmp_path / "run_failures.csv")
+    assert any("already in flight" in f["Error"] for f in failures)
+    hops = {r["Hop"]: r for r in read_csv(tmp_path / "run_hops.csv")}
+    note = hops["sessions"]["Note"]
+    late = int(note.split("late starts ")[1].split(",")[0])
+    assert late == int(starts["Failure Count"])
+
+
+def test_target_down_during_a_run_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    with pipeline("a:20ms") as (url, proc):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", REFERENCE, "--headless", "-u", "2", "-r",
+             "2", "-t", "8s", "--host", url, "--csv", str(tmp_path / "run")],
+            cwd=ROOT,
+            env=locust_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(4.0 * SLOW)
+        proc.send_signal(signal.SIGKILL)
+        out, err = run.communicate(timeout=40 * SLOW)
+    assert run.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    stats = read_csv(tmp_path / "run_stats.csv")
+    assert int(stat(stats, "hop", "a")["Request Count"]) >= 4  # measured before the fault
+    connect = stat(stats, "session", "connect")
+    assert int(connect["Failure Count"]) >= 2  # retried after the fault, until the end
+    failures = " ".join(f["Error"] for f in read_csv(tmp_path / "run_failures.csv"))
+    assert "cannot connect" in failures
+    assert "target closed the connection" in failures or "stream ended" in failures
+
+
+def test_a_sink_port_already_taken_is_one_sentence_and_exit_code_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run_locust(
+            ["-f", REFERENCE, "--headless", "-u", "1", "-t", "3s",
+             "--host", "ws://127.0.0.1:9/"],
+            locust_env(PROBE_SINK_LISTEN=f"127.0.0.1:{port}"),
+            timeout=30,
+        )
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if "sink" in ln]
+    assert lines == [
+        f"The probe sink cannot listen on 127.0.0.1:{port}: the port is already in use."
+    ]
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_master_and_two_workers_merge_hop_stats_in_the_hops_tab(tmp_path: Path) -> None:
+    web, bind = free_port(), free_port()
+    env = locust_env(PROBE_HOP_ORDER="a,return")
+    procs: list[subprocess.Popen[str]] = []
+    with pipeline("a:20ms") as (url, _):
+        try:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "locust", "-f", REFERENCE, "--master",
+                 "--master-bind-host", "127.0.0.1", "--master-bind-port", str(bind),
+                 "--web-host", "127.0.0.1", "--web-port", str(web), "--autostart",
+                 "--expect-workers", "2", "-u", "4", "-r", "4", "-t", "9s", "--autoquit", "4",
+                 "--host", url, "--csv", str(tmp_path / "master")],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            ))
+            wait_port(bind)
+            for _ in range(2):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "locust", "-f", REFERENCE, "--worker",
+                     "--master-host", "127.0.0.1", "--master-port", str(bind)],
+                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    text=True,
+                ))
+            wait_port(web)
+            deadline = time.monotonic() + 30 * SLOW
+            seen: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                data = _get_json(f"http://127.0.0.1:{web}/hops/json")
+                seen = {
+                    wid: src for wid, src in data["sources"].items()
+                    if src["markers"].get("a", {}).get("detected", 0) > 0
+                }
+                if len(seen) == 2:
+                    break
+                time.sleep(0.5)
+            assert len(seen) == 2, data
+            rows = {r["name"]: r for r in data["rows"]}
+            both = sum(src["markers"]["a"]["detected"] for src in seen.values())
+            assert rows["a"]["detected"] == both
+            assert abs(rows["a"]["p50"] - 20.0) < 5.0
+            # The same rows ride on /stats/requests for the Hops tab of the web UI.
+            ui = _get_json(f"http://127.0.0.1:{web}/stats/requests")
+            tab = next(t for t in ui["extended_stats"] if t["key"] == "hops")
+            assert [r["name"] for r in tab["data"]][:2] == ["a", "return"]
+            assert procs[0].wait(timeout=40 * SLOW) in (0, 1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+    hops = {r["Hop"]: r for r in read_csv(tmp_path / "master_hops.csv")}
+    assert int(hops["a"]["Detected"]) >= both
+    assert "workers reporting 2" in hops["sessions"]["Note"]
+
+
+@pytest.mark.parametrize("processes", [2])
+def test_processes_flag_runs_a_sink_per_worker(tmp_path: Path, processes: int) -> None:
+    with pipeline("a:20ms") as (url, _):
+        res = run_locust(
+            ["-f", REFERENCE, "--headless", "--processes", str(processes), "-u", "2", "-r", "2",
+             "-t", "6s", "--host", url, "--csv", str(tmp_path / "run"), "--loglevel", "INFO"],
+            locust_env(PROBE_HOP_ORDER="a,return"),
+        )
+    assert res.returncode == 0, res.stderr[-3000:]
+    sinks = {ln.split("probe sink for this process: ")[1].strip()
+             for ln in res.stderr.splitlines() if "probe sink for this process" in ln}
+    assert len(sinks) == processes
+    hops = {r["Hop"]: r for r in read_csv(tmp_path / "run_hops.csv")}
+    assert int(hops["a"]["Detected"]) > 0
+    assert "workers reporting 2" in hops["sessions"]["Note"]
