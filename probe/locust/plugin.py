@@ -171,6 +171,23 @@ def _on_worker_report(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
             hops_stats_of(environment).merge_report(client_id, report)
 
 
+def _on_test_start(environment: Any, **_kw: Any) -> None:
+    if getattr(environment, _ENGINE, None) is None:
+        return
+    # Load and resample each user class's carrier now: the first load holds the GIL in one long
+    # C call (tens of ms), which would show up as send lag of the sessions already running.
+    from probe.source import _carrier
+
+    for cls in environment.user_classes or ():
+        keys = ("fixture", "sample_rate", "session_s")
+        fixture, rate, dur = (getattr(cls, k, None) for k in keys)
+        if isinstance(fixture, str) and isinstance(rate, int) and isinstance(dur, float | int):
+            try:
+                _carrier(fixture, rate, float(dur))
+            except Exception as exc:  # a bad fixture is reported by the sessions themselves
+                log.warning("cannot load fixture %s: %s", fixture, exc)
+
+
 def _on_test_stop(environment: Any, **_kw: Any) -> None:
     engine = getattr(environment, _ENGINE, None)
     if engine is not None:
@@ -284,6 +301,7 @@ _listen("init", _remember)
 _listen("init", _on_init)
 _listen("report_to_master", _on_report_to_master)
 _listen("worker_report", _on_worker_report)
+_listen("test_start", _on_test_start)
 _listen("test_stop", _on_test_stop)
 _listen("reset_stats", _on_reset_stats)
 _listen("quitting", _on_quitting)
