@@ -100,7 +100,14 @@ async def run_probe(
         async def one(i: int) -> None:
             nonlocal done
             async with gate:
-                await run_session(source, registry, worker, session=uuid.uuid4().hex, clock=clock)
+                await run_session(
+                    source,
+                    registry,
+                    worker,
+                    session=uuid.uuid4().hex,
+                    clock=clock,
+                    open_stream=sink.open_stream if isinstance(sink, SinkProcess) else None,
+                )
             done += 1
             counts = registry.session_counts()
             progress.show(

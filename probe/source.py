@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -45,6 +46,7 @@ from probe.protocol import (
 from probe.protocol.twilio import TwilioReturnReceiver, TwilioSender
 from probe.watermark.design import DEFAULT_EVERY_S, DEFAULT_LEVEL_DB, MARKER_S
 from probe.watermark.embed import active_rms, embed
+from probe.wsstamp import StampedClientConnection, client_factory
 
 RETURN_HOP = "return"
 
@@ -129,6 +131,38 @@ def _positions_in(spans: list[tuple[int, int]], rate: int, every_s: float) -> li
     return out
 
 
+class DetectStream(Protocol):
+    """Where the return direction's audio goes for marker detection (never blocks the loop)."""
+
+    def feed(self, data: bytes, arrival: float) -> None: ...
+    def set_format(self, audio: AudioFormat) -> None: ...
+    def close(self) -> None: ...
+
+
+# Opens a detection stream for (hop, audio format, session).
+StreamOpener = Callable[[str, AudioFormat, str], DetectStream]
+
+
+class LocalStream:
+    """A :class:`HopStream` run on this process's detection worker thread."""
+
+    def __init__(
+        self, registry: SessionRegistry, worker: DetectionWorker, hop: str, audio: AudioFormat,
+        session: str,
+    ) -> None:
+        self._stream = HopStream(registry, hop, audio, session_hint=session)
+        self._worker = worker
+
+    def feed(self, data: bytes, arrival: float) -> None:
+        self._worker.submit(self._stream.on_audio, data, arrival)
+
+    def set_format(self, audio: AudioFormat) -> None:
+        self._worker.submit(self._stream.set_format, audio)
+
+    def close(self) -> None:
+        self._worker.submit(self._stream.close)
+
+
 class _ReplyTap:
     """Voice-to-voice timing of one session: utterance ends from the pacing loop, reply audio
     from the detection thread, both into one :class:`ReplyTracker` under a lock."""
@@ -145,8 +179,7 @@ class _ReplyTap:
         with self._lock:
             self.tracker.utterance_end(self.session, t)
 
-    def feed(self, stream: HopStream, data: bytes, arrival: float) -> None:
-        fmt = stream.audio
+    def feed(self, fmt: AudioFormat, data: bytes, arrival: float) -> None:
         usable = len(data) - len(data) % fmt.frame_width
         if usable <= 0:
             return
@@ -185,8 +218,12 @@ async def run_session(
     *,
     session: str,
     clock: Callable[[], float] = time.time,
+    open_stream: StreamOpener | None = None,
 ) -> SessionResult:
-    """Stream one session; every outcome ends up in ``registry`` (never raises on peer faults)."""
+    """Stream one session; every outcome ends up in ``registry`` (never raises on peer faults).
+
+    The return direction's detection runs where ``open_stream`` puts it (the sink's child
+    process in a run, see :mod:`probe.sinkproc`), by default on ``worker``."""
     result = SessionResult(session)
     registry.open_session(session)
     carrier, ref_rms = _carrier(cfg.fixture, cfg.rate, cfg.duration_s)
@@ -205,7 +242,11 @@ async def run_session(
         positions=positions,
     )
     frame_len = max(1, int(round(cfg.frame_ms * cfg.rate / 1000)))
-    frames = [marked[i : i + frame_len] for i in range(0, len(marked), frame_len)]
+    # Encoded once up front: the pacing loop then only hands bytes to the socket.
+    encoded = encode(marked, cfg.encoding)
+    width = len(encoded) // max(1, len(marked))
+    step = frame_len * width
+    frames = [encoded[i : i + step] for i in range(0, len(encoded), step)]
     marker_at: dict[int, list[tuple[int, int]]] = {}
     for p in placements:
         marker_at.setdefault(p.sample // frame_len, []).append((p.index, p.sample % frame_len))
@@ -224,13 +265,22 @@ async def run_session(
         ctx = new_trace_context()
     try:
         async with asyncio.timeout(cfg.connect_timeout_s):
-            ws = await connect(url, max_size=2**22, open_timeout=cfg.connect_timeout_s)
+            ws = await connect(
+                url,
+                max_size=2**22,
+                open_timeout=cfg.connect_timeout_s,
+                create_connection=client_factory(clock),
+            )
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         why = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else str(exc)
         result.error = f"cannot connect to {url}: {why or type(exc).__name__}"
         registry.session_failed(session, result.error)
         return result
-    stream = HopStream(registry, RETURN_HOP, audio, session_hint=session)
+    stream: DetectStream = (
+        open_stream(RETURN_HOP, audio, session)
+        if open_stream is not None
+        else LocalStream(registry, worker, RETURN_HOP, audio, session)
+    )
     twilio: TwilioSender | None = None
     try:
         if cfg.dialect == "twilio":
@@ -251,20 +301,20 @@ async def run_session(
             await ws.send(to_json(start))
         receiving = asyncio.create_task(
             _receive(
-                ws, stream, worker, audio, clock, twilio.stream_sid if twilio else None, tap
+                ws, stream, registry, session, worker, audio, clock,
+                twilio.stream_sid if twilio else None, tap,
             )
         )
         frame_s = frame_len / cfg.rate
         loop = asyncio.get_running_loop()
         base = loop.time()
-        for n, frame in enumerate(frames):
+        for n, payload in enumerate(frames):
             due = base + n * frame_s
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             if receiving.done():
                 break
-            payload = encode(frame, cfg.encoding)
             lag = loop.time() - due
             sent_at = clock()
             if twilio is not None:
@@ -293,7 +343,7 @@ async def run_session(
         reason = exc.rcvd.reason if exc.rcvd is not None else ""
         result.error = _closed_message(code, reason, result.frames_sent, frame_len, cfg.rate)
     finally:
-        worker.submit(stream.close)
+        stream.close()
         if tap is not None:
             worker.submit(tap.close)
         await ws.close()
@@ -312,7 +362,9 @@ def _closed_message(code: int, reason: str, frames: int, frame_len: int, rate: i
 
 async def _receive(
     ws: ClientConnection,
-    stream: HopStream,
+    stream: DetectStream,
+    registry: SessionRegistry,
+    session: str,
     worker: DetectionWorker,
     audio: AudioFormat,
     clock: Callable[[], float],
@@ -323,9 +375,10 @@ async def _receive(
     plain = ReturnReceiver(audio)
     tw = TwilioReturnReceiver(twilio_sid) if twilio_sid is not None else None
     heard = False
+    fmt = audio
     try:
         async for frame in ws:
-            arrival = clock()
+            arrival = ws.arrival() if isinstance(ws, StampedClientConnection) else clock()
             try:
                 if tw is not None:
                     events: list[object] = list(
@@ -340,7 +393,7 @@ async def _receive(
                         else plain.receive_text(frame)
                     )
             except ProtocolViolation as exc:
-                stream.registry.hop_error(RETURN_HOP, stream.session_hint, exc.reason)
+                registry.hop_error(RETURN_HOP, session, exc.reason)
                 continue
             for ev in events:
                 if isinstance(ev, Audio):
@@ -348,12 +401,13 @@ async def _receive(
                         # Audio comes back, so the return direction owes every marker (unless
                         # it is a reply in the system's own voice, timed by the tap instead).
                         heard = True
-                        stream.registry.hop_connected(RETURN_HOP, stream.session_hint)
-                    worker.submit(stream.on_audio, ev.data, arrival)
+                        registry.hop_connected(RETURN_HOP, session)
+                    stream.feed(ev.data, arrival)
                     if tap is not None:
-                        worker.submit(tap.feed, stream, ev.data, arrival)
+                        worker.submit(tap.feed, fmt, ev.data, arrival)
                 elif isinstance(ev, Started) and tw is None:
-                    worker.submit(stream.set_format, plain.audio_format)
+                    fmt = plain.audio_format
+                    stream.set_format(fmt)
     except ConnectionClosed as exc:
         if exc.rcvd is not None and exc.rcvd.code in (1000, 1001):
             return None
