@@ -144,13 +144,25 @@ def _check_trace(
         assert hops["a"].parent == root.span_id
         assert hops["b"].parent == hops["a"].span_id
         assert hops["a"].start_ns >= root.start_ns
-        markers = [s for s in mine if s.name.startswith("marker ")]
+        all_markers = [s for s in mine if s.name.startswith("marker ")]
         session = root.attrs["probe.session"]
-        rows = {(r["hop"], r["marker"]) for r in report["series"]
-                if r["session"] == session and r["outcome"] == "detected"}
-        seen = [(s.attrs["probe.hop"], s.attrs["probe.marker"]) for s in markers]
-        assert len(seen) == len(set(seen))  # one span per hop per marker
-        assert set(seen) == rows and len(rows) >= 3 * len(ORDER)
+        # One span per hop per marker: detected ones plain, missed ones with ERROR status (the
+        # detector does not find every marker, so a run may have a few of those).
+        seen = [(s.attrs["probe.hop"], s.attrs["probe.marker"]) for s in all_markers]
+        assert len(seen) == len(set(seen))
+        by_outcome = {
+            outcome: {(r["hop"], r["marker"]) for r in report["series"]
+                      if r["session"] == session and r["outcome"] == outcome}
+            for outcome in ("detected", "missed")
+        }
+        missed = [s for s in all_markers if s.error]
+        assert {(s.attrs["probe.hop"], s.attrs["probe.marker"]) for s in missed} == by_outcome[
+            "missed"
+        ]
+        markers = [s for s in all_markers if not s.error]
+        rows = by_outcome["detected"]
+        assert {(s.attrs["probe.hop"], s.attrs["probe.marker"]) for s in markers} == rows
+        assert len(rows) >= 3 * len(ORDER)
         for s in markers:
             assert s.service == "probe" and s.parent == root.span_id and not s.error
             assert s.attrs["probe.session"] == session
@@ -166,7 +178,7 @@ def _check_trace(
                 assert s.links == []  # the return direction sends no trace context
     for hop in ("a", "b"):
         own = [s.attrs["probe.own_latency_ms"] for s in spans
-               if s.name == f"marker {hop}"]
+               if s.name == f"marker {hop}" and not s.error]
         want = {"a": 25.0, "b": 40.0}[hop]
         assert abs(sorted(own)[len(own) // 2] - want) < 5.0, (hop, own)
 
