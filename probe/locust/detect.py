@@ -17,7 +17,10 @@ are stamped when frames are received, so the short hand-over delay changes no la
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
+import os
 from _queue import SimpleQueue
 from collections import deque
 from collections.abc import Callable
@@ -89,7 +92,8 @@ class DetectionOutbox:
 class NativeDetectionWorker:
     """One native thread running submitted work in order (the interface of DetectionWorker)."""
 
-    def __init__(self, name: str = "probe-detect") -> None:
+    def __init__(self, name: str = "probe-detect", *, nice: int = 0) -> None:
+        self.nice = nice
         self._queue: SimpleQueue[tuple[Callable[..., None], tuple[object, ...]] | None] = (
             SimpleQueue()
         )
@@ -97,6 +101,7 @@ class NativeDetectionWorker:
         self.done = 0
         self.failures = 0
         self.finished = False
+        self.native_id: int | None = None
         self._errors: deque[str] = deque(maxlen=100)
         self.name = name
         start_native_thread(self._run)
@@ -111,6 +116,11 @@ class NativeDetectionWorker:
         return self.submitted - self.done
 
     def _run(self) -> None:
+        self.native_id = _thread.get_native_id()
+        if self.nice:
+            # Below the hub in the OS scheduler: pacing first, detection with what is left.
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, self.native_id, self.nice)
         while True:
             item = self._queue.get()
             if item is None:

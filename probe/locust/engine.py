@@ -109,7 +109,7 @@ class ProbeEngine:
             observer=self.observers,
         )
         self.outbox = DetectionOutbox()
-        self.worker = NativeDetectionWorker()
+        self.worker = NativeDetectionWorker(nice=int(os.environ.get("PROBE_DETECT_NICE", "0")))
         self.sink: GeventSink | None = None
         self.sink_url: str | None = None
         self.late_starts = 0
