@@ -267,3 +267,34 @@ def test_processes_flag_runs_a_sink_per_worker(tmp_path: Path, processes: int) -
     hops = {r["Hop"]: r for r in read_csv(tmp_path / "run_hops.csv")}
     assert int(hops["a"]["Detected"]) > 0
     assert "workers reporting 2" in hops["sessions"]["Note"]
+
+
+def test_metrics_of_a_locust_worker_are_the_probe_run_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    with pipeline("a:20ms") as (url, _):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", REFERENCE, "--headless", "-u", "2", "-r", "2",
+             "-t", "7s", "--host", url],
+            cwd=ROOT,
+            env=locust_env(PROBE_METRICS_LISTEN=f"127.0.0.1:{port}", PROBE_HOP_ORDER="a,return"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 20 * SLOW
+            count = 0.0
+            while time.monotonic() < deadline and count == 0.0:
+                time.sleep(0.5)
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                        text = r.read().decode()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("probe_hop_latency_seconds_count{") and 'hop="a"' in line:
+                        count = float(line.rsplit(" ", 1)[1])
+            assert count > 0
+        finally:
+            _, err = run.communicate(timeout=40 * SLOW)
+    assert "Traceback" not in err
