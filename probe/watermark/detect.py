@@ -161,6 +161,10 @@ class MarkerDetector:
         self._own = max(_N, int(block_s * DETECT_RATE))
         self._window = _PRE + self._own + _POST
         self._nfft = _fast_len(self._window + _N)
+        k = np.arange(self._nfft // 2 + 1)
+        # The same correlation half a sample later: a marker that sits between 8 kHz samples
+        # (any odd offset at 16 kHz) splits its peak over two lags and loses about 4 dB.
+        self._half_shift = np.exp(2j * np.pi * k * 0.5 / self._nfft)
         self._sync_spec = np.conj(
             np.fft.rfft(sync_segment(DETECT_RATE).astype(np.float64), self._nfft)
         )
@@ -242,11 +246,20 @@ class MarkerDetector:
     def _find(self, window: F64, origin: int, owned: int) -> list[Detection]:
         w = whiten(window)
         n = len(w)
-        corr = np.fft.irfft(np.fft.rfft(w, self._nfft) * self._sync_spec, self._nfft)
-        corr = corr[: n - _N + 1]
+        prod = np.fft.rfft(w, self._nfft) * self._sync_spec
+        corr = np.fft.irfft(prod, self._nfft)[: n - _N + 1]
+        half = np.fft.irfft(prod * self._half_shift, self._nfft)[: n - _N + 1]
+        # Interleaved: corr2[2i] is lag i, corr2[2i + 1] lag i + 0.5; each integer lag stands
+        # for the better of itself and the half lag after it.
+        corr2 = np.empty(2 * len(corr), dtype=np.float64)
+        corr2[0::2] = corr
+        corr2[1::2] = half
+        # The noise scale comes from the integer lags alone: the better-of-two values below
+        # would overstate it and sink every on-grid marker's score.
+        spread = float(np.sqrt(np.dot(corr, corr) / max(1, len(corr))))
+        corr = np.where(np.abs(half) > np.abs(corr), half, corr)
         # The RMS is a fine noise scale here: whitened speech is close to Gaussian and a
         # marker's peak is a handful of samples among thousands.
-        spread = float(np.sqrt(np.dot(corr, corr) / max(1, len(corr))))
         if not np.isfinite(spread) or spread <= 1e-12:
             return []
         z = corr / spread
@@ -269,13 +282,13 @@ class MarkerDetector:
             at = origin + _PRE + int(c)
             if any(abs(at - t) < _MARKER for t in self._recent):
                 continue
-            det = self._decode(w, z, corr, _PRE + int(c), origin)
+            det = self._decode(w, z, corr2, _PRE + int(c), origin)
             if det is not None:
                 out.append(det)
                 self._recent.append(at)
         return out
 
-    def _decode(self, w: F64, z: F64, corr: F64, p: int, origin: int) -> Detection | None:
+    def _decode(self, w: F64, z: F64, corr2: F64, p: int, origin: int) -> Detection | None:
         sign = 1.0 if z[p] > 0 else -1.0
         lo = p + _PARTNER - _SLACK
         hi = p + _PARTNER + _SLACK + 1
@@ -283,20 +296,25 @@ class MarkerDetector:
             return None
         partner = z[lo:hi] * sign
         q = lo + int(np.argmax(partner))
-        score = (abs(float(z[p])) + float(z[q]) * sign) / np.sqrt(2.0)
-        if score < self.threshold or float(z[q]) * sign < _PARTNER_Z:
+        zp = float(z[p]) * sign
+        zq = float(z[q]) * sign
+        score = (zp + zq) / np.sqrt(2.0)
+        if score < self.threshold or zq < _PARTNER_Z:
             return None
-        frac = _parabolic(corr, p)
+        frac = _vertex(corr2, p)
         # A partner a sample or two off is peak-picking noise on a marker that sits between
         # samples, not stretch: reading it as stretch would slide every data segment off its code.
-        span = q + _parabolic(corr, q) - (p + frac)
+        span = q + _vertex(corr2, q) - (p + frac)
         stretch = 0.0 if abs(q - p - _PARTNER) <= 2 else span / _PARTNER - 1.0
         offsets = np.arange(1, DATA_SEGMENTS + 1) * _N * (1.0 + stretch)
-        starts = np.rint(p + frac + offsets).astype(int)
-        if starts[-1] + _N > len(w):
+        exact = p + frac + offsets
+        starts = np.floor(exact).astype(int)
+        if starts[-1] + _N + 1 > len(w):
             return None
         segs = w[starts[:, None] + np.arange(_N)[None, :]] * sign
-        payload = _decode_symbols(segs)
+        # A marker between 8 kHz samples (any odd offset at 16 kHz) leaves each segment a
+        # fraction of a sample off its code; shift it back before correlating.
+        payload = _decode_symbols(segs, exact - starts)
         if payload is None:
             return None
         pos8 = origin + p + frac
@@ -312,12 +330,20 @@ class MarkerDetector:
         )
 
 
-def _hypothesis_scores(segs: F64) -> F64:
+_BINS = np.arange(_N // 2 + 1)
+
+
+def _hypothesis_scores(segs: F64, delay: F64 | None = None) -> F64:
     """Score of each of the 128 symbol values in each data segment, in noise units.
 
-    A value's lag may be off by one sample (timing residue), so each takes the best of three.
+    ``delay`` (samples, per segment) is how far each segment starts before its true start; it is
+    removed with a phase ramp. A value's lag may still be off by one sample (timing residue), so
+    each takes the best of three.
     """
-    circ = np.fft.irfft(np.fft.rfft(segs, axis=1) * _BASE_SPEC, _N, axis=1)
+    spec = np.fft.rfft(segs, axis=1) * _BASE_SPEC
+    if delay is not None:
+        spec = spec * np.exp(2j * np.pi * np.outer(delay, _BINS) / _N)
+    circ = np.fft.irfft(spec, _N, axis=1)
     # Noise scale: RMS of each row without its peak (a median would cost ten times more).
     power = np.einsum("ij,ij->i", circ, circ) - np.max(circ * circ, axis=1)
     noise = np.sqrt(np.maximum(power, 0.0) / (_N - 1))[:, None] + 1e-12
@@ -326,12 +352,12 @@ def _hypothesis_scores(segs: F64) -> F64:
     return scores
 
 
-def _decode_symbols(segs: F64) -> bytes | None:
+def _decode_symbols(segs: F64, delay: F64 | None = None) -> bytes | None:
     """Best-first list decoding: try symbol choices in order of lost score until one passes the
     check. Most markers pass on the first try; a weak segment is usually right at its second or
     third choice. The cap bounds both the work and the chance of a false pass (_TRIES * 2**-24).
     """
-    scores = _hypothesis_scores(segs)
+    scores = _hypothesis_scores(segs, delay)
     # Noise gives data segments whose best value scores about 3; real markers score 5 and up.
     if float(np.median(scores.max(axis=1))) < _MIN_DATA_Z:
         return None
@@ -371,6 +397,15 @@ def _fast_len(n: int) -> int:
             p35 *= 3
         p5 *= 5
     return best
+
+
+def _vertex(corr2: F64, i: int) -> float:
+    """Sub-sample offset (from lag ``i``) of the peak near lag ``i`` in the half-lag interleaved
+    correlation: the better of lags i and i + 0.5, refined by a parabola on its neighbours."""
+    m = 2 * i
+    if m + 1 < len(corr2) and abs(corr2[m + 1]) > abs(corr2[m]):
+        m += 1
+    return (m - 2 * i + _parabolic(corr2, m)) / 2.0
 
 
 def _parabolic(y: F64, i: int) -> float:
