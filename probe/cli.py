@@ -85,6 +85,11 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT")
     pl.add_argument("--hops", default=DEMO_HOPS, help="e.g. a:20ms,b:35ms:mulaw8k,c:120ms")
     pl.add_argument("--dialect", choices=("probe", "twilio"), default="probe")
+    pl.add_argument(
+        "--metrics-listen",
+        default=None,
+        help="HOST:PORT to serve /metrics (configured delays, emission lateness per hop)",
+    )
     return p
 
 
@@ -404,6 +409,26 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from probe.telemetry.setup import start_pipeline_tracing
 
     host, port = _host_port(args.listen, "--listen")
+    observer = None
+    if args.metrics_listen:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from probe.pipeline import parse_hops
+        from probe.pipeline.metrics import PipelineMetrics
+
+        mhost, mport = _host_port(args.metrics_listen, "--metrics-listen")
+        registry = CollectorRegistry()
+        observer = PipelineMetrics(parse_hops(args.hops), registry).observe
+        try:
+            server, _ = start_http_server(mport, addr=mhost, registry=registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-listen cannot listen on {mhost}:{mport}: {exc.strerror}"
+            ) from exc
+        print(
+            f"pipeline metrics on http://{mhost}:{server.server_address[1]}/metrics",
+            file=sys.stderr,
+        )
     tracing = start_pipeline_tracing("probe-pipeline")
     try:
         asyncio.run(
@@ -412,6 +437,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                 args.hops,
                 args.dialect,
                 tracer_provider=tracing.provider if tracing else None,
+                observer=observer,
             )
         )
     finally:

@@ -96,7 +96,7 @@ def _listening(compose: dict[str, Any]) -> dict[str, set[int]]:
             continue
         found: set[int] = set()
         words = " ".join(_strings(svc.get("command", [])) + _strings(svc.get("entrypoint", [])))
-        for m in re.finditer(r"--(?:listen|sink-listen)[ =](\S+)", words):
+        for m in re.finditer(r"--(?:listen|sink-listen|metrics-listen)[ =](\S+)", words):
             found.add(_listen_port(m.group(1)))
         env = svc.get("environment", {})
         for key in ("PROBE_SINK_LISTEN", "PROBE_METRICS_LISTEN"):
@@ -249,7 +249,7 @@ def test_every_address_in_the_stack_is_a_service_listening_on_that_port() -> Non
 def test_the_address_check_catches_a_wrong_host_and_a_wrong_port() -> None:
     compose = _compose()
     listening = _listening(compose)
-    assert "pipeline" in listening and 8765 in listening["pipeline"]
+    assert "pipeline" in listening and {8765, 9101} <= listening["pipeline"]
     assert 9646 in listening["locust-worker"] and 8766 in listening["locust-worker"]
     assert 9116 in listening["probe-exporter"] and 8766 in listening["probe-exporter"]
     assert "pipelines" not in listening and 9647 not in listening["probe-exporter"]

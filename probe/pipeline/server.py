@@ -665,15 +665,16 @@ async def run_pipeline(
     sink: str | None = None,
     on_ready: Callable[[str], None] | None = None,
     tracer_provider: TracerProvider | None = None,
+    observer: Callable[[str, str, Emission], None] | None = None,
 ) -> None:
     """Serve a reference pipeline on `listen` (HOST:PORT) until cancelled (the CLI's entry).
 
     `on_ready` gets the bound ws:// URL once the server listens; `tracer_provider` exports the
-    hops' spans (see `ReferencePipeline`).
+    hops' spans and `observer` hears every hop emission (see `ReferencePipeline`).
     """
     host, port = parse_listen(listen)
     pipeline = ReferencePipeline(hops, dialect=dialect, seed=seed, sink=sink,
-                                 tracer_provider=tracer_provider)
+                                 tracer_provider=tracer_provider, observer=observer)
     url = await pipeline.start(host, port)
     if on_ready is not None:
         on_ready(url)
