@@ -286,22 +286,65 @@ class MarkerDetector:
             if det is not None:
                 out.append(det)
                 self._recent.append(at)
+        out.extend(self._from_closing(w, z, corr2, origin, owned))
         return out
 
-    def _decode(self, w: F64, z: F64, corr2: F64, p: int, origin: int) -> Detection | None:
-        sign = 1.0 if z[p] > 0 else -1.0
-        lo = p + _PARTNER - _SLACK
-        hi = p + _PARTNER + _SLACK + 1
-        if hi > len(z):
-            return None
-        partner = z[lo:hi] * sign
-        q = lo + int(np.argmax(partner))
+    def _from_closing(
+        self, w: F64, z: F64, corr2: F64, origin: int, owned: int
+    ) -> list[Detection]:
+        """Markers whose opening sync drowned in the speech but whose closing sync did not.
+
+        Closing syncs of markers that open in the owned span sit ``_PARTNER`` later; each strong
+        one not explained by a detection is tried with its opening assumed exactly ``_PARTNER``
+        before it (no stretch: a weak opening cannot be searched for without finding noise).
+        """
+        lo = _PRE + _PARTNER
+        hi = min(len(z) - 1, lo + owned)
+        if hi - lo < 3:
+            return []
+        az = np.abs(z[lo - 1 : hi + 1])
+        mid = az[1:-1]
+        cand = np.flatnonzero((mid >= _CANDIDATE_Z) & (mid >= az[:-2]) & (mid > az[2:]))
+        if cand.size == 0:
+            return []
+        strongest = cand[np.argsort(mid[cand])[::-1][:_MAX_CANDIDATES]]
+        out: list[Detection] = []
+        for c in sorted(strongest.tolist()):
+            if mid[c] < mid[max(0, c - _PEAK_HALF) : c + _PEAK_HALF + 1].max():
+                continue
+            q = lo + int(c)
+            p = q - _PARTNER
+            at = origin + p
+            if any(abs(at - t) < _MARKER for t in self._recent):
+                continue
+            det = self._decode(w, z, corr2, p, origin, closing=q)
+            if det is not None:
+                out.append(det)
+                self._recent.append(at)
+        return out
+
+    def _decode(
+        self, w: F64, z: F64, corr2: F64, p: int, origin: int, closing: int | None = None
+    ) -> Detection | None:
+        if closing is None:
+            sign = 1.0 if z[p] > 0 else -1.0
+            lo = p + _PARTNER - _SLACK
+            hi = p + _PARTNER + _SLACK + 1
+            if hi > len(z):
+                return None
+            partner = z[lo:hi] * sign
+            q = lo + int(np.argmax(partner))
+        else:
+            # Found from its closing sync (see _from_closing): the sign comes from there.
+            q = closing
+            sign = 1.0 if z[q] > 0 else -1.0
         zp = float(z[p]) * sign
         zq = float(z[q]) * sign
         score = (zp + zq) / np.sqrt(2.0)
         if score < self.threshold or zq < _PARTNER_Z:
             return None
-        frac = _vertex(corr2, p)
+        # A weak opening's own peak is mostly noise: time the marker by its closing sync then.
+        frac = _vertex(corr2, p) if closing is None else _vertex(corr2, q)
         # A partner a sample or two off is peak-picking noise on a marker that sits between
         # samples, not stretch: reading it as stretch would slide every data segment off its code.
         span = q + _vertex(corr2, q) - (p + frac)
