@@ -9,6 +9,7 @@ noted as a hop error; the run goes on.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable
 
@@ -57,7 +58,10 @@ class Sink:
                 create_connection=server_factory(self.clock),
             )
         except OSError as exc:
-            raise ConfigError(f"the sink cannot listen on {host}:{port}: {exc.strerror}") from exc
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                why = "the port is already in use"
+            raise ConfigError(f"The probe sink cannot listen on {host}:{port}: {why}.") from exc
         sock = next(iter(self._server.sockets))
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

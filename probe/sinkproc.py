@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import queue
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -37,9 +39,19 @@ from probe.protocol import AudioFormat, TraceContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteStream", "SinkProcess"]
+__all__ = [
+    "MessageReader",
+    "RemoteStream",
+    "SinkChild",
+    "SinkProcess",
+    "encode_message",
+    "spawn_child",
+    "start_error",
+]
 
 _START_TIMEOUT_S = 30.0
+_HEADER = struct.Struct("!i")
+_HEADER64 = struct.Struct("!Q")
 
 
 class _RegistryProxy:
@@ -139,12 +151,15 @@ def _child(conn: Connection, host: str, port: int, idle_timeout: float) -> None:
 
     async def main() -> None:
         worker = DetectionWorker()
+        # A negative port: no fork sink, only the parent's detection streams (no hop forks).
         sink = Sink(registry, worker, clock=time.time, idle_timeout=idle_timeout)
-        try:
-            url = await sink.start(host, port)
-        except ConfigError as exc:
-            proxy._send(("error", str(exc)))
-            return
+        url = ""
+        if port >= 0:
+            try:
+                url = await sink.start(host, port)
+            except ConfigError as exc:
+                proxy._send(("error", str(exc)))
+                return
         proxy._send(("ready", url))
         done = asyncio.Event()
         reader = threading.Thread(
@@ -170,11 +185,82 @@ def _import_root() -> str:
     return root + (os.pathsep + rest if rest else "")
 
 
+class MessageReader:
+    """Sans-I/O reader of the messages :class:`multiprocessing.connection.Connection` frames
+    (a 4-byte big-endian length, then a pickle): bytes in, messages out. For a parent whose I/O
+    is not a blocking ``Connection.recv`` (a gevent-cooperative socket)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buf += data
+        out: list[Any] = []
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= 4:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            start = pos + 4
+            if size == -1:  # Connection's header for a message of 2 GiB or more
+                if len(buf) - start < 8:
+                    break
+                (size,) = _HEADER64.unpack_from(buf, start)
+                start += 8
+            if len(buf) - start < size:
+                break
+            out.append(pickle.loads(memoryview(buf)[start : start + size]))
+            pos = start + size
+        del buf[:pos]
+        return out
+
+
+def encode_message(obj: Any) -> bytes:
+    """``obj`` framed as :meth:`multiprocessing.connection.Connection.send` frames it."""
+    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(body) > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _HEADER64.pack(len(body)) + body
+    return _HEADER.pack(len(body)) + body
+
+
+def spawn_child(
+    host: str, port: int, idle_timeout: float
+) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """Start ``python -m probe.sinkproc`` on one end of a socket pair; return the other end.
+
+    ``port`` < 0 starts no fork sink (only detection streams, :meth:`SinkChild.open_stream`)."""
+    # A plain `python -m probe.sinkproc` child: unlike multiprocessing's spawn it never
+    # re-imports the caller's __main__ (locustfiles, scripts), and unlike fork it copies no
+    # threads (nor a gevent hub).
+    mine, theirs = socket.socketpair()
+    # The child reads with blocking calls; under gevent's patching the pair is non-blocking.
+    os.set_blocking(theirs.fileno(), True)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "probe.sinkproc", str(theirs.fileno()), host, str(port),
+             str(idle_timeout)],
+            pass_fds=[theirs.fileno()],
+            env={**os.environ, "PYTHONPATH": _import_root()},
+        )
+    except BaseException:
+        mine.close()
+        raise
+    finally:
+        theirs.close()
+    return mine, proc
+
+
+def start_error(msg: Any) -> ConfigError:
+    """The ConfigError for a child that answered ``msg`` (or nothing) instead of ``ready``."""
+    if msg is not None and msg[0] == "error":
+        return ConfigError(str(msg[1]))
+    return ConfigError(f"the sink process did not start within {_START_TIMEOUT_S:.0f} s")
+
+
 class RemoteStream:
     """A detection stream (the return direction of a session) run in the sink's child process;
     every call is one small message, never a wait."""
 
-    def __init__(self, owner: SinkProcess, sid: int) -> None:
+    def __init__(self, owner: SinkChild, sid: int) -> None:
         self._owner = owner
         self._sid = sid
 
@@ -188,13 +274,55 @@ class RemoteStream:
         self._owner._send(("close", self._sid))
 
 
-class SinkProcess:
-    """A :class:`~probe.sink.Sink` in a child process, feeding ``registry`` in this one."""
+class SinkChild:
+    """What every parent of the sink child shares, whatever its I/O: the streams it opens and
+    how a message from the child lands in ``registry``. The I/O shells (:class:`SinkProcess`
+    with threads for asyncio, ``probe.locust.sinkproc`` for gevent) provide ``_send``."""
 
     def __init__(self, registry: SessionRegistry, *, idle_timeout: float = 30.0) -> None:
         self.registry = registry
         self.idle_timeout = idle_timeout
         self.url = ""
+        self._next_sid = 0
+
+    @property
+    def port(self) -> int:
+        """The sink's bound port (0 before start or without a sink)."""
+        return int(self.url.rsplit(":", 1)[1].split("/", 1)[0]) if self.url else 0
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    def open_stream(self, hop: str, audio: AudioFormat, session: str) -> RemoteStream:
+        """Detect markers in another stream (e.g. a session's return audio) in the child."""
+        self._next_sid += 1
+        self._send(("open", self._next_sid, hop, audio, session))
+        return RemoteStream(self, self._next_sid)
+
+    def _apply(self, msg: tuple[Any, ...]) -> str:
+        """Apply a registry message from the child; return its kind (``drained``, ``stopped``
+        are the shell's to handle)."""
+        kind = str(msg[0])
+        reg = self.registry
+        try:
+            if kind == "det":
+                _, hop, payload, arrival, score, hint = msg
+                reg.record_detection(hop, payload, arrival, score=score, session_hint=hint)
+            elif kind == "hop":
+                reg.hop_connected(msg[1], msg[2], msg[3])
+            elif kind == "hop_error":
+                reg.hop_error(msg[1], msg[2], msg[3])
+        except Exception as exc:  # one bad message must not stop the reader
+            log.error("sink message %r failed: %s", kind, exc)
+        return kind
+
+
+class SinkProcess(SinkChild):
+    """A :class:`~probe.sink.Sink` in a child process, feeding ``registry`` in this one; a
+    sender and a reader thread beside an asyncio loop."""
+
+    def __init__(self, registry: SessionRegistry, *, idle_timeout: float = 30.0) -> None:
+        super().__init__(registry, idle_timeout=idle_timeout)
         self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -204,7 +332,6 @@ class SinkProcess:
         self._stopped = False
         self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None
-        self._next_sid = 0
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         """Queue a message for the child; never blocks the caller (the event loop)."""
@@ -229,27 +356,9 @@ class SinkProcess:
             if any(m[0] == "stop" for m in batch):
                 return
 
-    def open_stream(self, hop: str, audio: AudioFormat, session: str) -> RemoteStream:
-        """Detect markers in another stream (e.g. a session's return audio) in the child."""
-        self._next_sid += 1
-        self._send(("open", self._next_sid, hop, audio, session))
-        return RemoteStream(self, self._next_sid)
-
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the child and its sink; return the sink's ws:// URL."""
-        # A plain `python -m probe.sinkproc` child on one end of a socket pair: unlike
-        # multiprocessing's spawn it never re-imports the caller's __main__ (locustfiles,
-        # scripts), and unlike fork it copies no threads.
-        mine, theirs = socket.socketpair()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "probe.sinkproc", str(theirs.fileno()), host, str(port),
-                 str(self.idle_timeout)],
-                pass_fds=[theirs.fileno()],
-                env={**os.environ, "PYTHONPATH": _import_root()},
-            )
-        finally:
-            theirs.close()
+        mine, proc = spawn_child(host, port, self.idle_timeout)
         parent = Connection(mine.detach())
         self._conn, self._proc = parent, proc
         ready = await asyncio.to_thread(parent.poll, _START_TIMEOUT_S)
@@ -259,9 +368,7 @@ class SinkProcess:
             proc.wait(5)
             parent.close()
             self._conn = None
-            if msg is not None and msg[0] == "error":
-                raise ConfigError(str(msg[1]))
-            raise ConfigError(f"the sink process did not start within {_START_TIMEOUT_S:.0f} s")
+            raise start_error(msg)
         self.url = str(msg[1])
         self._reader = threading.Thread(target=self._read, name="probe-sink-reader", daemon=True)
         self._reader.start()
@@ -273,29 +380,18 @@ class SinkProcess:
 
     def _read(self) -> None:
         assert self._conn is not None
-        reg = self.registry
         while True:
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
                 break
-            kind = msg[0]
-            try:
-                if kind == "det":
-                    _, hop, payload, arrival, score, hint = msg
-                    reg.record_detection(hop, payload, arrival, score=score, session_hint=hint)
-                elif kind == "hop":
-                    reg.hop_connected(msg[1], msg[2], msg[3])
-                elif kind == "hop_error":
-                    reg.hop_error(msg[1], msg[2], msg[3])
-                elif kind == "drained":
-                    with self._cond:
-                        self._drained = max(self._drained, int(msg[1]))
-                        self._cond.notify_all()
-                elif kind == "stopped":
-                    break
-            except Exception as exc:  # one bad message must not stop the reader
-                log.error("sink message %r failed: %s", kind, exc)
+            kind = self._apply(msg)
+            if kind == "drained":
+                with self._cond:
+                    self._drained = max(self._drained, int(msg[1]))
+                    self._cond.notify_all()
+            elif kind == "stopped":
+                break
         with self._cond:
             self._stopped = True
             self._cond.notify_all()

@@ -6,9 +6,10 @@ Locust (which monkey-patches the standard library for gevent) and registers the 
 :mod:`probe.locust.plugin`; the package itself imports nothing heavy.
 
 - `session`: one session with gevent (the ``websockets`` sync client), paced on an absolute
-  schedule; `sink`: the worker's own fork sink (``websockets`` sync server in greenlets);
-- `detect`: detection on a native thread, results handed back to the hub;
-- `engine`: registry, sink, detection thread and pump of one process;
+  schedule;
+- `sinkproc`: the worker's own fork sink and all its marker detection in a child process
+  (:mod:`probe.sinkproc`), talked to from greenlets;
+- `engine`: registry, sink child process and pump of one process;
 - `report`: Locust request events; `hopstats`: exact per-hop statistics across workers;
 - `user`: the closed-loop and open-model users; `plugin`: the event wiring and the Hops tab.
 """

@@ -1,16 +1,18 @@
-"""The probe machinery of one Locust worker process: registry, sink, detection thread, pump.
+"""The probe machinery of one Locust worker process: registry, sink child process, pump.
 
 One :class:`ProbeEngine` per process that runs users (a worker, or a local run). It owns
 
 - the :class:`SessionRegistry` every session of the process reports to, with an
   :class:`~probe.observe.Observers` fan-out (own latency joined live) to the Locust reporter, the
   exact Hops statistics and, when configured, telemetry;
-- the process's own sink (:class:`GeventSink`), whose URL goes in every ``start`` so a marker
-  comes back to the worker that sent it;
-- the native detection thread and the pump greenlet that hands its detections to the registry and
-  declares markers missed once they are older than the marker timeout.
+- the process's sink in a child process (:class:`~probe.locust.sinkproc.GeventSinkProcess`), whose
+  URL goes in every ``start`` so a marker comes back to the worker that sent it, and which also
+  detects the markers of every session's return direction: no detection runs in this process,
+  which only paces and reads the sessions' sockets;
+- the pump greenlet that declares markers missed once they are older than the marker timeout.
 
-Configuration comes from the environment at the edge (:meth:`EngineConfig.from_env`).
+Configuration comes from the environment at the edge (:meth:`EngineConfig.from_env`). The child
+stamps arrivals with the wall clock, so the engine's clock must be ``time.time`` too.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ from typing import Any
 import gevent
 
 from probe.errors import ConfigError
-from probe.locust.detect import DetectionOutbox, NativeDetectionWorker
-from probe.locust.sink import GeventSink
+from probe.locust.sinkproc import GeventSinkProcess
 from probe.measure.registry import SessionRegistry
 from probe.observe import Observers, RunObserver
 
@@ -89,7 +90,7 @@ class EngineConfig:
 
 
 class ProbeEngine:
-    """Registry, sink, detection thread and pump of one process (module docstring)."""
+    """Registry, sink child process and pump of one process (module docstring)."""
 
     def __init__(
         self,
@@ -97,7 +98,7 @@ class ProbeEngine:
         *,
         observers: Sequence[RunObserver] = (),
         clock: Callable[[], float] = time.time,
-        pump_interval_s: float = 0.05,
+        pump_interval_s: float = 0.5,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -108,9 +109,7 @@ class ProbeEngine:
             expected_hops=(),
             observer=self.observers,
         )
-        self.outbox = DetectionOutbox()
-        self.worker = NativeDetectionWorker(nice=int(os.environ.get("PROBE_DETECT_NICE", "0")))
-        self.sink: GeventSink | None = None
+        self.sink = GeventSinkProcess(self.registry)
         self.sink_url: str | None = None
         self.late_starts = 0
         self._pump_interval = pump_interval_s
@@ -118,18 +117,15 @@ class ProbeEngine:
         self._closed = False
 
     def start(self) -> None:
-        """Open the sink (ConfigError if its port is taken) and start the pump."""
-        # The detection thread holds the GIL in bursts; Python's default 5 ms switch interval
-        # would show up directly as send lag (as in probe.runner).
+        """Start the sink child (ConfigError with one sentence if its port is taken) and the
+        pump. Without a sink (``use_sink`` false) the child still detects the return audio."""
+        # Session audio is marked on a native thread of gevent's pool; Python's default 5 ms
+        # switch interval would let it hold the interpreter that long while a send is due.
         if sys.getswitchinterval() > 0.001:
             sys.setswitchinterval(0.001)
+        port = self.cfg.sink_port if self.cfg.use_sink else -1
+        bound = self.sink.start(self.cfg.sink_host, port)
         if self.cfg.use_sink:
-            self.sink = GeventSink(self.registry, self.worker, self.outbox, clock=self.clock)
-            try:
-                bound = self.sink.start(self.cfg.sink_host, self.cfg.sink_port)
-            except ConfigError:
-                self.worker.close()
-                raise
             if self.cfg.sink_url:
                 self.sink_url = self.cfg.sink_url
             elif self.cfg.advertise_host:
@@ -141,21 +137,14 @@ class ProbeEngine:
         self._pump = gevent.spawn(self._pump_loop)
 
     def pump(self) -> None:
-        """Hand finished detections to the registry and expire old markers (on the hub)."""
-        self.outbox.deliver(self.registry)
+        """Declare markers older than the marker timeout missed (on the hub). Detections need
+        no pumping: the sink's reader greenlet applies them as they arrive."""
         self.registry.expire()
-        self.worker.report_failures()
 
     def _pump_loop(self) -> None:
-        last_expire = 0.0
         while not self._closed:
             gevent.sleep(self._pump_interval)
-            self.outbox.deliver(self.registry)
-            now = time.monotonic()
-            if now - last_expire >= 0.5:
-                last_expire = now
-                self.registry.expire()
-                self.worker.report_failures()
+            self.registry.expire()
 
     def settle(self, timeout_s: float | None = None, *, give_up: bool = True) -> None:
         """Wait (cooperatively) until every marker owed is detected or missed; after
@@ -163,14 +152,11 @@ class ProbeEngine:
         limit = self.cfg.marker_timeout_s + 1.0 if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            upto = self.worker.submitted
-            while not self.worker.drained(upto) and time.monotonic() < deadline:
-                gevent.sleep(0.02)
+            self.sink.drain(max(0.0, deadline - time.monotonic()))
             self.pump()
             if sum(c.pending for c in self.registry.hop_counts().values()) == 0:
                 return
             gevent.sleep(0.1)
-        self.outbox.deliver(self.registry)
         if give_up:
             self.registry.settle_all()
 
@@ -178,9 +164,6 @@ class ProbeEngine:
         if self._closed:
             return
         self._closed = True
-        if self.sink is not None:
-            self.sink.stop()
         if self._pump is not None:
             self._pump.kill(block=False)
-        self.worker.close()
-        self.outbox.deliver(self.registry)
+        self.sink.stop()

@@ -154,7 +154,6 @@ def _on_report_to_master(client_id: str, data: dict[str, Any], **_kw: Any) -> No
     for environment in _environments():
         engine = getattr(environment, _ENGINE, None)
         if engine is not None and isinstance(environment.runner, WorkerRunner):
-            engine.outbox.deliver(engine.registry)
             stats = hops_stats_of(environment)
             stats.join_own(time.monotonic())
             data[REPORT_KEY] = stats.take_report(
@@ -225,7 +224,6 @@ def _refresh(environment: Any) -> HopsStats:
     stats = hops_stats_of(environment)
     engine = getattr(environment, _ENGINE, None)
     if engine is not None:
-        engine.outbox.deliver(engine.registry)
         stats.join_own(time.monotonic())
         stats.set_totals("local", totals_of(engine, getattr(environment, _BASELINE, None)))
     return stats

@@ -9,7 +9,8 @@ registry calls), with gevent's cooperative I/O instead of asyncio:
   over the rate, or, in the open model (``from_intended``), the frame's *intended* send time plus
   that offset, so a late probe adds its lateness to the latency instead of hiding it (no
   coordinated omission); each frame's lag (actual minus due) is recorded either way;
-- the return direction is read by a second greenlet and detected on the native detection thread.
+- the return direction is read by a second greenlet; its markers are detected in the engine's
+  sink child process (:meth:`~probe.sinkproc.SinkChild.open_stream`), not in this process.
 
 Every outcome ends up in the registry; :class:`SessionOutcome` adds the connect time, for Locust.
 """
@@ -40,6 +41,7 @@ from probe.protocol import (
     to_json,
 )
 from probe.protocol.twilio import TwilioReturnReceiver, TwilioSender
+from probe.sinkproc import RemoteStream
 from probe.source import (
     RETURN_HOP,
     SourceConfig,
@@ -83,7 +85,7 @@ def run_session(
     ``intended_start`` (``monotonic`` seconds) is when the open model scheduled the session: the
     frame schedule starts there even if the greenlet runs late. ``on_connect`` hears the outcome
     of the connect (``connect_s`` set, or ``error``) as soon as it is known."""
-    registry, worker, clock = engine.registry, engine.worker, engine.clock
+    registry, clock = engine.registry, engine.clock
     out = SessionOutcome(session)
     t_begin = monotonic()
     registry.open_session(session)
@@ -132,7 +134,7 @@ def run_session(
     out.connect_s = monotonic() - t_connect
     if on_connect is not None:
         on_connect(out)
-    stream = engine.outbox.stream(RETURN_HOP, audio, session_hint=session)
+    stream = engine.sink.open_stream(RETURN_HOP, audio, session)
     twilio: TwilioSender | None = None
     receiving: Any = None
     try:
@@ -153,7 +155,7 @@ def run_session(
             )
             ws.send(to_json(start))
         receiving = gevent.spawn(
-            _receive, ws, engine, stream, audio, twilio.stream_sid if twilio else None
+            _receive, ws, engine, stream, session, audio, twilio.stream_sid if twilio else None
         )
         frame_s = frame_len / cfg.rate
         step = frame_len * width
@@ -203,7 +205,7 @@ def run_session(
     finally:
         if receiving is not None:
             receiving.kill(block=False)
-        worker.submit(stream.close)
+        stream.close()
         ws.close()
     if out.error is None and out.frames_sent < n_frames:
         out.error = f"stream ended after {out.frames_sent} of {n_frames} frames"
@@ -232,12 +234,13 @@ def _prepare(
 def _receive(
     ws: ClientConnection,
     engine: ProbeEngine,
-    stream: Any,
+    stream: RemoteStream,
+    session: str,
     audio: AudioFormat,
     twilio_sid: str | None,
 ) -> tuple[int, str] | None:
     """Read the return direction until the target closes; return its abnormal close code."""
-    registry, worker, clock = engine.registry, engine.worker, engine.clock
+    registry, clock = engine.registry, engine.clock
     plain = ReturnReceiver(audio)
     tw = TwilioReturnReceiver(twilio_sid) if twilio_sid is not None else None
     heard = False
@@ -258,17 +261,17 @@ def _receive(
                         else plain.receive_text(frame)
                     )
             except ProtocolViolation as exc:
-                registry.hop_error(RETURN_HOP, stream.session_hint, exc.reason)
+                registry.hop_error(RETURN_HOP, session, exc.reason)
                 continue
             for ev in events:
                 if isinstance(ev, Audio):
                     if not heard:
                         # Audio comes back, so the return direction owes every marker.
                         heard = True
-                        registry.hop_connected(RETURN_HOP, stream.session_hint)
-                    worker.submit(stream.on_audio, ev.data, arrival)
+                        registry.hop_connected(RETURN_HOP, session)
+                    stream.feed(ev.data, arrival)
                 elif isinstance(ev, Started) and tw is None:
-                    worker.submit(stream.set_format, plain.audio_format)
+                    stream.set_format(plain.audio_format)
     except ConnectionClosed as exc:
         if exc.rcvd is not None and exc.rcvd.code in (1000, 1001):
             return None

@@ -1,0 +1,189 @@
+"""The sink child process of :mod:`probe.sinkproc` beside a gevent hub, with no OS thread.
+
+A Locust worker hands its fork sink and every marker detection (forks and the return direction)
+to ``python -m probe.sinkproc``, the same child ``probe run`` uses, so the worker process is left
+with the paced sessions only: a detection thread in the worker would hold the interpreter in
+bursts, and every socket call of the hub would then wait for it (a convoy measured as send lag).
+
+Only the I/O differs from :class:`probe.sinkproc.SinkProcess`: here the socket pair is a
+gevent-cooperative socket served by two greenlets, so nothing blocks the hub and no thread
+competes with it for the interpreter:
+
+- messages for the child (return-direction audio, stream open/format/close, drain, stop) are
+  appended to a list and written as one batch by a flusher greenlet every ``flush_interval_s``
+  (framed as :class:`multiprocessing.connection.Connection` frames them, so the child is
+  unchanged);
+- a reader greenlet decodes the child's messages (:class:`probe.sinkproc.MessageReader`) and
+  applies them to the registry right there, on the hub, like everything else that touches the
+  registry, its observers and Locust's events.
+
+Clock: the child stamps fork arrivals with ``time.time``; the engine's sessions stamp sends with
+the same wall clock (PROTOCOL.md section 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from probe.measure.registry import SessionRegistry
+from probe.sinkproc import (
+    _START_TIMEOUT_S,
+    MessageReader,
+    SinkChild,
+    encode_message,
+    spawn_child,
+    start_error,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GeventSinkProcess"]
+
+_READ_SIZE = 1 << 16
+
+
+class GeventSinkProcess(SinkChild):
+    """A fork sink and all detection in a child process; this side runs on the gevent hub."""
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        *,
+        idle_timeout: float = 30.0,
+        flush_interval_s: float = 0.01,
+    ) -> None:
+        super().__init__(registry, idle_timeout=idle_timeout)
+        self.flush_interval_s = flush_interval_s
+        self.proc: Any = None
+        self._sock: Any = None
+        self._outbox: list[tuple[Any, ...]] = []
+        self._wake = Event()
+        self._stopping = False
+        self._stopped = False
+        self._drained = -1
+        self._drain_seq = 0
+        self._flusher: Any = None
+        self._reader: Any = None
+        self.batches_sent = 0
+        self.messages_sent = 0
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        """Queue a message for the next batch; never blocks, never switches greenlets."""
+        if self._sock is not None and not self._stopping:
+            self._outbox.append(msg)
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start the child (cooperatively); return its sink's ws:// URL ("" when ``port`` < 0:
+        detection streams only). ConfigError with one sentence when the sink cannot listen."""
+        mine, proc = spawn_child(host, port, self.idle_timeout)
+        # Cooperative whether or not the socket module is monkey-patched.
+        sock = gsocket.socket(fileno=mine.detach())
+        reader = MessageReader()
+        msgs: list[Any] = []
+        with gevent.Timeout(_START_TIMEOUT_S, False):
+            while not msgs:
+                data = sock.recv(_READ_SIZE)
+                if not data:
+                    break
+                msgs = reader.feed(data)
+        first = msgs[0] if msgs else None
+        if first is None or first[0] != "ready":
+            proc.kill()
+            _wait_exit(proc, 5.0)
+            sock.close()
+            raise start_error(first)
+        self.url = str(first[1])
+        self.proc, self._sock = proc, sock
+        for msg in msgs[1:]:
+            self._apply(msg)
+        self._reader = gevent.spawn(self._read_loop, reader)
+        self._flusher = gevent.spawn(self._flush_loop)
+        return self.url
+
+    def _flush_loop(self) -> None:
+        sock = self._sock
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            if not self._outbox:
+                continue
+            batch, self._outbox = self._outbox, []
+            try:
+                sock.sendall(encode_message(("batch", batch)))
+            except OSError as exc:
+                log.warning("the sink process is gone: %s", exc)
+                self._stopping = True
+                return
+            self.batches_sent += 1
+            self.messages_sent += len(batch)
+            if batch[-1][0] == "stop":  # nothing is queued after it
+                return
+
+    def _read_loop(self, reader: MessageReader) -> None:
+        sock = self._sock
+        try:
+            while True:
+                data = sock.recv(_READ_SIZE)
+                if not data:
+                    return
+                for msg in reader.feed(data):
+                    kind = self._apply(msg)
+                    if kind == "drained":
+                        self._drained = max(self._drained, int(msg[1]))
+                    elif kind == "stopped":
+                        return
+        except OSError as exc:
+            log.warning("the sink process is gone: %s", exc)
+        finally:
+            self._stopped = True
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait (cooperatively) until the child has detected everything sent or received so
+        far and its detections are in the registry; False on timeout."""
+        if self._sock is None or self._stopped or self._stopping:
+            return True
+        self._drain_seq += 1
+        seq = self._drain_seq
+        self._send(("drain", seq))
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self._drained < seq and not self._stopped:
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(0.005)
+        return True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the sink, apply its last detections, end the child."""
+        if self._sock is None:
+            return
+        self._send(("stop",))
+        self._stopping = True
+        self._wake.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+            if not self._reader.dead:
+                self._reader.kill(block=False)
+        if self.proc is not None and not _wait_exit(self.proc, 10.0):
+            self.proc.kill()
+            _wait_exit(self.proc, 5.0)
+        self._sock.close()
+        self._sock = None
+
+
+def _wait_exit(proc: Any, timeout: float) -> bool:
+    """Wait for ``proc`` without blocking the hub (its ``wait`` may be the unpatched one)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() >= deadline:
+            return False
+        gevent.sleep(0.02)
+    return True
