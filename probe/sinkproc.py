@@ -60,10 +60,18 @@ class _RegistryProxy:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._gone = False
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         with self._lock:
-            self._conn.send(msg)
+            if self._gone:
+                return
+            try:
+                self._conn.send(msg)
+            except OSError:
+                # The parent is gone (killed, crashed): nobody to tell, so drop quietly and let
+                # the reader's EOF end this process.
+                self._gone = True
 
     def hop_connected(
         self, hop: str, session_id: str | None, trace: TraceContext | None = None
@@ -216,7 +224,7 @@ class MessageReader:
 
 def encode_message(obj: Any) -> bytes:
     """``obj`` framed as :meth:`multiprocessing.connection.Connection.send` frames it."""
-    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    body = pickle.dumps(obj)
     if len(body) > 0x7FFFFFFF:
         return _HEADER.pack(-1) + _HEADER64.pack(len(body)) + body
     return _HEADER.pack(len(body)) + body

@@ -47,3 +47,39 @@ def test_a_fork_start_reaches_the_parent_registry_and_stop_is_clean() -> None:
 
     asyncio.run(go())
     assert "asr" in registry.hops()
+
+
+def test_message_reader_reads_what_a_connection_sends_whatever_the_chunking() -> None:
+    from multiprocessing.connection import Connection
+
+    from probe.sinkproc import MessageReader, encode_message
+
+    msgs = [
+        ("det", "a", b"\x01\x02\x03\x04", 12.5, 9.1, "s1"),
+        ("batch", [("audio", 1, b"\x00" * 640, 1.0)] * 300),
+        ("drained", 7),
+        ("ready", ""),
+    ]
+    mine, theirs = socket.socketpair()
+    conn = Connection(theirs.detach())
+    try:
+        for m in msgs:
+            conn.send(m)
+        wire = b""
+        mine.settimeout(5)
+        while len(wire) < sum(len(encode_message(m)) for m in msgs):
+            wire += mine.recv(1 << 16)
+        # Our framing is Connection's, byte for byte.
+        assert wire == b"".join(encode_message(m) for m in msgs)
+        for size in (1, 3, 4, 5, 1000, len(wire)):
+            reader = MessageReader()
+            got: list[object] = []
+            for i in range(0, len(wire), size):
+                got += reader.feed(wire[i : i + size])
+            assert got == msgs
+        # And a Connection reads what encode_message frames.
+        mine.sendall(encode_message(("batch", [("stop",)])))
+        assert conn.recv() == ("batch", [("stop",)])
+    finally:
+        conn.close()
+        mine.close()

@@ -18,7 +18,6 @@ stamps arrivals with the wall clock, so the engine's clock must be ``time.time``
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,10 +118,6 @@ class ProbeEngine:
     def start(self) -> None:
         """Start the sink child (ConfigError with one sentence if its port is taken) and the
         pump. Without a sink (``use_sink`` false) the child still detects the return audio."""
-        # Session audio is marked on a native thread of gevent's pool; Python's default 5 ms
-        # switch interval would let it hold the interpreter that long while a send is due.
-        if sys.getswitchinterval() > 0.001:
-            sys.setswitchinterval(0.001)
         port = self.cfg.sink_port if self.cfg.use_sink else -1
         bound = self.sink.start(self.cfg.sink_host, port)
         if self.cfg.use_sink:

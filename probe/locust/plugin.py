@@ -173,16 +173,24 @@ def _on_worker_report(client_id: str, data: dict[str, Any], **_kw: Any) -> None:
 def _on_test_start(environment: Any, **_kw: Any) -> None:
     if getattr(environment, _ENGINE, None) is None:
         return
-    # Load and resample each user class's carrier now: the first load holds the GIL in one long
-    # C call (tens of ms), which would show up as send lag of the sessions already running.
-    from probe.source import _carrier
+    # Load, resample and encode each user class's carrier now: the first load takes tens of ms
+    # in long C calls, which would show up as send lag of the sessions already running.
+    from probe.locust.frames import shared_carrier
 
     for cls in environment.user_classes or ():
-        keys = ("fixture", "sample_rate", "session_s")
-        fixture, rate, dur = (getattr(cls, k, None) for k in keys)
-        if isinstance(fixture, str) and isinstance(rate, int) and isinstance(dur, float | int):
+        keys = ("fixture", "sample_rate", "session_s", "encoding", "level_db")
+        fixture, rate, dur, enc, level = (getattr(cls, k, None) for k in keys)
+        if getattr(cls, "dialect", None) == "twilio":
+            rate, enc = 8000, "mulaw"  # as SourceConfig makes it
+        if (
+            isinstance(fixture, str)
+            and isinstance(rate, int)
+            and isinstance(dur, float | int)
+            and isinstance(enc, str)
+            and isinstance(level, float | int)
+        ):
             try:
-                _carrier(fixture, rate, float(dur))
+                shared_carrier(fixture, rate, float(dur), enc, float(level))
             except Exception as exc:  # a bad fixture is reported by the sessions themselves
                 log.warning("cannot load fixture %s: %s", fixture, exc)
 

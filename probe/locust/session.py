@@ -28,7 +28,7 @@ from gevent import GreenletExit
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from probe.audio.formats import encode
+from probe.locust.frames import SessionFrames, shared_carrier
 from probe.protocol import (
     Audio,
     AudioFormat,
@@ -45,12 +45,11 @@ from probe.sinkproc import RemoteStream
 from probe.source import (
     RETURN_HOP,
     SourceConfig,
-    _carrier,
     _closed_message,
     new_trace_context,
     target_url,
 )
-from probe.watermark.embed import Placement, embed, marker_positions
+from probe.watermark.embed import marker_positions
 
 if TYPE_CHECKING:
     from probe.locust.engine import ProbeEngine
@@ -89,20 +88,16 @@ def run_session(
     out = SessionOutcome(session)
     t_begin = monotonic()
     registry.open_session(session)
-    n_samples = int(round(cfg.duration_s * cfg.rate))
-    positions = marker_positions(n_samples, cfg.rate, every_s=cfg.every_s)
+    shared = shared_carrier(cfg.fixture, cfg.rate, cfg.duration_s, cfg.encoding, cfg.level_db)
+    positions = marker_positions(len(shared.samples), cfg.rate, every_s=cfg.every_s)
     payloads = [registry.payload_for(session, i) for i in range(len(positions))]
-    # Marking and encoding cost milliseconds of CPU: on a native thread of gevent's pool, so the
-    # hub keeps pacing the other sessions meanwhile.
-    pcm, placements = gevent.get_hub().threadpool.apply(
-        _prepare, (cfg, positions, payloads)
-    )
     frame_len = max(1, int(round(cfg.frame_ms * cfg.rate / 1000)))
-    n_frames = -(-n_samples // frame_len)
-    width = len(pcm) // max(1, n_samples)
+    # The shared carrier's bytes, with each marker's frames made just before they are due.
+    frames = SessionFrames(shared, frame_len, positions, payloads)
+    n_frames = frames.n_frames
     out.frames_total = n_frames
     marker_at: dict[int, list[tuple[int, int]]] = {}
-    for p in placements:
+    for p in frames.placements:
         marker_at.setdefault(p.sample // frame_len, []).append((p.index, p.sample % frame_len))
     audio = AudioFormat(cfg.encoding, cfg.rate, 1)
     url = target_url(cfg.target, session)
@@ -158,7 +153,7 @@ def run_session(
             _receive, ws, engine, stream, session, audio, twilio.stream_sid if twilio else None
         )
         frame_s = frame_len / cfg.rate
-        step = frame_len * width
+        frames.prepare(0)
         base = monotonic() if intended_start is None else intended_start
         for n in range(n_frames):
             due = base + n * frame_s
@@ -167,7 +162,7 @@ def run_session(
                 gevent.sleep(delay)
             if receiving.ready():
                 break
-            payload = pcm[n * step : (n + 1) * step]
+            payload = frames.frame(n)
             now = monotonic()
             sent_at = clock()
             lag = max(0.0, now - due)
@@ -182,6 +177,7 @@ def run_session(
                 t_frame = sent_at - lag if from_intended else sent_at
                 for index, offset in marks:
                     registry.record_send(session, index, t_frame + offset / cfg.rate)
+            frames.prepare(n + 1)
         if not receiving.ready():
             ws.send(twilio.stop() if twilio is not None else to_json(Stop()))
             receiving.join(timeout=cfg.drain_s)
@@ -212,23 +208,6 @@ def run_session(
     registry.close_session(session, error=out.error)
     out.duration_s = monotonic() - t_begin
     return out
-
-
-def _prepare(
-    cfg: SourceConfig, positions: list[int], payloads: list[bytes]
-) -> tuple[bytes, list[Placement]]:
-    """The session's audio, marked and encoded (runs on a native thread: numpy only)."""
-    carrier, ref_rms = _carrier(cfg.fixture, cfg.rate, cfg.duration_s)
-    marked, placements = embed(
-        carrier,
-        cfg.rate,
-        lambda i: payloads[i],
-        every_s=cfg.every_s,
-        level_db=cfg.level_db,
-        reference_rms=ref_rms,
-        positions=positions,
-    )
-    return encode(marked, cfg.encoding), placements
 
 
 def _receive(

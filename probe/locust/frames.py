@@ -1,0 +1,140 @@
+"""A session's outgoing frames: one encoded carrier shared by every session, and each marker's
+frames made just before they are due.
+
+Marking and encoding a whole session up front (as :func:`probe.source.run_session` does) costs a
+few milliseconds of CPU per session start (mostly generating its marker waveforms) and keeps the
+session's encoded audio in memory for as long as it streams: 640 kB for 20 s of 16 kHz pcm16, per
+session, in every worker. Here the unmarked carrier is encoded once per process
+(:func:`shared_carrier`) and a session's frame is a slice of it, except where a marker lies: the
+frames a marker touches (with any marker sharing a frame with it: a *group*) are marked and
+encoded when the pacing loop gets near them, and only the current group is kept. The bytes are the
+same as ``encode(embed(carrier, ...))`` (encoding is per sample), so the receiving side sees
+exactly what it would have.
+
+Pure numpy, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from probe.audio.formats import Encoding, bytes_per_sample, encode
+from probe.source import _carrier
+from probe.watermark.design import Float32Array, marker_waveform
+from probe.watermark.embed import Placement, marker_amplitude
+
+__all__ = ["SessionFrames", "SharedCarrier", "shared_carrier"]
+
+
+@dataclass(frozen=True, eq=False)
+class SharedCarrier:
+    """The unmarked carrier of a session template, as samples and as encoded bytes."""
+
+    samples: Float32Array
+    pcm: bytes
+    rate: int
+    encoding: Encoding
+    width: int
+    amp: np.float32
+
+
+@lru_cache(maxsize=16)
+def shared_carrier(
+    fixture: str, rate: int, duration_s: float, encoding: Encoding, level_db: float
+) -> SharedCarrier:
+    """The carrier for sessions of this fixture, length, encoding and marker level (cached)."""
+    samples, ref_rms = _carrier(fixture, rate, duration_s)
+    return SharedCarrier(
+        samples=samples,
+        pcm=encode(samples, encoding),
+        rate=rate,
+        encoding=encoding,
+        width=bytes_per_sample(encoding),
+        # As embed() computes it, so the marked samples are bit-identical.
+        amp=np.float32(marker_amplitude(ref_rms, level_db)),
+    )
+
+
+@lru_cache(maxsize=8)
+def _marker_len(rate: int) -> int:
+    return len(marker_waveform(bytes(4), rate))
+
+
+class SessionFrames:
+    """Frame ``n`` of one session, for ``n`` increasing (module docstring)."""
+
+    def __init__(
+        self,
+        shared: SharedCarrier,
+        frame_len: int,
+        positions: Sequence[int],
+        payloads: Sequence[bytes],
+    ) -> None:
+        self.shared = shared
+        self.frame_len = frame_len
+        n_samples = len(shared.samples)
+        self.n_frames = -(-n_samples // frame_len)
+        self._step = frame_len * shared.width
+        length = _marker_len(shared.rate)
+        self.placements: list[Placement] = []
+        # Groups of markers whose frames overlap: first frame, last frame, (start, payload)s.
+        self._k0: list[int] = []
+        self._k1: list[int] = []
+        self._members: list[list[tuple[int, bytes]]] = []
+        for i, start in enumerate(positions):
+            end = min(n_samples, start + length)
+            if start < 0 or end <= start:
+                continue
+            self.placements.append(Placement(index=i, sample=start, payload=payloads[i]))
+            k0, k1 = start // frame_len, (end - 1) // frame_len
+            if self._k1 and k0 <= self._k1[-1]:
+                self._k1[-1] = max(self._k1[-1], k1)
+                self._members[-1].append((start, payloads[i]))
+            else:
+                self._k0.append(k0)
+                self._k1.append(k1)
+                self._members.append([(start, payloads[i])])
+        self._g = 0  # the first group not wholly before the frames asked for
+        self._built = -1  # the group whose bytes are in _pcm
+        self._pcm = b""
+
+    def frame(self, n: int) -> bytes:
+        """The encoded bytes of frame ``n`` (marked where markers lie)."""
+        g = self._seek(n)
+        if g is None:
+            return self.shared.pcm[n * self._step : (n + 1) * self._step]
+        if self._built != g:
+            self._build(g)
+        at = (n - self._k0[g]) * self._step
+        return self._pcm[at : at + self._step]
+
+    def prepare(self, n: int) -> None:
+        """Mark and encode ahead of time the group frame ``n`` is in, if any (call it right
+        after a send, so the work is not between a frame's due time and its send)."""
+        g = self._seek(n)
+        if g is not None and self._built != g:
+            self._build(g)
+
+    def _seek(self, n: int) -> int | None:
+        k1 = self._k1
+        while self._g < len(k1) and k1[self._g] < n:
+            self._g += 1
+        if self._g < len(k1) and self._k0[self._g] <= n:
+            return self._g
+        return None
+
+    def _build(self, g: int) -> None:
+        s = self.shared
+        a = self._k0[g] * self.frame_len
+        b = min(len(s.samples), (self._k1[g] + 1) * self.frame_len)
+        seg = np.array(s.samples[a:b], dtype=np.float32, copy=True)
+        for start, payload in self._members[g]:
+            wave = marker_waveform(payload, s.rate)
+            end = min(b, start + len(wave))
+            seg[start - a : end - a] += s.amp * wave[: end - start]
+        self._pcm = encode(seg, s.encoding)
+        self._built = g
