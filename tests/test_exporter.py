@@ -181,3 +181,30 @@ def test_exporter_command_serves_until_stopped() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_prometheus_scrape_timeout_bounds_the_probe(
+    pipeline: BackgroundPipeline, exporter: tuple[str, ProbeExporter]
+) -> None:
+    """The scrape timeout header cuts the marker timeout so the answer beats it; a scenario that
+    cannot fit at all is a 400 naming both figures."""
+    base, _ = exporter
+    query = urlencode({"target": pipeline.url, "scenario": "quick"})
+    # quick: 1 session of 2 s (+3 s drain at most) + 2.5 s overhead = 7.5 s busy; 9 s less the
+    # 0.5 s offset leaves 1 s of marker timeout (the scenario asks for 2 s).
+    req = urllib.request.Request(
+        f"{base}/probe?{query}", headers={"X-Prometheus-Scrape-Timeout-Seconds": "9"}
+    )
+    t0 = time.monotonic()
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read().decode()
+    assert time.monotonic() - t0 < 9.0
+    assert _values(body)["probe_success"][0][1] == 1.0
+    req = urllib.request.Request(
+        f"{base}/probe?{query}", headers={"X-Prometheus-Scrape-Timeout-Seconds": "3"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400
+    text = err.value.read().decode()
+    assert "Prometheus allows 3 s" in text and text.count("\n") == 1

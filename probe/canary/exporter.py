@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -129,10 +129,13 @@ class ProbeExporter:
             )
         return self.build_config(opts), thresholds, str(opts["target"])
 
-    def probe(self, query: str) -> ExporterResponse:
-        """Answer ``GET /probe?<query>``."""
+    def probe(self, query: str, scrape_timeout_s: float | None = None) -> ExporterResponse:
+        """Answer ``GET /probe?<query>``; ``scrape_timeout_s`` is Prometheus' scrape timeout
+        (its ``X-Prometheus-Scrape-Timeout-Seconds`` header), which the answer must beat."""
         try:
             cfg, thresholds, target = self.plan(query)
+            if scrape_timeout_s is not None:
+                cfg = fit_timeout(cfg, scrape_timeout_s)
         except ConfigError as exc:
             self._probes.labels("bad_request").inc()
             return ExporterResponse(400, TEXT, f"{exc}\n".encode())
@@ -181,13 +184,20 @@ class ProbeExporter:
         )
         return ExporterResponse(200, TEXT, text.encode())
 
-    def handle(self, method: str, path: str) -> ExporterResponse:
+    def handle(
+        self, method: str, path: str, headers: Mapping[str, str] | None = None
+    ) -> ExporterResponse:
         """Route one request (``path`` with its query)."""
         parts = urlsplit(path)
         if method not in ("GET", "HEAD"):
             return ExporterResponse(405, TEXT, b"Only GET is supported.\n")
         if parts.path == "/probe":
-            return self.probe(parts.query)
+            raw = (headers or {}).get(SCRAPE_TIMEOUT_HEADER)
+            try:
+                timeout = float(raw) if raw else None
+            except ValueError:
+                timeout = None
+            return self.probe(parts.query, timeout)
         if parts.path == "/metrics":
             return self.metrics()
         if parts.path == "/":
@@ -195,12 +205,40 @@ class ProbeExporter:
         return ExporterResponse(404, TEXT, f"No such page: {parts.path}; try /probe.\n".encode())
 
 
+SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+# Kept free of the scrape timeout, as blackbox_exporter's --timeout-offset: the answer must be
+# written and read before Prometheus gives up.
+TIMEOUT_OFFSET_S = 0.5
+# Beside the sessions and the marker timeout, a probe spends this long starting the sink process,
+# waiting for the return direction to drain and settling.
+_OVERHEAD_S = 2.5
+
+
+def fit_timeout(cfg: RunConfig, scrape_timeout_s: float) -> RunConfig:
+    """``cfg`` with its marker timeout cut so the probe answers within the scrape timeout; a
+    ConfigError (HTTP 400) when even the sessions themselves cannot fit."""
+    budget = scrape_timeout_s - TIMEOUT_OFFSET_S
+    src = cfg.source
+    waves = -(-cfg.sessions // max(1, cfg.concurrency))
+    busy = waves * (src.duration_s + src.drain_s) + _OVERHEAD_S
+    room = budget - busy
+    if room < 1.0:
+        raise ConfigError(
+            f"The probe needs about {busy + 1.0:.1f} s ({waves} x {src.duration_s:g} s of "
+            f"sessions plus draining and a 1 s marker timeout) but Prometheus allows "
+            f"{scrape_timeout_s:g} s; raise scrape_timeout or shorten the scenario."
+        )
+    if room >= cfg.marker_timeout_s:
+        return cfg
+    return replace(cfg, marker_timeout_s=room)
+
+
 class _Handler(BaseHTTPRequestHandler):
     exporter: ProbeExporter
     protocol_version = "HTTP/1.1"
 
     def _answer(self, method: str) -> None:
-        resp = self.exporter.handle(method, self.path)
+        resp = self.exporter.handle(method, self.path, dict(self.headers.items()))
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)
         self.send_header("Content-Length", str(len(resp.body)))
