@@ -3,14 +3,16 @@ with a bare ``websockets`` send-and-receive loop of the same framing and pacing.
 
 The reference pipeline (lossless hops, forks to the worker's sink, audio returned) runs in a
 separate process. This process is one Locust worker (gevent, a ``LocalRunner`` of probe users,
-the worker's own sink and detection thread: exactly what ``locust -f scenarios/...`` runs). Users
-are ramped step by step; a step passes while the frame send lag p99 stays <= 5 ms and at most
-0.1 % of the markers settled in the step were missed. Then the same ramp for the bare loop: a
+the worker's own sink child process, which detects every marker of the worker's sessions: exactly
+what ``locust -f scenarios/...`` runs). Users are ramped step by step; a step passes while the
+frame send lag p99 stays <= 5 ms and at most 0.1 % of the markers settled in the step were
+missed. Then the same ramp for the bare loop: a
 greenlet per stream sends 20 ms frames of unmarked audio on the same absolute schedule over the
 ``websockets`` sync client and reads the returned audio, no sink, no detection (pass: lag p99
 <= 5 ms and at most 0.1 % of the frames not returned; its streams never end, so no session
-boundary falls in a measured window). Memory per stream is the growth of this process's resident
-memory over the probe ramp's passing steps divided by the streams added.
+boundary falls in a measured window). Memory per stream is the growth of the resident memory of
+this process plus its sink child over the probe ramp's passing steps divided by the streams added;
+CPU is shown for the worker, its sink child and the pipeline (% of one core).
 
     python benchmarks/locust_capacity.py [--steps 25,50,100,150,200,250,300] [--hold 10]
 """
@@ -75,8 +77,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
+def _rss_mib(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -119,6 +121,7 @@ class Step:
     pipe_cpu_pct: float
     rss_mib: float
     extra: str = ""
+    sink_cpu_pct: float = 0.0
 
     @property
     def lost_fraction(self) -> float:
@@ -133,19 +136,28 @@ class Step:
         return (
             f"  {self.streams:4d} streams: lag p50 {self.lag_p50:6.2f} p99 {self.lag_p99:6.2f} ms; "
             f"{what} lost {self.lost}/{self.total} ({100 * self.lost_fraction:.3f} %); "
-            f"worker CPU {self.cpu_pct:4.0f} %, pipeline CPU {self.pipe_cpu_pct:4.0f} %; "
+            f"CPU worker {self.cpu_pct:3.0f} % + sink child {self.sink_cpu_pct:3.0f} %, "
+            f"pipeline {self.pipe_cpu_pct:3.0f} %; "
             f"RSS {self.rss_mib:5.0f} MiB {self.extra} -> {verdict}"
         )
 
 
 def _measure(
-    hold_s: float, pipe: Pipeline, sample: Callable[[], tuple[float, float, int, int, str]]
-) -> tuple[float, float, int, int, float, float, str]:
-    cpu0, pcpu0, t0 = time.process_time(), pipe.cpu_s(), time.monotonic()
+    hold_s: float,
+    pipe: Pipeline,
+    sample: Callable[[], tuple[float, float, int, int, str]],
+    sink_pid: int | None = None,
+) -> tuple[float, float, int, int, float, float, str, float]:
+    def sink_cpu() -> float:
+        return _proc_cpu_s(sink_pid) if sink_pid is not None else 0.0
+
+    cpu0, pcpu0, scpu0, t0 = time.process_time(), pipe.cpu_s(), sink_cpu(), time.monotonic()
     gevent.sleep(hold_s)
-    cpu, pcpu, wall = time.process_time() - cpu0, pipe.cpu_s() - pcpu0, time.monotonic() - t0
+    wall = time.monotonic() - t0
+    cpu, pcpu, scpu = time.process_time() - cpu0, pipe.cpu_s() - pcpu0, sink_cpu() - scpu0
     p50, p99, lost, total, extra = sample()
-    return p50, p99, lost, total, 100 * cpu / wall, 100 * pcpu / wall, extra
+    return (p50, p99, lost, total, 100 * cpu / wall, 100 * pcpu / wall, extra,
+            100 * scpu / wall)
 
 
 class BenchUser(AudioProbeUser):
@@ -161,8 +173,13 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
     runner = env.create_local_runner()
     events.init.fire(environment=env, runner=runner, web_ui=None)
     engine = engine_of(env)
+    sink_pid = int(engine.sink.proc.pid)
+
+    def rss() -> float:
+        return _rss_mib() + _rss_mib(sink_pid)
+
     out: list[Step] = []
-    rss0 = _rss_mib()
+    rss0 = rss()
     try:
         for n in steps:
             runner.start(n, spawn_rate=max(n, 1) / 2.0)
@@ -178,12 +195,14 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
                 t = totals_of(engine, getattr(env, "_probe_baseline", None))
                 det = sum(c["detected"] for c in t.markers.values())
                 miss = sum(c["missed"] for c in t.markers.values())
-                backlog = engine.worker.backlog()
-                extra = f"(detection backlog {backlog}, failed sessions {t.sessions['failed']})"
+                extra = (f"(worker {_rss_mib():.0f} + sink child {_rss_mib(sink_pid):.0f} MiB; "
+                         f"failed sessions {t.sessions['failed']})")
                 return float(lag["p50"] or 0), float(lag["p99"] or 0), miss, det + miss, extra
 
-            p50, p99, lost, total, cpu, pcpu, extra = _measure(hold_s, pipe, sample)
-            step = Step(n, p50, p99, lost, total, cpu, pcpu, _rss_mib(), extra)
+            p50, p99, lost, total, cpu, pcpu, extra, scpu = _measure(
+                hold_s, pipe, sample, sink_pid
+            )
+            step = Step(n, p50, p99, lost, total, cpu, pcpu, rss(), extra, scpu)
             out.append(step)
             print(step.line("markers"), flush=True)
             if not step.passed:
@@ -259,7 +278,7 @@ def bare_ramp(steps: list[int], hold_s: float, settle_s: float) -> list[Step]:
                 return (float(np.percentile(a, 50)), float(np.percentile(a, 99)),
                         max(0, sent - got), sent, "")
 
-            p50, p99, lost, total, cpu, pcpu, extra = _measure(hold_s, pipe, sample)
+            p50, p99, lost, total, cpu, pcpu, extra, _ = _measure(hold_s, pipe, sample)
             step = Step(n, p50, p99, lost, total, cpu, pcpu, _rss_mib(), extra)
             out.append(step)
             print(step.line("frames"), flush=True)
@@ -298,9 +317,22 @@ def main() -> None:
           f"(target >= 250: {'MET' if best_probe >= 250 else 'NOT MET'})")
     print(f"bare websockets loop ceiling: {best_bare}; ratio {ratio:.2f} "
           f"(target >= 0.70: {'MET' if ratio >= 0.7 else 'NOT MET'})")
-    print(f"memory per probe stream: {per_stream_mib:.2f} MiB "
+    print(f"memory per probe stream (worker + sink child): {per_stream_mib:.2f} MiB "
           f"(target <= 1 MiB: {'MET' if per_stream_mib <= 1.0 else 'NOT MET'}); "
           f"peak RSS {peak:.0f} MiB")
+    last = next((s for s in reversed(probe) if s.passed), None)
+    if last is not None:
+        # CPU per stream-second at the same load, so the worker's own cost compares with the
+        # bare loop's; "per core" divides one core by it (a rate, not a ceiling measured here).
+        same = next((s for s in bare if s.streams == last.streams), None)
+        w_ms, c_ms = 10 * last.cpu_pct / last.streams, 10 * last.sink_cpu_pct / last.streams
+        line = (f"CPU per stream-second at {last.streams} streams: worker {w_ms:.2f} ms "
+                f"(~{1000 / w_ms:.0f} streams per core) + sink child {c_ms:.2f} ms "
+                f"(~{1000 / c_ms:.0f} per core)")
+        if same is not None:
+            b_ms = 10 * same.cpu_pct / same.streams
+            line += f"; bare loop {b_ms:.2f} ms (~{1000 / b_ms:.0f} per core)"
+        print(line)
     print("note: a step ends at the first failing load; the steps are coarse, so the true "
           "ceiling lies between the last passing step and the first failing one")
     if args.json:

@@ -93,7 +93,14 @@ class _RegistryProxy:
         self._send(("det", hop, payload, arrival_time, score, session_hint))
 
 
-def _child(conn: Connection, host: str, port: int, idle_timeout: float) -> None:
+def _renice_this_thread(nice: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def _child(
+    conn: Connection, host: str, port: int, idle_timeout: float, detect_nice: int = 0
+) -> None:
     """The child process: serve the sink until told to stop; run the parent's detection streams.
 
     The parent sends batches of messages. One thread reads them and hands each batch, whole and
@@ -159,6 +166,10 @@ def _child(conn: Connection, host: str, port: int, idle_timeout: float) -> None:
 
     async def main() -> None:
         worker = DetectionWorker()
+        if detect_nice:
+            # Detection is throughput work on stamped frames: below the pacing process, the
+            # target and this process's own socket reads (which stamp arrivals) in the scheduler.
+            worker.submit(_renice_this_thread, detect_nice)
         # A negative port: no fork sink, only the parent's detection streams (no hop forks).
         sink = Sink(registry, worker, clock=time.time, idle_timeout=idle_timeout)
         url = ""
@@ -231,11 +242,12 @@ def encode_message(obj: Any) -> bytes:
 
 
 def spawn_child(
-    host: str, port: int, idle_timeout: float
+    host: str, port: int, idle_timeout: float, *, detect_nice: int = 0
 ) -> tuple[socket.socket, subprocess.Popen[bytes]]:
     """Start ``python -m probe.sinkproc`` on one end of a socket pair; return the other end.
 
-    ``port`` < 0 starts no fork sink (only detection streams, :meth:`SinkChild.open_stream`)."""
+    ``port`` < 0 starts no fork sink (only detection streams, :meth:`SinkChild.open_stream`);
+    ``detect_nice`` > 0 lowers the OS priority of the child's detection thread."""
     # A plain `python -m probe.sinkproc` child: unlike multiprocessing's spawn it never
     # re-imports the caller's __main__ (locustfiles, scripts), and unlike fork it copies no
     # threads (nor a gevent hub).
@@ -245,7 +257,7 @@ def spawn_child(
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "probe.sinkproc", str(theirs.fileno()), host, str(port),
-             str(idle_timeout)],
+             str(idle_timeout), str(detect_nice)],
             pass_fds=[theirs.fileno()],
             env={**os.environ, "PYTHONPATH": _import_root()},
         )
@@ -435,4 +447,7 @@ class SinkProcess(SinkChild):
 
 
 if __name__ == "__main__":
-    _child(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    _child(
+        Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]),
+        int(sys.argv[5]) if len(sys.argv) > 5 else 0,
+    )

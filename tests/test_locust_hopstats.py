@@ -119,10 +119,14 @@ def test_engine_config_from_env() -> None:
     assert (cfg.sink_host, cfg.sink_port, cfg.advertise_host) == ("0.0.0.0", 0, "10.0.0.7")
     assert cfg.hop_order == ("a", "b")
     assert EngineConfig.from_env({}).sink_host == "127.0.0.1"
+    assert EngineConfig.from_env({}).detect_nice == 10
+    assert EngineConfig.from_env({"PROBE_DETECT_NICE": "0"}).detect_nice == 0
     for env, words in (
         ({"PROBE_SINK_LISTEN": "nope"}, "PROBE_SINK_LISTEN"),
         ({"PROBE_SINK_URL": "http://x/"}, "PROBE_SINK_URL"),
         ({"PROBE_MARKER_TIMEOUT": "0"}, "PROBE_MARKER_TIMEOUT"),
+        ({"PROBE_DETECT_NICE": "-5"}, "PROBE_DETECT_NICE"),
+        ({"PROBE_DETECT_NICE": "20"}, "PROBE_DETECT_NICE"),
     ):
         with pytest.raises(ConfigError, match=words):
             EngineConfig.from_env(env)

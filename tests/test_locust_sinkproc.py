@@ -16,7 +16,7 @@ SLOW = float(os.environ.get("PROBE_TEST_TIMEOUT_FACTOR", "1"))
 SCRIPT = r'''
 from gevent import monkey
 monkey.patch_all()
-import json, socket, time
+import json, os, socket, time
 from websockets.sync.client import connect
 from probe.errors import ConfigError
 from probe.locust.frames import SessionFrames, shared_carrier
@@ -27,7 +27,7 @@ from probe.watermark.embed import marker_positions
 
 out = {}
 reg = SessionRegistry(clock=time.time, marker_timeout=60.0)
-sink = GeventSinkProcess(reg)
+sink = GeventSinkProcess(reg, detect_nice=7)
 url = sink.start("127.0.0.1", 0)
 out["url"] = url
 reg.open_session("s1")
@@ -62,6 +62,10 @@ while reg.hop_counts().get("asr") is None or reg.hop_counts()["asr"].pending:
         break
     time.sleep(0.05)
 counts = reg.hop_counts()
+tasks = f"/proc/{sink.proc.pid}/task"
+out["nice"] = sorted(
+    int(open(f"{tasks}/{t}/stat").read().rsplit(")", 1)[1].split()[16]) for t in os.listdir(tasks)
+)
 out["detected"] = {h: c.detected for h, c in counts.items()}
 out["return_latency"] = sorted(m.latency_s for m in reg.measurements() if m.hop == "return")
 sink.stop()
@@ -102,6 +106,8 @@ def test_gevent_parent_gets_fork_and_return_detections_from_the_child() -> None:
     # Return arrivals were stamped 50 ms after the send: sample-exact detection.
     assert all(abs(x - 0.050) < 0.001 for x in out["return_latency"]), out["return_latency"]
     assert out["returncode"] == 0
+    # Only the child's detection thread runs below normal priority.
+    assert out["nice"].count(7) == 1 and out["nice"].count(0) >= 2, out["nice"]
     assert out["bare_url"] == ""
     port, message = out["taken"]
     want = f"The probe sink cannot listen on 127.0.0.1:{port}: the port is already in use."

@@ -57,9 +57,11 @@ class GeventSinkProcess(SinkChild):
         *,
         idle_timeout: float = 30.0,
         flush_interval_s: float = 0.01,
+        detect_nice: int = 0,
     ) -> None:
         super().__init__(registry, idle_timeout=idle_timeout)
         self.flush_interval_s = flush_interval_s
+        self.detect_nice = detect_nice
         self.proc: Any = None
         self._sock: Any = None
         self._outbox: list[tuple[Any, ...]] = []
@@ -81,7 +83,7 @@ class GeventSinkProcess(SinkChild):
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the child (cooperatively); return its sink's ws:// URL ("" when ``port`` < 0:
         detection streams only). ConfigError with one sentence when the sink cannot listen."""
-        mine, proc = spawn_child(host, port, self.idle_timeout)
+        mine, proc = spawn_child(host, port, self.idle_timeout, detect_nice=self.detect_nice)
         # Cooperative whether or not the socket module is monkey-patched.
         sock = gsocket.socket(fileno=mine.detach())
         reader = MessageReader()

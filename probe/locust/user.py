@@ -223,3 +223,8 @@ class OpenAudioProbeUser(AudioProbeUser):
                 )
                 continue
             self._sessions.spawn(self._one, due)
+
+
+# Locust adds a base class's @task methods to a subclass's even when overridden, so without this
+# an open-model user would run the closed loop's task half the time.
+OpenAudioProbeUser.tasks = [OpenAudioProbeUser.stream]
