@@ -209,28 +209,30 @@ SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 # Kept free of the scrape timeout, as blackbox_exporter's --timeout-offset: the answer must be
 # written and read before Prometheus gives up.
 TIMEOUT_OFFSET_S = 0.5
-# Beside the sessions and the marker timeout, a probe spends this long starting the sink process,
-# waiting for the return direction to drain and settling.
-_OVERHEAD_S = 2.5
+# Beside its sessions, a probe spends up to this long starting the sink process and settling.
+_OVERHEAD_S = 2.0
+_MIN_WAIT_S = 0.5  # the least drain and marker timeout worth running with
 
 
 def fit_timeout(cfg: RunConfig, scrape_timeout_s: float) -> RunConfig:
-    """``cfg`` with its marker timeout cut so the probe answers within the scrape timeout; a
-    ConfigError (HTTP 400) when even the sessions themselves cannot fit."""
+    """``cfg`` with its drain and marker timeout cut so the probe answers within the scrape
+    timeout; a ConfigError (HTTP 400) when even its sessions cannot fit."""
     budget = scrape_timeout_s - TIMEOUT_OFFSET_S
     src = cfg.source
     waves = -(-cfg.sessions // max(1, cfg.concurrency))
-    busy = waves * (src.duration_s + src.drain_s) + _OVERHEAD_S
-    room = budget - busy
-    if room < 1.0:
+    rest = budget - waves * src.duration_s - _OVERHEAD_S
+    if rest < 2 * _MIN_WAIT_S * waves:
+        need = waves * src.duration_s + _OVERHEAD_S + 2 * _MIN_WAIT_S * waves
         raise ConfigError(
-            f"The probe needs about {busy + 1.0:.1f} s ({waves} x {src.duration_s:g} s of "
-            f"sessions plus draining and a 1 s marker timeout) but Prometheus allows "
-            f"{scrape_timeout_s:g} s; raise scrape_timeout or shorten the scenario."
+            f"The probe needs at least {need + TIMEOUT_OFFSET_S:.1f} s ({waves} x "
+            f"{src.duration_s:g} s of sessions, start-up, draining and settling) but Prometheus "
+            f"allows {scrape_timeout_s:g} s; raise scrape_timeout or shorten the scenario."
         )
-    if room >= cfg.marker_timeout_s:
+    drain = min(src.drain_s, max(_MIN_WAIT_S, 0.4 * rest / waves))
+    marker_timeout = min(cfg.marker_timeout_s, max(_MIN_WAIT_S, rest - waves * drain))
+    if drain == src.drain_s and marker_timeout == cfg.marker_timeout_s:
         return cfg
-    return replace(cfg, marker_timeout_s=room)
+    return replace(cfg, source=replace(src, drain_s=drain), marker_timeout_s=marker_timeout)
 
 
 class _Handler(BaseHTTPRequestHandler):
