@@ -298,3 +298,71 @@ def test_metrics_of_a_locust_worker_are_the_probe_run_metrics(tmp_path: Path) ->
         finally:
             _, err = run.communicate(timeout=40 * SLOW)
     assert "Traceback" not in err
+
+
+def test_a_worker_that_dies_is_shown_lost_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Kill one of two workers mid-run: the master marks it lost in the Hops tab, and the other
+    worker's measurements keep arriving."""
+    web, bind = free_port(), free_port()
+    env = locust_env(PROBE_HOP_ORDER="a,return")
+    procs: list[subprocess.Popen[str]] = []
+    with pipeline("a:20ms") as (url, _):
+        try:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "locust", "-f", REFERENCE, "--master",
+                 "--master-bind-host", "127.0.0.1", "--master-bind-port", str(bind),
+                 "--web-host", "127.0.0.1", "--web-port", str(web), "--autostart",
+                 "--expect-workers", "2", "-u", "4", "-r", "4", "-t", "25s", "--autoquit", "2",
+                 "--host", url],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            ))
+            wait_port(bind)
+            for _ in range(2):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "locust", "-f", REFERENCE, "--worker",
+                     "--master-host", "127.0.0.1", "--master-port", str(bind)],
+                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    text=True,
+                ))
+            wait_port(web)
+
+            def hops() -> dict[str, Any]:
+                return _get_json(f"http://127.0.0.1:{web}/hops/json")
+
+            deadline = time.monotonic() + 30 * SLOW
+            data = hops()
+            while time.monotonic() < deadline:
+                data = hops()
+                live = [s for s in data["sources"].values()
+                        if s["markers"].get("a", {}).get("detected", 0) > 0]
+                if len(live) == 2:
+                    break
+                time.sleep(0.5)
+            assert len(live) == 2, data
+            procs[2].kill()  # one worker dies without a word to the master
+            procs[2].wait(10)
+            deadline = time.monotonic() + 30 * SLOW
+            note = ""
+            while time.monotonic() < deadline:
+                data = hops()
+                note = str(data["rows"][-1]["note"])
+                if "workers lost 1" in note:
+                    break
+                time.sleep(0.5)
+            assert "workers lost 1" in note, data["rows"][-1]
+            before = {r["name"]: r["detected"] for r in data["rows"]}["a"]
+            deadline = time.monotonic() + 20 * SLOW
+            after = before
+            while time.monotonic() < deadline and after <= before:
+                time.sleep(1.0)
+                after = {r["name"]: r["detected"] for r in hops()["rows"]}["a"]
+            assert after > before, (before, after)
+            assert procs[1].poll() is None  # the surviving worker is still running
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
