@@ -1,8 +1,12 @@
 """One hop's audio stream turned into marker detections in the registry (no sockets here).
 
 The sink (forks) and the source (the return direction) both hand each received frame, with its
-arrival time, to a :class:`HopStream`; it decodes the frame, feeds the streaming detector and
-records every detection. :class:`DetectionWorker` runs that work on one thread beside the event
+arrival time, to a :class:`HopStream`; it decodes the frame, feeds a detector and records every
+detection. A stream of a session the :class:`~probe.measure.expect.ExpectationBook` knows uses
+informed detection (:mod:`probe.watermark.informed`: it looks for the markers that session sent);
+a stream that names no session, or one the book does not know, is decoded blind until a blind
+detection (or the book) tells its session, and is informed from then on.
+:class:`DetectionWorker` runs that work on one thread beside the event
 loop, so detection never delays the pacing of outgoing audio; one thread keeps frames in order.
 """
 
@@ -14,9 +18,11 @@ from collections.abc import Callable
 from queue import SimpleQueue
 
 from probe.audio.formats import decode
+from probe.measure.expect import ExpectationBook
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat
 from probe.watermark.detect import Detection, MarkerDetector
+from probe.watermark.informed import Expected, InformedDetector
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +38,54 @@ class HopStream:
         *,
         session_hint: str | None = None,
         on_detection: Callable[[str, Detection], None] | None = None,
+        book: ExpectationBook | None = None,
     ) -> None:
         self.registry = registry
         self.hop = hop
         self.audio = audio
         self.session_hint = session_hint
         self._on_detection = on_detection
-        self._detector = MarkerDetector(audio.sample_rate)
+        self._book = book
+        self._session: str | None = None  # the session the informed detector follows
+        self._informed: InformedDetector | None = None
+        self._detector: MarkerDetector | None = None
         self._closed = False
         self.detections = 0
+        # Started by the first call on the detection thread: the book is that thread's alone.
+        self._started = False
+
+    @property
+    def informed(self) -> bool:
+        """Whether the stream looks for its session's expected markers (else decodes blind)."""
+        return self._informed is not None
+
+    def _start_detector(self) -> None:
+        self._started = True
+        self._informed = None
+        self._detector = None
+        if self._session is None and self.session_hint is not None:
+            self._session = self.session_hint
+        if self._book is not None and self._session is not None:
+            informed = InformedDetector(self.audio.sample_rate)
+            self._informed = informed
+            if self._book.subscribe(self._session, self):
+                return
+            self._informed = None
+        self._detector = MarkerDetector(self.audio.sample_rate)
+
+    def expect(self, marker: Expected) -> None:
+        """A marker of this stream's session was sent (called by the expectation book)."""
+        if self._informed is not None:
+            self._informed.expect(marker)
 
     def set_format(self, audio: AudioFormat) -> None:
         """The peer changed its audio format mid-stream: restart detection at the new rate."""
         if audio == self.audio:
             return
-        self._record(self._detector.flush())
+        if self._started:
+            self._record(self._flush())
         self.audio = audio
-        self._detector = MarkerDetector(audio.sample_rate)
+        self._start_detector()
 
     def on_audio(self, data: bytes, arrival: float) -> None:
         """A frame of audio in the stream's format, received at ``arrival`` (seconds)."""
@@ -58,14 +95,44 @@ class HopStream:
         if usable <= 0:
             return
         samples = decode(data[:usable], self.audio.encoding)
-        self._record(self._detector.feed(samples, arrival))
+        if not self._started:
+            self._start_detector()
+        if self._informed is not None:
+            self._record(self._informed.feed(samples, arrival))
+            return
+        assert self._detector is not None
+        found = self._detector.feed(samples, arrival)
+        self._record(found)
+        if self._book is None:
+            return
+        # The session became known (its first marker was sent after the stream opened), or a
+        # blind detection named it: follow its expected markers from now on.
+        session = self._session
+        if session is None:
+            for det in found:
+                session = self._book.session_of(det.payload)
+                if session is not None:
+                    break
+        if session is not None and self._book.knows(session):
+            self._record(self._detector.flush())
+            self._session = session
+            self._start_detector()
 
     def close(self) -> None:
         """End of stream: report what the detector still holds."""
         if self._closed:
             return
         self._closed = True
-        self._record(self._detector.flush())
+        if self._started:
+            self._record(self._flush())
+
+    def _flush(self) -> list[Detection]:
+        if self._informed is not None:
+            if self._book is not None and self._session is not None:
+                self._book.unsubscribe(self._session, self)
+            return self._informed.flush()
+        assert self._detector is not None
+        return self._detector.flush()
 
     def _record(self, found: list[Detection]) -> None:
         for det in found:

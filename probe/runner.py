@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from probe.hopstream import DetectionWorker
+from probe.measure.expect import ExpectationBook
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
 from probe.observe import RunObserver
@@ -81,6 +82,9 @@ async def run_probe(
         observer=observer,
     )
     worker = DetectionWorker()
+    # Informed detection: every marker sent is expected on every stream of its session. The
+    # book lives where detection runs (the sink child, or this process's detection thread).
+    book = ExpectationBook()
     sink: Sink | SinkProcess | None = None
     started_at = clock()
     t0 = time.monotonic()
@@ -90,10 +94,14 @@ async def run_probe(
             if cfg.sink_process and clock is time.time:
                 sink = SinkProcess(registry)
             else:
-                sink = Sink(registry, worker, clock=clock)
+                sink = Sink(registry, worker, clock=clock, book=book)
             url = await sink.start(cfg.sink_host, cfg.sink_port)
             advertised = cfg.sink_url or url
             source = SourceConfig(**{**source.__dict__, "sink_url": advertised})
+        if isinstance(sink, SinkProcess):
+            registry.add_send_listener(sink.expect)
+        else:
+            registry.add_send_listener(lambda *sent: worker.submit(book.add, *sent))
         gate = asyncio.Semaphore(max(1, cfg.concurrency))
         done = 0
 
@@ -107,6 +115,7 @@ async def run_probe(
                     session=uuid.uuid4().hex,
                     clock=clock,
                     open_stream=sink.open_stream if isinstance(sink, SinkProcess) else None,
+                    book=book,
                 )
             done += 1
             counts = registry.session_counts()

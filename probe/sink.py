@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from probe.errors import ConfigError
 from probe.hopstream import DetectionWorker, HopStream
+from probe.measure.expect import ExpectationBook
 from probe.measure.registry import SessionRegistry
 from probe.protocol import Audio, ForkReceiver, ForkStart, ProtocolViolation, Started, Stopped
 from probe.wsstamp import StampedServerConnection, server_factory
@@ -38,8 +39,12 @@ class Sink:
         *,
         clock: Callable[[], float],
         idle_timeout: float = FORK_IDLE_S,
+        book: ExpectationBook | None = None,
     ) -> None:
+        """``book`` (touched only on the worker's thread) makes forks of known sessions use
+        informed detection."""
         self.registry = registry
+        self.book = book
         self.worker = worker
         self.clock = clock
         self.idle_timeout = idle_timeout
@@ -103,7 +108,8 @@ class Sink:
                             hop, session = msg.hop, msg.session
                             self.registry.hop_connected(hop, session, msg.traceparent)
                             stream = HopStream(
-                                self.registry, hop, msg.audio, session_hint=session
+                                self.registry, hop, msg.audio, session_hint=session,
+                                book=self.book,
                             )
                         else:
                             self.worker.submit(stream.set_format, msg.audio)

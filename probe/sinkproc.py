@@ -107,6 +107,7 @@ def _child(
     in order, to the detection worker (one hand-over per batch, not per frame); drain and stop
     are answered from that thread."""
     from probe.hopstream import DetectionWorker, HopStream
+    from probe.measure.expect import ExpectationBook
     from probe.sink import Sink
 
     proxy = _RegistryProxy(conn)
@@ -115,6 +116,7 @@ def _child(
     sys.setswitchinterval(0.001)
     registry = cast(SessionRegistry, proxy)
     streams: dict[int, HopStream] = {}  # touched only on the detection worker's thread
+    book = ExpectationBook()  # likewise
 
     def apply(work: list[tuple[Any, ...]]) -> None:
         for msg in work:
@@ -123,8 +125,12 @@ def _child(
                 st = streams.get(msg[1])
                 if st is not None:
                     st.on_audio(msg[2], msg[3])
+            elif kind == "expect":
+                book.add(msg[1], msg[2], msg[3], msg[4])
             elif kind == "open":
-                streams[msg[1]] = HopStream(registry, msg[2], msg[3], session_hint=msg[4])
+                streams[msg[1]] = HopStream(
+                    registry, msg[2], msg[3], session_hint=msg[4], book=book
+                )
             elif kind == "fmt":
                 st = streams.get(msg[1])
                 if st is not None:
@@ -171,7 +177,7 @@ def _child(
             # target and this process's own socket reads (which stamp arrivals) in the scheduler.
             worker.submit(_renice_this_thread, detect_nice)
         # A negative port: no fork sink, only the parent's detection streams (no hop forks).
-        sink = Sink(registry, worker, clock=time.time, idle_timeout=idle_timeout)
+        sink = Sink(registry, worker, clock=time.time, idle_timeout=idle_timeout, book=book)
         url = ""
         if port >= 0:
             try:
@@ -312,6 +318,11 @@ class SinkChild:
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         raise NotImplementedError
+
+    def expect(self, session: str, payload: bytes, send_time: float, deadline: float) -> None:
+        """A marker was sent: the child's streams of ``session`` look for it (informed
+        detection). Fits :meth:`SessionRegistry.add_send_listener`."""
+        self._send(("expect", session, payload, send_time, deadline))
 
     def open_stream(self, hop: str, audio: AudioFormat, session: str) -> RemoteStream:
         """Detect markers in another stream (e.g. a session's return audio) in the child."""

@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from probe.audio.fixtures import load_fixture
 from probe.audio.formats import Encoding, decode, encode
 from probe.hopstream import DetectionWorker, HopStream
+from probe.measure.expect import ExpectationBook
 from probe.measure.registry import SessionRegistry
 from probe.measure.reply import ReplyTracker
 from probe.protocol import (
@@ -148,9 +149,9 @@ class LocalStream:
 
     def __init__(
         self, registry: SessionRegistry, worker: DetectionWorker, hop: str, audio: AudioFormat,
-        session: str,
+        session: str, book: ExpectationBook | None = None,
     ) -> None:
-        self._stream = HopStream(registry, hop, audio, session_hint=session)
+        self._stream = HopStream(registry, hop, audio, session_hint=session, book=book)
         self._worker = worker
 
     def feed(self, data: bytes, arrival: float) -> None:
@@ -219,11 +220,13 @@ async def run_session(
     session: str,
     clock: Callable[[], float] = time.time,
     open_stream: StreamOpener | None = None,
+    book: ExpectationBook | None = None,
 ) -> SessionResult:
     """Stream one session; every outcome ends up in ``registry`` (never raises on peer faults).
 
     The return direction's detection runs where ``open_stream`` puts it (the sink's child
-    process in a run, see :mod:`probe.sinkproc`), by default on ``worker``."""
+    process in a run, see :mod:`probe.sinkproc`), by default on ``worker``, informed by ``book``
+    (fed with this session's marker sends on ``worker``'s thread) when given."""
     result = SessionResult(session)
     registry.open_session(session)
     carrier, ref_rms = _carrier(cfg.fixture, cfg.rate, cfg.duration_s)
@@ -279,7 +282,7 @@ async def run_session(
     stream: DetectStream = (
         open_stream(RETURN_HOP, audio, session)
         if open_stream is not None
-        else LocalStream(registry, worker, RETURN_HOP, audio, session)
+        else LocalStream(registry, worker, RETURN_HOP, audio, session, book)
     )
     twilio: TwilioSender | None = None
     try:

@@ -62,7 +62,7 @@ def test_marker_is_band_limited_and_sized(rate: int) -> None:
     spec = np.abs(np.fft.rfft(wave)) ** 2
     freqs = np.fft.rfftfreq(len(wave), 1 / rate)
     inside = spec[(freqs >= 300) & (freqs <= 3400)].sum()
-    assert inside / spec.sum() > 0.99
+    assert inside / spec.sum() > 0.985  # v2: independent codewords meet at segment edges
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 24000, 48000])

@@ -119,6 +119,8 @@ class ProbeEngine:
             observer=self.observers,
         )
         self.sink = GeventSinkProcess(self.registry, detect_nice=cfg.detect_nice)
+        # Informed detection in the sink child: it hears of every marker sent.
+        self.registry.add_send_listener(self.sink.expect)
         self.sink_url: str | None = None
         self.late_starts = 0
         self._pump_interval = pump_interval_s

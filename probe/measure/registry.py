@@ -206,6 +206,7 @@ class SessionRegistry:
         self._reply: list[float] = []
         self._reply_missed = 0
         self._series: list[Measurement | Missed] = []
+        self._send_listeners: list[Callable[[str, bytes, float, float], None]] = []
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -298,6 +299,11 @@ class SessionRegistry:
         with self._lock:
             return session_payload(self._get(session_id).token, seq & _MARKER_MASK)
 
+    def add_send_listener(self, listener: Callable[[str, bytes, float, float], None]) -> None:
+        """Call ``listener(session, payload, send_time, deadline)`` after every marker send (the
+        deadline is the send time plus the marker timeout): what informed detection looks for."""
+        self._send_listeners.append(listener)
+
     def record_send(self, session_id: str, seq: int, send_time: float) -> None:
         """Marker ``seq`` left the probe: ``send_time`` is the send time of its first sample."""
         _check_seq(seq)
@@ -316,6 +322,9 @@ class SessionRegistry:
             for hop in s.hops:
                 s.pending[hop][seq] = send_time
                 self._tally[hop].sent += 1
+            payload = session_payload(s.token, m8)
+        for listener in self._send_listeners:
+            listener(session_id, payload, send_time, send_time + self.marker_timeout)
 
     def record_send_lag(self, session_id: str, lag_s: float) -> None:
         """How late a frame was handed to the socket (actual minus due send time, seconds)."""

@@ -11,8 +11,9 @@ How it finds a marker (all at 8 kHz, whatever the stream's rate):
 3. A candidate is a sync peak with a partner peak of the same sign 9 segments later (within
    +-3 %, which is how far a jitter buffer may have stretched it). The partner's offset gives the
    stretch, used to place the eight data segments.
-4. Each data segment is circularly correlated with the base segment (one batched FFT); the peak's
-   lag and sign give 7 bits. The 56 bits must pass the 24-bit check, else nothing is reported.
+4. Each data segment is correlated with the 64 codewords of its position, at its lag and one
+   sample either side (one batched matrix product); the best codeword and its sign give 7 bits.
+   The 56 bits must pass the 24-bit check, else nothing is reported.
 5. The sync peak is interpolated to a fraction of a sample and mapped back to the stream's rate
    and to the arrival clock.
 
@@ -35,9 +36,8 @@ from probe.watermark.design import (
     DATA_SEGMENTS,
     DETECT_RATE,
     SEGMENTS,
-    SHIFTS,
     Float32Array,
-    base_segment,
+    codebook,
     segment_samples,
     symbols_to_payload,
     sync_segment,
@@ -46,7 +46,6 @@ from probe.watermark.design import (
 F64 = npt.NDArray[np.float64]
 
 _N = segment_samples(DETECT_RATE)
-_STEP = _N // SHIFTS
 _FRAME = 256
 _HOP = _FRAME // 2
 _MAX_STRETCH = 0.03
@@ -91,7 +90,8 @@ def _band_mask() -> npt.NDArray[np.bool_]:
 
 _MASK = _band_mask()
 _WINDOW = np.hanning(_FRAME + 1)[:-1].astype(np.float64)
-_BASE_SPEC = np.conj(np.fft.rfft(base_segment(DETECT_RATE).astype(np.float64)))
+# (position, sample, codeword): each data segment times its position's codewords in one product.
+_CODES = np.ascontiguousarray(codebook(DETECT_RATE).astype(np.float64).transpose(0, 2, 1))
 
 
 def whiten(x: F64) -> F64:
@@ -380,18 +380,20 @@ def _hypothesis_scores(segs: F64, delay: F64 | None = None) -> F64:
     """Score of each of the 128 symbol values in each data segment, in noise units.
 
     ``delay`` (samples, per segment) is how far each segment starts before its true start; it is
-    removed with a phase ramp. A value's lag may still be off by one sample (timing residue), so
-    each takes the best of three.
+    removed with a phase ramp. A segment may still be a sample off (timing residue), so each
+    value takes the best of three lags.
     """
-    spec = np.fft.rfft(segs, axis=1) * _BASE_SPEC
     if delay is not None:
-        spec = spec * np.exp(2j * np.pi * np.outer(delay, _BINS) / _N)
-    circ = np.fft.irfft(spec, _N, axis=1)
-    # Noise scale: RMS of each row without its peak (a median would cost ten times more).
-    power = np.einsum("ij,ij->i", circ, circ) - np.max(circ * circ, axis=1)
-    noise = np.sqrt(np.maximum(power, 0.0) / (_N - 1))[:, None] + 1e-12
-    triples = np.roll(circ, 1, axis=1).reshape(len(segs), SHIFTS, _STEP)
-    scores: F64 = np.concatenate([triples.max(axis=2), -triples.min(axis=2)], axis=1) / noise
+        spec = np.fft.rfft(segs, axis=1) * np.exp(2j * np.pi * np.outer(delay, _BINS) / _N)
+        segs = np.fft.irfft(spec, _N, axis=1)
+    lagged = np.stack([np.roll(segs, 1, axis=1), segs, np.roll(segs, -1, axis=1)], axis=1)
+    corr = np.matmul(lagged, _CODES)  # (segment, lag, codeword)
+    # Noise scale: RMS over the wrong codewords at the central lag (independent codewords
+    # correlate with a segment like noise does).
+    centre = corr[:, 1, :]
+    power = np.einsum("ij,ij->i", centre, centre) - np.max(centre * centre, axis=1)
+    noise = np.sqrt(np.maximum(power, 0.0) / (corr.shape[2] - 1))[:, None] + 1e-12
+    scores: F64 = np.concatenate([corr.max(axis=1), -corr.min(axis=1)], axis=1) / noise
     return scores
 
 

@@ -1,0 +1,521 @@
+"""Informed detection: find the markers a stream is *expected* to carry (sans-I/O).
+
+The live sink is not blind: a fork's ``start`` names its session, the source knows its own return
+stream, and the registry knows the payload and send time of every marker sent. So instead of
+decoding 24 ms symbols one at a time, the informed detector correlates the whitened stream with
+each expected marker's whole known data part (192 ms of energy at once) in a window from its send
+time to its deadline. That finds markers through low-bitrate codecs, denoisers and noise that
+defeat a blind decode.
+
+Identity (which marker this is) is safe by construction: only the eight data segments are
+correlated, never the two sync segments every marker shares, and in marker format v2 the data
+segments are keyed by the whole payload (:mod:`probe.watermark.design`), so a neighbouring marker
+or another session's marker correlates like noise at every lag. The statistic is also robust to a
+single segment that happens to match (a 1/128 event per segment): each segment's z-score is capped
+before the segments are summed, so no one segment can carry a detection.
+
+Time stretch (jitter buffers, WSOLA) cuts a marker into pieces with different lags. When the
+whole-template match fails, each data segment is correlated on its own and a dynamic-programming
+path picks one lag per segment (lag changes between neighbouring segments bounded and penalised);
+the marker's start is then timed by its opening sync segment near where the path puts it. That
+search is opt-in (``dp_threshold``): measured, its null distribution overlaps the scores of real
+stretched markers, so it would trade identity safety for stretch coverage.
+
+Where to look: a stream's latency changes slowly, so each expected marker is first searched
+within +-60 ms of where the stream's previous detection says it should be; only when that fails is
+the whole window from its send time to its deadline searched, block by block as audio arrives, so
+the cost does not grow with the marker timeout.
+
+Thresholds are set from measured null distributions (``benchmarks/marker_matrix.py`` prints them:
+unmarked speech, noise and music, other sessions' audio and neighbour markers against the
+templates), not by hand.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+
+from probe.watermark.design import (
+    DATA_SEGMENTS,
+    DETECT_RATE,
+    marker_waveform,
+    segment_samples,
+    sync_segment,
+)
+from probe.watermark.detect import (
+    _MASK,
+    _WINDOW,
+    F64,
+    Detection,
+    _Clock,
+    _fast_len,
+    _sanitize,
+    whiten,
+)
+
+__all__ = [
+    "DP_THRESHOLD",
+    "THRESHOLD",
+    "Expected",
+    "Hit",
+    "InformedDetector",
+    "Whitener",
+    "detect_expected",
+    "locate",
+    "whiten_signal",
+]
+
+_N = segment_samples(DETECT_RATE)  # 192
+_DATA = DATA_SEGMENTS * _N  # 1536: the payload-keyed part
+_MARKER = (DATA_SEGMENTS + 2) * _N
+# Per-segment z-scores are capped at this before they are summed (identity: no single segment
+# may carry a detection).
+CAP = 4.0
+# Acceptance thresholds on the capped statistic (sum of capped segment z / sqrt(8)); see the
+# module docstring and benchmarks/marker_matrix.py for the null distributions behind them.
+THRESHOLD = 6.0
+DP_THRESHOLD = 9.0
+# Stretch search: lag change allowed between neighbouring segments, its penalty per sample
+# (z units), and how far a whole marker's segments may wander from the window.
+_STEP = 24
+_PENALTY = 0.05
+_WANDER = 96
+_CANDIDATES = 3
+# Narrow search half-width around the predicted start (samples at 8 kHz).
+_NARROW = 480
+_EARLY_S = 0.05
+_HISTORY_S = 3.0
+_BLOCK_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """A marker a stream should carry: its payload, the send time of its first sample, and the
+    time after which it is no longer looked for (its send time plus the marker timeout)."""
+
+    payload: bytes
+    send_time: float
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """Where a known marker starts in a whitened 8 kHz signal (fractional index), its score
+    (capped statistic), and whether it took the stretch search."""
+
+    position: float
+    score: float
+    stretched: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    data: F64  # the data part, (DATA_SEGMENTS * _N,)
+    segments: F64  # (DATA_SEGMENTS, _N)
+
+
+@lru_cache(maxsize=4096)
+def _template(payload: bytes) -> _Template:
+    wave = marker_waveform(payload, DETECT_RATE).astype(np.float64)
+    data = np.ascontiguousarray(wave[_N : _N + _DATA])
+    data.setflags(write=False)
+    segs = data.reshape(DATA_SEGMENTS, _N)
+    return _Template(data=data, segments=segs)
+
+
+_SYNC = sync_segment(DETECT_RATE).astype(np.float64)
+
+
+def _correlate(x: F64, kernel: F64) -> F64:
+    """Valid-mode cross-correlation: out[i] = sum_n x[i + n] * kernel[n]."""
+    n = len(x) - len(kernel) + 1
+    if n <= 0:
+        return np.zeros(0)
+    nfft = _fast_len(len(x))
+    spec = np.fft.rfft(x, nfft) * np.conj(np.fft.rfft(kernel, nfft))
+    return np.fft.irfft(spec, nfft)[:n]
+
+
+def _spread(c: F64, peak: int, guard: int = 24) -> float:
+    """Noise scale of a correlation: its RMS away from the peak."""
+    lo, hi = max(0, peak - guard), peak + guard + 1
+    rest = np.concatenate([c[:lo], c[hi:]])
+    if rest.size < 32:
+        return float("nan")
+    return float(np.sqrt(np.dot(rest, rest) / rest.size))
+
+
+def _frac(c: F64, i: int) -> float:
+    if i <= 0 or i >= len(c) - 1:
+        return 0.0
+    a, b, d = float(c[i - 1]), float(c[i]), float(c[i + 1])
+    den = a - 2 * b + d
+    if den >= 0.0:
+        return 0.0
+    return float(min(0.5, max(-0.5, 0.5 * (a - d) / den)))
+
+
+def _segment_z(w: F64, start: int, tmpl: _Template, seg_sigma: float) -> F64:
+    block = w[start + _N : start + _N + _DATA]
+    if len(block) < _DATA:
+        return np.zeros(DATA_SEGMENTS)
+    raw = np.einsum("jn,jn->j", block.reshape(DATA_SEGMENTS, _N), tmpl.segments)
+    out: F64 = raw / seg_sigma
+    return out
+
+
+def locate(
+    w: F64,
+    payload: bytes,
+    lo: int,
+    hi: int,
+    *,
+    threshold: float = THRESHOLD,
+    dp_threshold: float | None = None,
+) -> Hit | None:
+    """Find the marker carrying ``payload`` starting anywhere in ``[lo, hi]`` of the whitened
+    8 kHz signal ``w`` (indices into ``w``); None when it is not there.
+
+    Needs ``w`` to hold the marker wholly: candidates whose data part runs past ``w`` are not
+    considered. ``dp_threshold`` None disables the stretch search."""
+    lo = max(0, lo)
+    hi = min(hi, len(w) - _MARKER)
+    if hi < lo:
+        return None
+    tmpl = _template(payload)
+    # Widen by a margin so the noise scale has enough lags even for a narrow window.
+    pad = max(0, (256 - (hi - lo)) // 2)
+    a = max(0, lo - pad)
+    b = min(len(w) - _MARKER, hi + pad)
+    c = _correlate(w[a + _N : b + _N + _DATA], tmpl.data)
+    if c.size == 0:
+        return None
+    inner = c[lo - a : hi - a + 1]
+    peak = lo - a + int(np.argmax(inner))
+    sigma = _spread(c, peak)
+    if not np.isfinite(sigma) or sigma <= 1e-12:
+        return None
+    seg_sigma = sigma / np.sqrt(DATA_SEGMENTS)
+    z = _segment_z(w, a + peak, tmpl, seg_sigma)
+    score = float(np.minimum(z, CAP).sum() / np.sqrt(DATA_SEGMENTS))
+    if score >= threshold:
+        return Hit(position=a + peak + _frac(c, peak), score=score, stretched=False)
+    if dp_threshold is None:
+        return None
+    # Stretch: the strongest few coarse peaks (a stretched marker still lines up some of its
+    # segments near where it starts), each refined segment by segment.
+    best: Hit | None = None
+    order = np.argsort(inner)[::-1]
+    tried: list[int] = []
+    for i in order[: 4 * _CANDIDATES]:
+        t0 = lo + int(i)
+        if any(abs(t0 - t) < _N for t in tried):
+            continue
+        tried.append(t0)
+        hit = _stretch_at(w, tmpl, t0, seg_sigma, dp_threshold)
+        if hit is not None and (best is None or hit.score > best.score):
+            best = hit
+        if len(tried) >= _CANDIDATES:
+            break
+    return best
+
+
+def _stretch_at(w: F64, tmpl: _Template, t0: int, seg_sigma: float, threshold: float) -> Hit | None:
+    """Each data segment's own lag within +-_WANDER of the marker starting at ``t0``, joined by a
+    dynamic-programming path (neighbouring lags differ by at most _STEP, penalised per sample);
+    None when the path's capped score stays under ``threshold``."""
+    lags = 2 * _WANDER + 1
+    lo = t0 + _N - _WANDER
+    if lo < 0 or t0 + _N + _DATA + _WANDER > len(w):
+        return None
+    z = np.empty((DATA_SEGMENTS, lags))
+    for j in range(DATA_SEGMENTS):
+        start = lo + j * _N
+        win = np.lib.stride_tricks.sliding_window_view(w[start : start + lags - 1 + _N], _N)
+        z[j] = win @ tmpl.segments[j]
+    z = np.minimum(z / seg_sigma, CAP)
+    steps = np.arange(-_STEP, _STEP + 1)
+    cost = _PENALTY * np.abs(steps)
+    value = z[0].copy()
+    back = np.zeros((DATA_SEGMENTS, lags), dtype=np.int64)
+    idx = np.arange(lags)
+    for j in range(1, DATA_SEGMENTS):
+        padded = np.concatenate([np.full(_STEP, -np.inf), value, np.full(_STEP, -np.inf)])
+        win = np.lib.stride_tricks.sliding_window_view(padded, 2 * _STEP + 1) - cost
+        arg = np.argmax(win, axis=1)
+        value = win[idx, arg] + z[j]
+        back[j] = idx + arg - _STEP  # the previous segment's lag index
+    end = int(np.argmax(value))
+    score = float(value[end] / np.sqrt(DATA_SEGMENTS))
+    if score < threshold:
+        return None
+    k = end
+    for j in range(DATA_SEGMENTS - 1, 0, -1):
+        k = int(back[j, k])
+    first = t0 + k - _WANDER  # the marker start implied by the first data segment's lag
+    # Time the marker by its opening sync, near where the first data segment says it starts.
+    s_lo = max(0, first - _STEP)
+    s_hi = min(len(w) - _N, first + _STEP)
+    sc = _correlate(w[s_lo : s_hi + _N], _SYNC)
+    if sc.size:
+        m = int(np.argmax(sc))
+        ssig = float(np.sqrt(np.mean(sc * sc))) + 1e-12
+        if sc[m] / ssig >= 3.0:
+            return Hit(position=s_lo + m + _frac(sc, m), score=score, stretched=True)
+    return Hit(position=float(first), score=score, stretched=True)
+
+
+class Whitener:
+    """Phase-transform whitening (as :func:`probe.watermark.detect.whiten`) of an endless 8 kHz
+    stream, block by block: each pushed block returns the whitened samples now final, which
+    continue those returned before (``done`` counts them)."""
+
+    _FRAME = 256
+    _HOP = 128
+
+    def __init__(self) -> None:
+        self._raw = np.zeros(0)
+        self._carry = np.zeros(self._HOP)
+        self.done = 0
+
+    def push(self, x: F64) -> F64:
+        raw = np.concatenate([self._raw, x]) if self._raw.size else np.asarray(x, np.float64)
+        frames = (len(raw) - self._FRAME) // self._HOP + 1
+        if frames <= 0:
+            self._raw = raw
+            return np.zeros(0)
+        idx = np.arange(frames)[:, None] * self._HOP + np.arange(self._FRAME)[None, :]
+        spec = np.fft.rfft(raw[idx] * _WINDOW, axis=1)
+        mag = np.abs(spec)
+        spec = np.where(_MASK, spec / np.maximum(mag, 1e-12), 0.0)
+        spec[mag < 1e-9] = 0.0
+        halves = np.fft.irfft(spec, self._FRAME, axis=1).reshape(frames, 2, self._HOP)
+        out = np.zeros((frames + 1) * self._HOP)
+        out[: frames * self._HOP] += halves[:, 0, :].reshape(-1)
+        out[self._HOP :] += halves[:, 1, :].reshape(-1)
+        out[: self._HOP] += self._carry
+        span = frames * self._HOP
+        self._carry = out[span:]
+        self._raw = raw[span:]
+        self.done += span
+        return out[:span]
+
+
+@dataclass(slots=True)
+class _Pending:
+    expected: Expected
+    narrow_tried: bool = False
+    searched_to: int | None = None  # next candidate start (8 kHz index) of the wide search
+
+
+class InformedDetector:
+    """Finds the expected markers in one stream, fed block by block (sans-I/O: no clock).
+
+    ``expect(Expected)`` adds a marker to look for (in any order relative to the audio: the last
+    few seconds of whitened audio are kept, so an expectation that arrives after its audio is
+    still searched). ``feed(samples, arrival)`` takes float samples at ``rate`` and the arrival
+    time of the block's first sample, on the clock of the send times. Detections are reported
+    with the expected payload; an expectation past its deadline is dropped silently (the
+    registry declares the miss).
+    """
+
+    def __init__(
+        self,
+        rate: int,
+        *,
+        threshold: float = THRESHOLD,
+        dp_threshold: float | None = None,
+        history_s: float = _HISTORY_S,
+    ) -> None:
+        if not 8000 <= rate <= 48000:
+            raise ValueError(f"sample rate {rate} Hz is outside 8000-48000 Hz")
+        self.rate = rate
+        self.threshold = threshold
+        self.dp_threshold = dp_threshold
+        self._history = int(history_s * DETECT_RATE)
+        self._resampler = (
+            None
+            if rate == DETECT_RATE
+            else soxr.ResampleStream(rate, DETECT_RATE, 1, dtype="float32", quality="HQ")
+        )
+        self._clock = _Clock(rate)
+        self._fed = 0
+        self._pending_raw: list[npt.ArrayLike] = []
+        self._pending_n = 0
+        self._block = max(1, int(_BLOCK_S * rate))
+        self._whitener = Whitener()
+        self._w = np.zeros(0)
+        self._w_start = 0  # 8 kHz index of _w[0]
+        self._expected: deque[_Pending] = deque()
+        self._latency: float | None = None
+        self.searches = 0
+
+    @property
+    def pending(self) -> int:
+        """Expected markers not yet found nor expired."""
+        return len(self._expected)
+
+    def expect(self, marker: Expected) -> None:
+        self._expected.append(_Pending(marker))
+
+    def feed(self, samples: npt.ArrayLike, arrival: float) -> list[Detection]:
+        n = int(np.size(samples))
+        if n == 0:
+            return []
+        self._clock.stamp(self._fed, float(arrival))
+        self._fed += n
+        self._pending_raw.append(samples)
+        self._pending_n += n
+        if self._pending_n < self._block:
+            return []
+        return self._advance(last=False)
+
+    def flush(self) -> list[Detection]:
+        """End of stream: search what is buffered."""
+        out = self._advance(last=True)
+        # Whatever is still expected can only be searched up to the end of the audio.
+        self._w = np.concatenate([self._w, np.zeros(_MARKER + 256)])
+        out.extend(self._search(final=True))
+        self._expected.clear()
+        return out
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _advance(self, *, last: bool) -> list[Detection]:
+        x = _sanitize(self._pending_raw)
+        self._pending_raw = []
+        self._pending_n = 0
+        if self._resampler is not None:
+            x = self._resampler.resample_chunk(x, last=last)
+        if last:
+            x = np.concatenate([np.asarray(x, np.float64), np.zeros(256)])
+        fresh = self._whitener.push(np.asarray(x, np.float64))
+        if fresh.size:
+            self._w = np.concatenate([self._w, fresh])
+        out = self._search(final=False)
+        drop = len(self._w) - self._history
+        if drop > 0:
+            self._w = self._w[drop:]
+            self._w_start += drop
+            self._clock.forget_before((self._w_start - DETECT_RATE) * self.rate / DETECT_RATE)
+        return out
+
+    def _index_of(self, t: float) -> float:
+        """The 8 kHz stream index of arrival time ``t`` (the inverse of the arrival clock)."""
+        marks = self._clock._marks
+        if not marks:
+            return 0.0
+        chosen = marks[0]
+        for m in marks:
+            if m[1] <= t:
+                chosen = m
+            else:
+                break
+        return (chosen[0] + (t - chosen[1]) * self.rate) * DETECT_RATE / self.rate
+
+    def _search(self, *, final: bool) -> list[Detection]:
+        end = self._w_start + len(self._w)  # 8 kHz index after the last whitened sample
+        last_start = end - _MARKER  # latest candidate start wholly available
+        out: list[Detection] = []
+        keep: deque[_Pending] = deque()
+        while self._expected:
+            p = self._expected.popleft()
+            e = p.expected
+            lo = int(np.floor(self._index_of(e.send_time - _EARLY_S)))
+            hi = int(np.ceil(self._index_of(e.deadline)))
+            hit: Hit | None = None
+            if not p.narrow_tried and self._latency is not None:
+                centre = int(round(self._index_of(e.send_time + self._latency)))
+                n_lo, n_hi = max(lo, centre - _NARROW), min(hi, centre + _NARROW)
+                if n_hi <= last_start or final:
+                    p.narrow_tried = True
+                    hit = self._locate(e.payload, n_lo, n_hi)
+            if hit is None and (p.narrow_tried or self._latency is None):
+                start = max(lo, self._w_start) if p.searched_to is None else p.searched_to
+                stop = min(hi, last_start)
+                if stop >= start:
+                    hit = self._locate(e.payload, start, stop)
+                    p.searched_to = stop + 1
+            if hit is not None:
+                out.append(self._detection(e, hit))
+                continue
+            expired = (p.searched_to or lo) > hi or self._index_of(e.deadline) < self._w_start
+            if not expired and not final:
+                keep.append(p)
+        self._expected = keep
+        return out
+
+    def _locate(self, payload: bytes, lo: int, hi: int) -> Hit | None:
+        self.searches += 1
+        # Candidates need a little context before them in the buffer (whitening is causal
+        # enough; the correlation only reads the marker's own span).
+        found = locate(
+            self._w,
+            payload,
+            lo - self._w_start,
+            hi - self._w_start,
+            threshold=self.threshold,
+            dp_threshold=self.dp_threshold,
+        )
+        if found is None:
+            return None
+        return Hit(found.position + self._w_start, found.score, found.stretched)
+
+    def _detection(self, e: Expected, hit: Hit) -> Detection:
+        position = hit.position * self.rate / DETECT_RATE
+        arrival = self._clock.time_of(position)
+        self._latency = arrival - e.send_time
+        return Detection(
+            sample=int(np.floor(position + 0.5)),
+            position=float(position),
+            time=arrival,
+            payload=e.payload,
+            score=hit.score,
+            stretch=0.0,
+        )
+
+
+def whiten_signal(samples: npt.ArrayLike, rate: int) -> F64:
+    """A whole recording at ``rate`` whitened at 8 kHz (for offline informed detection)."""
+    x = _sanitize([samples])
+    if rate != DETECT_RATE:
+        x = np.asarray(soxr.resample(x, rate, DETECT_RATE, quality="HQ"), dtype=np.float32)
+    return whiten(np.asarray(x, np.float64))
+
+
+def detect_expected(
+    samples: npt.ArrayLike,
+    rate: int,
+    expected: list[tuple[bytes, float, float]],
+    **kwargs: float | None,
+) -> list[Detection]:
+    """Offline informed detection in a whole recording: ``expected`` holds (payload, earliest
+    start, latest start) in seconds from the recording's start. Detections carry the time in
+    seconds from the start as their ``time``."""
+    w = whiten_signal(samples, rate)
+    out: list[Detection] = []
+    for payload, t_lo, t_hi in expected:
+        hit = locate(
+            w, payload, int(np.floor(t_lo * DETECT_RATE)), int(np.ceil(t_hi * DETECT_RATE)),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        if hit is None:
+            continue
+        position = hit.position * rate / DETECT_RATE
+        out.append(
+            Detection(
+                sample=int(np.floor(position + 0.5)),
+                position=float(position),
+                time=position / rate,
+                payload=payload,
+                score=hit.score,
+                stretch=0.0,
+            )
+        )
+    return out
