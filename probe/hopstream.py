@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
+
+import numpy as np
+import numpy.typing as npt
 
 from probe.audio.formats import decode
 from probe.measure.expect import ExpectationBook
@@ -25,6 +29,8 @@ from probe.watermark.detect import Detection, MarkerDetector
 from probe.watermark.informed import Expected, InformedDetector
 
 log = logging.getLogger(__name__)
+
+_REPLAY_S = 3.0
 
 
 class HopStream:
@@ -53,6 +59,10 @@ class HopStream:
         self.detections = 0
         # Started by the first call on the detection thread: the book is that thread's alone.
         self._started = False
+        # While blind, the last few seconds of audio, replayed into the informed detector when
+        # the session becomes known (its first marker is in there).
+        self._recent: deque[tuple[npt.NDArray[np.float32], float]] = deque()
+        self._recent_n = 0
 
     @property
     def informed(self) -> bool:
@@ -105,6 +115,10 @@ class HopStream:
         self._record(found)
         if self._book is None:
             return
+        self._recent.append((samples, arrival))
+        self._recent_n += len(samples)
+        while self._recent_n - len(self._recent[0][0]) >= _REPLAY_S * self.audio.sample_rate:
+            self._recent_n -= len(self._recent.popleft()[0])
         # The session became known (its first marker was sent after the stream opened), or a
         # blind detection named it: follow its expected markers from now on.
         session = self._session
@@ -114,9 +128,13 @@ class HopStream:
                 if session is not None:
                     break
         if session is not None and self._book.knows(session):
-            self._record(self._detector.flush())
             self._session = session
             self._start_detector()
+            replay, self._recent = self._recent, deque()
+            self._recent_n = 0
+            if self._informed is not None:
+                for block, at in replay:
+                    self._record(self._informed.feed(block, at))
 
     def close(self) -> None:
         """End of stream: report what the detector still holds."""
