@@ -46,7 +46,6 @@ def test_registry_tells_observers_and_own_latency_follows_declared_order() -> No
     reg.record_send("s1", 0, 100.0)
     reg.record_send("s1", 1, 101.0)
     reg.record_send_lag("s1", 0.002)
-    # b's detection arrives before a's: own latency uses what is known at the time.
     reg.record_detection("a", reg.payload_for("s1", 0), 100.020, score=9.0)
     reg.record_detection("b", reg.payload_for("s1", 0), 100.055, score=9.0)
     now[0] = 110.0
@@ -58,6 +57,36 @@ def test_registry_tells_observers_and_own_latency_follows_declared_order() -> No
     assert ("missed", "a", 1) in rec.events and ("missed", "b", 1) in rec.events
     assert ("lag", "s1", 0.002) in rec.events
     assert rec.events[-1] == ("ended", "s1", None)
+
+
+def test_a_later_hop_detected_first_waits_for_the_earlier_hops_outcome() -> None:
+    now = [100.0]
+    rec = Recorder()
+    obs = Observers([rec], hop_order=["a", "b"])
+    reg = SessionRegistry(clock=lambda: now[0], marker_timeout=5.0, observer=obs)
+    reg.open_session("s1")
+    reg.hop_connected("a", "s1")
+    reg.hop_connected("b", "s1")
+    for seq in range(3):
+        reg.record_send("s1", seq, 100.0 + seq)
+    # Marker 0: b is found before a; b is held until a's detection, then own = 55 - 20 ms.
+    reg.record_detection("b", reg.payload_for("s1", 0), 100.055, score=9.0)
+    assert not [e for e in rec.events if e[0] == "detected"]
+    reg.record_detection("a", reg.payload_for("s1", 0), 100.020, score=9.0)
+    assert [e for e in rec.events if e[0] == "detected"] == [
+        ("detected", "a", 0, 0.02, 0.02), ("detected", "b", 0, 0.055, 0.035)]
+    # Marker 1: b is found, a never is: b is passed on when a is declared missed.
+    reg.record_detection("b", reg.payload_for("s1", 1), 101.055, score=9.0)
+    assert ("detected", "b", 1, 0.055, 0.055) not in rec.events
+    now[0] = 107.0
+    reg.expire()
+    assert rec.events.index(("missed", "a", 1)) < rec.events.index(
+        ("detected", "b", 1, 0.055, 0.055))
+    # Marker 2: b is found; the run closes before a's outcome: close passes it on.
+    reg.record_detection("b", reg.payload_for("s1", 2), 102.056, score=9.0)
+    assert ("detected", "b", 2, 0.056, 0.056) not in rec.events
+    obs.close()
+    assert ("detected", "b", 2, 0.056, 0.056) in rec.events
 
 
 def test_undeclared_order_uses_running_mean_and_return_goes_last() -> None:
