@@ -15,7 +15,8 @@ A marker is *found* when a detection carries its payload within 5 ms of its true
 stretch rows' truth comes from sox's own ramp channel: where the marker's first sample really
 landed). Any other detection is *wrong*. Null rows (any detection there is false):
 - unmarked: --hours of unmarked audio (speech, music, noise, babble, silence, mixtures) with a
-  random payload expected every 0.5 s;
+  random payload expected every 0.5 s, each searched in all three windows (+-2.5 ms and +-60 ms
+  around a latency of 0, then the whole 3 s);
 - other session: each voice's marked audio, expecting another token's markers at the same times;
 - neighbour: expecting marker i+1 at marker i's send time, with a deadline before i+1 arrives.
 CPU is time.process_time() of the whole feed loop (decode excluded), per stream-second.
@@ -53,6 +54,8 @@ RATE = 16000
 FRAME_S = 0.02
 TOL_S = 0.005
 DEADLINE_S = 3.0
+# Overridden by --threshold / --wide-threshold (for tuning); the detector's defaults otherwise.
+THRESHOLDS: dict[str, float] = {}
 
 
 def ffmpeg(x: np.ndarray, rate: int, args: list[str], ext: str, out_rate: int) -> np.ndarray:
@@ -188,7 +191,7 @@ def run_condition(name: str, mats: list, rng: np.random.Generator) -> dict:
             truth = {p.payload: p.sample / RATE + delay for p in placements}
             send = {p.payload: p.sample / RATE for p in placements}
         expected = [Expected(pl, t, t + DEADLINE_S) for pl, t in send.items()]
-        dets, cpu = stream(InformedDetector(rate), out, rate, 0.0, expected)
+        dets, cpu = stream(InformedDetector(rate, **THRESHOLDS), out, rate, 0.0, expected)
         # Detections carry arrival times; positions are relative to the stream's start.
         f, w, e = score(dets, truth, rate)
         bd, bcpu = stream(MarkerDetector(rate), out, rate, 0.0, [])
@@ -225,12 +228,13 @@ def null_rows(mats: list, hours: float) -> list[tuple[str, int, float]]:
             else:
                 exp = [Expected(session_payload(token, p.index + 1), p.sample / RATE,
                                 p.sample / RATE + 0.2) for p in placements]
-            dets, _ = stream(InformedDetector(RATE), y, RATE, 0.0, exp)
+            dets, _ = stream(InformedDetector(RATE, **THRESHOLDS), y, RATE, 0.0, exp)
             false += len(dets)
             secs += len(y) / RATE
         rows.append((label, false, secs))
     synth = C.UnmarkedSynth(11, rate=8000)
-    det = InformedDetector(8000)
+    # A prior latency of 0: every expectation takes all three searches (tight, narrow, wide).
+    det = InformedDetector(8000, latency=0.0, **THRESHOLDS)
     rng = np.random.default_rng(5)
     false = 0
     done = 0.0
@@ -258,7 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--hours", type=float, default=10.0)
     ap.add_argument("--only", default=None, help="comma-separated condition names")
+    ap.add_argument("--tight-threshold", type=float, default=None, help="tight-search threshold")
+    ap.add_argument("--threshold", type=float, default=None, help="narrow-search threshold")
+    ap.add_argument("--wide-threshold", type=float, default=None, help="wide-search threshold")
     args = ap.parse_args(argv)
+    if args.tight_threshold is not None:
+        THRESHOLDS["tight_threshold"] = args.tight_threshold
+    if args.threshold is not None:
+        THRESHOLDS["threshold"] = args.threshold
+    if args.wide_threshold is not None:
+        THRESHOLDS["wide_threshold"] = args.wide_threshold
     mats = material(args.seconds)
     rng = np.random.default_rng(1)
     names = [*CONDITIONS, *STRETCH]

@@ -10,9 +10,11 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +55,19 @@ def _build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("detect", help="find markers in a recording")
     d.add_argument("input")
     d.add_argument("--json", action="store_true", help="one JSON object per detection")
+    known = d.add_mutually_exclusive_group()
+    known.add_argument(
+        "--reference", default=None, metavar="SENT.wav",
+        help="the marked audio that was sent: look for its markers (informed detection)",
+    )
+    known.add_argument(
+        "--expect", default=None, metavar="MARKS.jsonl",
+        help="the markers that were sent, as `probe mark --json` prints them",
+    )
+    d.add_argument(
+        "--max-delay", type=float, default=5.0,
+        help="with --reference/--expect: longest delay to search, seconds (default 5)",
+    )
 
     demo = sub.add_parser("demo", help="run the reference pipeline and a probe, print the table")
     demo.add_argument("--sessions", type=int, default=4)
@@ -223,15 +238,87 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from probe.audio.fixtures import load_wav
     from probe.watermark.detect import detect_all
 
+    if args.reference is None and args.expect is None:
+        x, rate = load_wav(args.input, min_seconds=0.0)
+        for d in detect_all(x, rate):
+            row = {
+                "sample": d.sample,
+                "time_s": round(d.sample / rate, 6),
+                "payload": d.payload.hex(),
+                "score": round(d.score, 2),
+            }
+            print(json.dumps(row) if args.json else "\t".join(str(v) for v in row.values()))
+        return EXIT_OK
+    return _detect_informed(args)
+
+
+def _read_marks(path: str) -> list[Any]:
+    """The sent markers listed in a `probe mark --json` file."""
+    from probe.watermark.design import PAYLOAD_BYTES
+    from probe.watermark.informed import Sent
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            payload = bytes.fromhex(row["payload"])
+            t = float(row["time_s"])
+            if len(payload) != PAYLOAD_BYTES or not math.isfinite(t) or t < 0:
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            raise ConfigError(
+                f"{path} line {n} is not a marker as `probe mark --json` prints it "
+                f'(expected {{"time_s": seconds, "payload": "{PAYLOAD_BYTES * 2} hex digits"}})'
+            ) from None
+        out.append(Sent(payload, t))
+    if not out:
+        raise ConfigError(f"{path} lists no markers")
+    return out
+
+
+def _detect_informed(args: argparse.Namespace) -> int:
+    from probe.audio.fixtures import load_wav
+    from probe.watermark.detect import detect_all
+    from probe.watermark.informed import Sent, follow_markers
+
+    if not (math.isfinite(args.max_delay) and 0 < args.max_delay <= 600):
+        raise ConfigError(f"--max-delay must be 0-600 seconds, got {args.max_delay}")
+    if args.reference is not None:
+        ref, ref_rate = load_wav(args.reference, min_seconds=0.0)
+        sent = [Sent(d.payload, d.position / ref_rate) for d in detect_all(ref, ref_rate)]
+        if not sent:
+            raise ConfigError(f"{args.reference} carries no markers the blind decoder can find")
+    else:
+        sent = _read_marks(args.expect)
     x, rate = load_wav(args.input, min_seconds=0.0)
-    for d in detect_all(x, rate):
-        row = {
-            "sample": d.sample,
-            "time_s": round(d.sample / rate, 6),
-            "payload": d.payload.hex(),
-            "score": round(d.score, 2),
-        }
-        print(json.dumps(row) if args.json else "\t".join(str(v) for v in row.values()))
+    found = follow_markers(x, rate, sent, max_delay=args.max_delay)
+    delays = []
+    for m, d in zip(sent, found, strict=True):
+        row: dict[str, Any] = {"sent_s": round(m.time, 6), "payload": m.payload.hex()}
+        if d is None:
+            row.update(outcome="missed", sample=None, time_s=None, delay_ms=None, score=None)
+        else:
+            delay_ms = (d.position / rate - m.time) * 1000.0
+            delays.append(delay_ms)
+            row.update(
+                outcome="detected",
+                sample=d.sample,
+                time_s=round(d.position / rate, 6),
+                delay_ms=round(delay_ms, 3),
+                score=round(d.score, 2),
+            )
+        print(json.dumps(row) if args.json else "\t".join(
+            "-" if v is None else str(v) for v in row.values()))
+    summary = f"probe: found {len(delays)} of {len(sent)} markers"
+    if delays:
+        summary += f"; delay p50 {float(np.median(delays)):.3f} ms"
+    print(summary, file=sys.stderr)
     return EXIT_OK
 
 

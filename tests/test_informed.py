@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,59 @@ def test_hop_stream_turns_informed_once_the_book_knows_its_session() -> None:
     assert counts.detected == len(placements)
     for m in reg.measurements():
         assert m.latency_s == pytest.approx(0.1234, abs=1e-4)
+
+
+def test_detect_with_reference_or_expect_lists_every_sent_marker_with_its_delay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import soundfile as sf
+
+    from probe.cli import main
+
+    x, rate = load_fixture("speech_en_gb", rate=16000)
+    src, sent, rec = tmp_path / "in.wav", tmp_path / "sent.wav", tmp_path / "rec.wav"
+    sf.write(src, x[: 6 * rate], rate, subtype="PCM_16")
+    assert main(["mark", str(src), str(sent), "--payload", "0badf00d", "--json"]) == 0
+    marks = tmp_path / "marks.jsonl"
+    marks.write_text(capsys.readouterr().out)
+    n_marks = len(marks.read_text().splitlines())
+    assert n_marks >= 4
+    # The "system": 8 kHz mu-law, 123.4 ms later, and its last marker cut off.
+    y, _ = sf.read(sent, dtype="float32")
+    delay = 0.1234
+    y8 = decode(encode(resample(y, rate, 8000), "mulaw"), "mulaw")
+    out = np.concatenate([np.zeros(int(round(delay * 8000)), np.float32), y8])
+    last = json.loads(marks.read_text().splitlines()[-1])["time_s"]
+    out = out[: int((last + delay + 0.1) * 8000)]
+    sf.write(rec, out, 8000, subtype="PCM_16")
+    for how in (["--reference", str(sent)], ["--expect", str(marks)]):
+        assert main(["detect", str(rec), *how, "--json"]) == 0
+        captured = capsys.readouterr()
+        rows = [json.loads(line) for line in captured.out.splitlines()]
+        assert len(rows) == n_marks
+        assert [r["outcome"] for r in rows] == ["detected"] * (n_marks - 1) + ["missed"]
+        for r in rows[:-1]:
+            assert abs(r["delay_ms"] - 1000 * delay) < 0.1, r
+            assert r["payload"] == "0badf00d"
+        assert f"found {n_marks - 1} of {n_marks} markers" in captured.err
+
+
+def test_detect_expect_rejects_a_file_that_is_not_marker_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import soundfile as sf
+
+    from probe.cli import main
+
+    rec = tmp_path / "rec.wav"
+    sf.write(rec, np.zeros(8000, np.float32), 8000, subtype="PCM_16")
+    bad = tmp_path / "marks.jsonl"
+    bad.write_text('{"time_s": 1.0, "payload": "xyz"}\n')
+    assert main(["detect", str(rec), "--expect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1 is not a marker" in err and "Traceback" not in err
+    assert main(["detect", str(rec), "--expect", str(tmp_path / "none.jsonl")]) == 2
+    assert main(["detect", str(rec), "--reference", str(rec)]) == 2
+    assert "carries no markers" in capsys.readouterr().err

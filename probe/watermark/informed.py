@@ -22,13 +22,18 @@ search is opt-in (``dp_threshold``): measured, its null distribution overlaps th
 stretched markers, so it would trade identity safety for stretch coverage.
 
 Where to look: a stream's latency changes slowly, so each expected marker is first searched
-within +-60 ms of where the stream's previous detection says it should be; only when that fails is
-the whole window from its send time to its deadline searched, block by block as audio arrives, so
-the cost does not grow with the marker timeout.
+within +-2.5 ms, then +-60 ms, of where the stream's previous detection says it should be; only
+when that fails is the whole window from its send time to its deadline searched, block by block as
+audio arrives, so the cost does not grow with the marker timeout.
 
-Thresholds are set from measured null distributions (``benchmarks/marker_matrix.py`` prints them:
-unmarked speech, noise and music, other sessions' audio and neighbour markers against the
-templates), not by hand.
+The score is energy-normalised: each lag's correlation is divided by the whitened energy under the
+template, and each segment's by the energy under that segment, so stretches of digital silence
+(which whiten to nothing) neither shrink the noise scale nor inflate a peak elsewhere. Before this,
+a 3 s window over unmarked audio reached 8.2.
+
+Thresholds are set from measured null distributions, one per window size (the constants below say
+how), not by hand; ``benchmarks/informed_matrix.py`` checks them with its null rows (unmarked
+audio, other sessions' audio and neighbour markers against the templates).
 """
 
 from __future__ import annotations
@@ -62,12 +67,14 @@ from probe.watermark.detect import (
 __all__ = [
     "DP_THRESHOLD",
     "THRESHOLD",
+    "TIGHT_THRESHOLD",
     "WIDE_THRESHOLD",
     "Expected",
     "Hit",
     "InformedDetector",
     "Whitener",
-    "detect_expected",
+    "Sent",
+    "follow_markers",
     "locate",
     "whiten_signal",
 ]
@@ -80,9 +87,14 @@ _MARKER = (DATA_SEGMENTS + 2) * _N
 CAP = 4.0
 # Acceptance thresholds on the capped statistic (sum of capped segment z / sqrt(8)); see the
 # module docstring and benchmarks/marker_matrix.py for the null distributions behind them.
-THRESHOLD = 6.0
-# A wide search (send time to deadline) tries about 50 times as many lags as a narrow one, so its
-# null maximum is higher (6.1 over 20 min of unmarked audio, against 5.0 for narrow windows).
+#
+# Three windows, three thresholds: the more lags a search tries, the higher its null maximum.
+# Measured over 10 h of unmarked audio (speech, music, noise, babble, silence, mixtures; a
+# random payload expected every 0.5 s): the highest score of a +-2.5 ms window was 5.11, of a
+# +-60 ms window 5.81 (6.02 in another 3 h), of a 3 s wide window 6.16. Each threshold sits
+# about one tail decade (0.5) above that: under 0.1 expected false detections per 10 h.
+TIGHT_THRESHOLD = 5.5
+THRESHOLD = 6.25
 WIDE_THRESHOLD = 7.0
 DP_THRESHOLD = 9.0
 # Stretch search: lag change allowed between neighbouring segments, its penalty per sample
@@ -91,9 +103,13 @@ _STEP = 24
 _PENALTY = 0.05
 _WANDER = 96
 _CANDIDATES = 3
-# Narrow search half-width around the predicted start (samples at 8 kHz).
+# Tight and narrow search half-widths around the predicted start (samples at 8 kHz).
+_TIGHT = 20
 _NARROW = 480
 _EARLY_S = 0.05
+# Whitened energy per sample under which audio counts as digital silence (whitened PHAT output
+# has about 0.3 per sample in the band).
+_ENERGY_FLOOR = 1e-6
 _HISTORY_S = 3.0
 _BLOCK_S = 0.25
 
@@ -165,12 +181,24 @@ def _frac(c: F64, i: int) -> float:
     return float(min(0.5, max(-0.5, 0.5 * (a - d) / den)))
 
 
-def _segment_z(w: F64, start: int, tmpl: _Template, seg_sigma: float) -> F64:
+def _sliding_energy(x: F64, n: int) -> F64:
+    """out[i] = sum(x[i : i + n] ** 2)."""
+    cs = np.concatenate([[0.0], np.cumsum(x * x)])
+    out: F64 = cs[n:] - cs[:-n]
+    return out
+
+
+def _segment_z(w: F64, start: int, tmpl: _Template, sigma: float) -> F64:
+    """Each data segment's z-score at marker start ``start``: its correlation over the whitened
+    energy under it, in units of ``sigma`` (the energy-normalised correlation's noise scale)."""
     block = w[start + _N : start + _N + _DATA]
     if len(block) < _DATA:
         return np.zeros(DATA_SEGMENTS)
-    raw = np.einsum("jn,jn->j", block.reshape(DATA_SEGMENTS, _N), tmpl.segments)
-    out: F64 = raw / seg_sigma
+    segs = block.reshape(DATA_SEGMENTS, _N)
+    raw = np.einsum("jn,jn->j", segs, tmpl.segments)
+    energy = np.einsum("jn,jn->j", segs, segs)
+    live = energy > _ENERGY_FLOOR * _N
+    out: F64 = np.where(live, raw / (np.sqrt(np.maximum(energy, 1e-30)) * sigma), 0.0)
     return out
 
 
@@ -197,19 +225,24 @@ def locate(
     pad = max(0, (256 - (hi - lo)) // 2)
     a = max(0, lo - pad)
     b = min(len(w) - _MARKER, hi + pad)
-    c = _correlate(w[a + _N : b + _N + _DATA], tmpl.data)
+    span = w[a + _N : b + _N + _DATA]
+    c = _correlate(span, tmpl.data)
     if c.size == 0:
         return None
-    inner = c[lo - a : hi - a + 1]
+    # Normalise each lag by the whitened energy under the template, so quiet stretches (digital
+    # silence whitens to zero) neither shrink the noise scale nor inflate the peaks elsewhere.
+    energy = _sliding_energy(span, _DATA)[: c.size]
+    live = energy > _ENERGY_FLOOR * _DATA
+    cn = np.where(live, c / np.sqrt(np.maximum(energy, 1e-30)), 0.0)
+    inner = cn[lo - a : hi - a + 1]
     peak = lo - a + int(np.argmax(inner))
-    sigma = _spread(c, peak)
+    sigma = _spread(cn[live[: cn.size]], int(np.count_nonzero(live[:peak])))
     if not np.isfinite(sigma) or sigma <= 1e-12:
         return None
-    seg_sigma = sigma / np.sqrt(DATA_SEGMENTS)
-    z = _segment_z(w, a + peak, tmpl, seg_sigma)
+    z = _segment_z(w, a + peak, tmpl, sigma)
     score = float(np.minimum(z, CAP).sum() / np.sqrt(DATA_SEGMENTS))
     if score >= threshold:
-        return Hit(position=a + peak + _frac(c, peak), score=score, stretched=False)
+        return Hit(position=a + peak + _frac(cn, peak), score=score, stretched=False)
     if dp_threshold is None:
         return None
     # Stretch: the strongest few coarse peaks (a stretched marker still lines up some of its
@@ -222,7 +255,7 @@ def locate(
         if any(abs(t0 - t) < _N for t in tried):
             continue
         tried.append(t0)
-        hit = _stretch_at(w, tmpl, t0, seg_sigma, dp_threshold)
+        hit = _stretch_at(w, tmpl, t0, sigma, dp_threshold)
         if hit is not None and (best is None or hit.score > best.score):
             best = hit
         if len(tried) >= _CANDIDATES:
@@ -230,7 +263,7 @@ def locate(
     return best
 
 
-def _stretch_at(w: F64, tmpl: _Template, t0: int, seg_sigma: float, threshold: float) -> Hit | None:
+def _stretch_at(w: F64, tmpl: _Template, t0: int, sigma: float, threshold: float) -> Hit | None:
     """Each data segment's own lag within +-_WANDER of the marker starting at ``t0``, joined by a
     dynamic-programming path (neighbouring lags differ by at most _STEP, penalised per sample);
     None when the path's capped score stays under ``threshold``."""
@@ -242,8 +275,13 @@ def _stretch_at(w: F64, tmpl: _Template, t0: int, seg_sigma: float, threshold: f
     for j in range(DATA_SEGMENTS):
         start = lo + j * _N
         win = np.lib.stride_tricks.sliding_window_view(w[start : start + lags - 1 + _N], _N)
-        z[j] = win @ tmpl.segments[j]
-    z = np.minimum(z / seg_sigma, CAP)
+        energy = np.einsum("ln,ln->l", win, win)
+        z[j] = np.where(
+            energy > _ENERGY_FLOOR * _N,
+            (win @ tmpl.segments[j]) / (np.sqrt(np.maximum(energy, 1e-30)) * sigma),
+            0.0,
+        )
+    z = np.minimum(z, CAP)
     steps = np.arange(-_STEP, _STEP + 1)
     cost = _PENALTY * np.abs(steps)
     value = z[0].copy()
@@ -333,14 +371,17 @@ class InformedDetector:
         self,
         rate: int,
         *,
+        tight_threshold: float = TIGHT_THRESHOLD,
         threshold: float = THRESHOLD,
         wide_threshold: float = WIDE_THRESHOLD,
         dp_threshold: float | None = None,
         history_s: float = _HISTORY_S,
+        latency: float | None = None,
     ) -> None:
         if not 8000 <= rate <= 48000:
             raise ValueError(f"sample rate {rate} Hz is outside 8000-48000 Hz")
         self.rate = rate
+        self.tight_threshold = tight_threshold
         self.threshold = threshold
         self.wide_threshold = wide_threshold
         self.dp_threshold = dp_threshold
@@ -359,7 +400,7 @@ class InformedDetector:
         self._w = np.zeros(0)
         self._w_start = 0  # 8 kHz index of _w[0]
         self._expected: deque[_Pending] = deque()
-        self._latency: float | None = None
+        self._latency = latency
         self.searches = 0
 
     @property
@@ -441,7 +482,11 @@ class InformedDetector:
                 n_lo, n_hi = max(lo, centre - _NARROW), min(hi, centre + _NARROW)
                 if n_hi <= last_start or final:
                     p.narrow_tried = True
-                    hit = self._locate(e.payload, n_lo, n_hi, self.threshold)
+                    t_lo, t_hi = max(lo, centre - _TIGHT), min(hi, centre + _TIGHT)
+                    if t_hi >= t_lo:
+                        hit = self._locate(e.payload, t_lo, t_hi, self.tight_threshold)
+                    if hit is None:
+                        hit = self._locate(e.payload, n_lo, n_hi, self.threshold)
             if hit is None and (p.narrow_tried or self._latency is None):
                 start = max(lo, self._w_start) if p.searched_to is None else p.searched_to
                 stop = min(hi, last_start)
@@ -495,33 +540,75 @@ def whiten_signal(samples: npt.ArrayLike, rate: int) -> F64:
     return whiten(np.asarray(x, np.float64))
 
 
-def detect_expected(
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A marker known to have been sent: its payload and the time of its first sample (seconds
+    from the start of the sent audio)."""
+
+    payload: bytes
+    time: float
+
+
+def follow_markers(
     samples: npt.ArrayLike,
     rate: int,
-    expected: list[tuple[bytes, float, float]],
-    **kwargs: float | None,
-) -> list[Detection]:
-    """Offline informed detection in a whole recording: ``expected`` holds (payload, earliest
-    start, latest start) in seconds from the recording's start. Detections carry the time in
-    seconds from the start as their ``time``."""
+    sent: list[Sent],
+    *,
+    max_delay: float = 5.0,
+    tight_threshold: float = TIGHT_THRESHOLD,
+    threshold: float = THRESHOLD,
+    wide_threshold: float = WIDE_THRESHOLD,
+) -> list[Detection | None]:
+    """Offline informed detection in a whole recording of what ``sent`` went through: for each
+    sent marker (in the order given), its detection or None. A detection's ``time`` is seconds
+    from the recording's start, so ``time - sent.time`` is the marker's delay.
+
+    As in the live sink, each marker is looked for first within +-2.5 ms, then +-60 ms, of the
+    delay of the marker found before it, then anywhere from 50 ms before its send time to
+    ``max_delay`` after. Markers that share a payload (``probe mark --payload``) are told apart
+    by time alone: one is never looked for past the next send of the same payload plus the
+    current delay, nor before the detection of the previous one.
+    """
     w = whiten_signal(samples, rate)
-    out: list[Detection] = []
-    for payload, t_lo, t_hi in expected:
-        hit = locate(
-            w, payload, int(np.floor(t_lo * DETECT_RATE)), int(np.ceil(t_hi * DETECT_RATE)),
-            **kwargs,  # type: ignore[arg-type]
-        )
+    order = sorted(range(len(sent)), key=lambda i: sent[i].time)
+    out: list[Detection | None] = [None] * len(sent)
+    delay: float | None = None
+    after: dict[bytes, int] = {}  # payload -> earliest start allowed (past its last detection)
+    next_same: dict[int, float] = {}
+    last_seen: dict[bytes, int] = {}
+    for i in reversed(order):
+        if sent[i].payload in last_seen:
+            next_same[i] = sent[last_seen[sent[i].payload]].time
+        last_seen[sent[i].payload] = i
+    for i in order:
+        m = sent[i]
+        lo = max(int(np.floor((m.time - _EARLY_S) * DETECT_RATE)), after.get(m.payload, 0))
+        hi_t = m.time + max_delay
+        if i in next_same:
+            hi_t = min(hi_t, next_same[i] + (delay or 0.0) - _EARLY_S)
+        hi = int(np.ceil(hi_t * DETECT_RATE))
+        hit: Hit | None = None
+        if delay is not None:
+            centre = int(round((m.time + delay) * DETECT_RATE))
+            t_lo, t_hi = max(lo, centre - _TIGHT), min(hi, centre + _TIGHT)
+            if t_hi >= t_lo:
+                hit = locate(w, m.payload, t_lo, t_hi, threshold=tight_threshold)
+            n_lo, n_hi = max(lo, centre - _NARROW), min(hi, centre + _NARROW)
+            if hit is None and n_hi >= n_lo:
+                hit = locate(w, m.payload, n_lo, n_hi, threshold=threshold)
+        if hit is None and hi >= lo:
+            hit = locate(w, m.payload, lo, hi, threshold=wide_threshold)
         if hit is None:
             continue
         position = hit.position * rate / DETECT_RATE
-        out.append(
-            Detection(
-                sample=int(np.floor(position + 0.5)),
-                position=float(position),
-                time=position / rate,
-                payload=payload,
-                score=hit.score,
-                stretch=0.0,
-            )
+        out[i] = Detection(
+            sample=int(np.floor(position + 0.5)),
+            position=float(position),
+            time=position / rate,
+            payload=m.payload,
+            score=hit.score,
+            stretch=0.0,
         )
+        delay = position / rate - m.time
+        after[m.payload] = int(hit.position) + _MARKER
     return out
