@@ -210,6 +210,80 @@ def sox_tempo(x: F32, rate: int, stretch: float, *, speech: bool = True) -> Stre
     return Stretched(samples=y[:, 0].astype(np.float32), source_index=y[:, 1] / scale)
 
 
+@dataclass(frozen=True)
+class Wsola:
+    """Output of :func:`wsola`: the stretched audio and its splice log. Output frame k (Hann
+    window, ``frame`` samples) is input ``starts[k]`` onward, added at output ``k * hop``."""
+
+    samples: F32
+    starts: npt.NDArray[np.int64]
+    frame: int
+    hop: int
+
+    def landings(self, source: int, length: int, min_share: float = 0.2) -> list[float]:
+        """Where the input stretch ``source .. source + length`` (a marker's first segment)
+        landed: each output start a frame implies for it (output index of ``source`` in that
+        frame's mapping), weighted by how much of the stretch the frame carries through its
+        cross-fade; the starts holding at least ``min_share`` of the weight, best first. A
+        splice inside the stretch can give two."""
+        window = np.hanning(self.frame + 2)[1:-1]
+        weight: dict[int, float] = {}
+        span = np.arange(length)
+        for k, start in enumerate(self.starts):
+            offs = source + span - int(start)
+            offs = offs[(offs >= 0) & (offs < self.frame)]
+            if offs.size:
+                at = k * self.hop + source - int(start)
+                weight[at] = weight.get(at, 0.0) + float(window[offs].sum())
+        total = sum(weight.values())
+        if total <= 0:
+            return []
+        keep = [(w, at) for at, w in weight.items() if w >= min_share * total]
+        return [float(at) for w, at in sorted(keep, reverse=True)]
+
+
+def wsola(x: F32, rate: int, stretch: float, *, frame_ms: float = 20.0,
+          search_ms: float = 8.0) -> Wsola:
+    """Waveform-similarity overlap-add (Verhelst & Roelands 1993): ``x`` made ``stretch`` times
+    as long without changing pitch, as a jitter buffer's accelerate/expand or a tempo change
+    does it, with a log of where the input landed (:meth:`Wsola.landings`).
+
+    Frames of ``frame_ms`` at 50 % overlap; each next frame is the input stretch within
+    +-``search_ms`` of its nominal position that best continues the previous one."""
+    x = np.asarray(x, np.float64)
+    frame = int(round(frame_ms * rate / 1000)) // 2 * 2
+    hop = frame // 2
+    search = int(round(search_ms * rate / 1000))
+    window = np.hanning(frame + 2)[1:-1]
+    n_out = int(len(x) * stretch)
+    frames = max(1, (n_out - frame) // hop + 1)
+    out = np.zeros((frames - 1) * hop + frame)
+    starts = np.zeros(frames, dtype=np.int64)
+    prev = 0
+    used = 0
+    for k in range(frames):
+        nominal = int(round(k * hop / stretch))
+        start = 0
+        if k > 0:
+            natural = prev + hop  # what continues the previous frame seamlessly
+            lo = max(0, nominal - search)
+            hi = min(len(x) - frame, nominal + search)
+            if hi < lo or natural + hop > len(x):
+                break
+            target = x[natural : natural + hop]
+            cand = np.lib.stride_tricks.sliding_window_view(x[lo : hi + hop], hop)
+            norm = np.sqrt(np.einsum("ln,ln->l", cand, cand)) + 1e-12
+            start = lo + int(np.argmax((cand @ target) / norm))
+        if start + frame > len(x):
+            break
+        starts[k] = start
+        out[k * hop : k * hop + frame] += window * x[start : start + frame]
+        prev = start
+        used = k + 1
+    return Wsola(samples=out[: (used - 1) * hop + frame].astype(np.float32),
+                 starts=starts[:used], frame=frame, hop=hop)
+
+
 def source_index_at(st: Stretched, position: float) -> float:
     """The input sample index at (fractional) output ``position``, linearly interpolated."""
     idx = st.source_index

@@ -264,3 +264,26 @@ def test_offset_condition_end_to_end() -> None:
     assert row["dup"] == 0 and row["wrong"] == 0
     assert row["err_max"] <= 1.0
     assert row["out_rate"] == 16000
+
+
+def test_wsola_logs_where_each_stretch_of_input_landed() -> None:
+    speech, _ = load_fixture("speech_en_gb", rate=16000)
+    x = speech[: 4 * 16000]
+    same = C.wsola(x, 16000, 1.0)
+    # Unstretched, (nearly) every frame continues the previous one and input lands where it was.
+    assert np.mean(np.diff(same.starts) == same.hop) > 0.99
+    for stretch in (1.03, 0.97):
+        st = C.wsola(x, 16000, stretch)
+        assert abs(len(st.samples) / len(x) - stretch) < 0.01
+        assert np.mean(np.diff(st.starts) != st.hop) > 0.05  # it did splice
+        loud = [s for s in range(4000, len(x) - 4000, 1000)
+                 if np.sqrt(np.mean(x[s + 100 : s + 200] ** 2)) > 0.02]
+        assert len(loud) >= 3
+        for src in loud[:: max(1, len(loud) // 5)]:
+            landed = st.landings(src, 384)
+            assert landed and abs(landed[0] - src * stretch) < 0.02 * 16000
+            # The best landing really carries that input: the output there matches it.
+            at = int(landed[0])
+            seg = st.samples[at + 100 : at + 200]
+            ref = x[src + 100 : src + 200]
+            assert float(np.dot(seg, ref)) / (np.linalg.norm(seg) * np.linalg.norm(ref)) > 0.9

@@ -196,3 +196,40 @@ def test_detect_expect_rejects_a_file_that_is_not_marker_rows(
     assert main(["detect", str(rec), "--expect", str(tmp_path / "none.jsonl")]) == 2
     assert main(["detect", str(rec), "--reference", str(rec)]) == 2
     assert "carries no markers" in capsys.readouterr().err
+
+
+def test_informed_times_markers_through_a_wsola_stretch_by_where_they_landed() -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_conditions.py"
+    spec = importlib.util.spec_from_file_location("_conditions", path)
+    assert spec is not None and spec.loader is not None
+    cond = sys.modules.get("_conditions") or importlib.util.module_from_spec(spec)
+    if "_conditions" not in sys.modules:
+        sys.modules["_conditions"] = cond
+        spec.loader.exec_module(cond)
+    x, _ = load_fixture("speech_en_us", rate=16000)
+    x = cond.loop_to(x, 12 * 16000)
+    y, placements = embed(x, 16000, lambda i: session_payload(0x2468AC, i))
+    for stretch in (1.03, 0.97):
+        st = cond.wsola(y, 16000, stretch)
+        lead = max(0.0, len(y) - len(st.samples)) / 16000 + 0.05  # keep latency positive
+        det = InformedDetector(16000)
+        for p in placements:
+            det.expect(Expected(p.payload, p.sample / 16000, p.sample / 16000 + 3.0))
+        found = []
+        for i in range(0, len(st.samples), 320):
+            found += det.feed(st.samples[i : i + 320], i / 16000 + lead)
+        found += det.flush()
+        by = {d.payload: d for d in found}
+        good = 0
+        for p in placements:
+            d = by.get(p.payload)
+            landed = st.landings(p.sample, 384)
+            if d is not None and min(abs(d.position - v) for v in landed) <= 16:  # 1 ms
+                good += 1
+        assert len(by) == len(found)  # one detection per marker, never another's
+        # benchmarks/informed_matrix.py: 95-98 % within 5 ms over 6 voices; the rest is named
+        # there. A regression guard, not the target.
+        assert good >= 0.85 * len(placements), (stretch, good, len(placements))

@@ -38,6 +38,7 @@ audio, other sessions' audio and neighbour markers against the templates).
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
@@ -84,7 +85,7 @@ _DATA = DATA_SEGMENTS * _N  # 1536: the payload-keyed part
 _MARKER = (DATA_SEGMENTS + 2) * _N
 # Per-segment z-scores are capped at this before they are summed (identity: no single segment
 # may carry a detection).
-CAP = 4.0
+CAP = 6.0
 # Acceptance thresholds on the capped statistic (sum of capped segment z / sqrt(8)); see the
 # module docstring and benchmarks/marker_matrix.py for the null distributions behind them.
 #
@@ -97,14 +98,34 @@ TIGHT_THRESHOLD = 5.5
 THRESHOLD = 6.25
 WIDE_THRESHOLD = 7.0
 DP_THRESHOLD = 9.0
-# Stretch search: lag change allowed between neighbouring segments, its penalty per sample
-# (z units), and how far a whole marker's segments may wander from the window.
-_STEP = 24
-_PENALTY = 0.05
-_WANDER = 96
+# Stretch: how far (samples at 8 kHz) a data segment may sit from the whole-template lag (sox
+# tempo and jitter buffers splice 5-15 ms apart), the cost (z units) of a lag jump between
+# neighbouring segments, how many coarse peaks the stretch search refines, and the sync z-score
+# that times a stretched marker's start.
+_WANDER = 160
+_JUMP = 3.0
 _CANDIDATES = 3
+_SYNC_Z = 3.0
+_SYNC_FAR_Z = 4.75
+_SYNC_MARGIN = 1.0
+# A stream counts as stretching for _DRIFT_HOLD hits after two hits drifted by over _DRIFT_S.
+_DRIFT_S = 0.0005
+_DRIFT_HOLD = 8
+_SYNC_SURE = 4.0
+_SYNC_GAP = 3.0
+# Measured: through Opus 10-12k and G.723.1 the best sync peak away from a correctly timed strong
+# hit reached 4.2 (1 in 240 hits); under +-3 % WSOLA the moved syncs mostly scored 4-12.
+_SYNC_MOVED_Z = 4.5
+# A whole-template hit is checked for a splice when its correlation has a second peak within
+# _WANDER of at least _SPLIT_Z noise units and _SPLIT_SHARE of the main peak, and taken as
+# spliced when the piecewise path gains _GAIN z units over the single lag.
+_SPLIT_Z = 3.5
+_SPLIT_SHARE = 0.25
+_GAIN = 3.0
 # Tight and narrow search half-widths around the predicted start (samples at 8 kHz).
 _TIGHT = 20
+# A window's best lag must be the highest within this many samples (outside the window too).
+_EDGE = 24
 _NARROW = 480
 _EARLY_S = 0.05
 # Whitened energy per sample under which audio counts as digital silence (whitened PHAT output
@@ -210,12 +231,16 @@ def locate(
     *,
     threshold: float = THRESHOLD,
     dp_threshold: float | None = None,
+    stretching: bool = True,
 ) -> Hit | None:
     """Find the marker carrying ``payload`` starting anywhere in ``[lo, hi]`` of the whitened
     8 kHz signal ``w`` (indices into ``w``); None when it is not there.
 
     Needs ``w`` to hold the marker wholly: candidates whose data part runs past ``w`` are not
-    considered. ``dp_threshold`` None disables the stretch search."""
+    considered. ``dp_threshold`` None disables the stretch search. ``stretching`` False (the
+    stream has shown no drift) keeps the start where the data part puts it unless the data
+    segments themselves show a splice: a sync-like bit of speech near a marker must not move a
+    constant-latency stream's timing."""
     lo = max(0, lo)
     hi = min(hi, len(w) - _MARKER)
     if hi < lo:
@@ -236,13 +261,27 @@ def locate(
     cn = np.where(live, c / np.sqrt(np.maximum(energy, 1e-30)), 0.0)
     inner = cn[lo - a : hi - a + 1]
     peak = lo - a + int(np.argmax(inner))
+    if float(cn[max(0, peak - _EDGE) : peak + _EDGE + 1].max()) > float(cn[peak]):
+        # The window's best lag is the flank of a higher peak just outside it (a tight window
+        # after a latency change): that marker belongs to a wider search, which times it right.
+        return None
     sigma = _spread(cn[live[: cn.size]], int(np.count_nonzero(live[:peak])))
     if not np.isfinite(sigma) or sigma <= 1e-12:
         return None
     z = _segment_z(w, a + peak, tmpl, sigma)
     score = float(np.minimum(z, CAP).sum() / np.sqrt(DATA_SEGMENTS))
     if score >= threshold:
-        return Hit(position=a + peak + _frac(cn, peak), score=score, stretched=False)
+        position = a + peak + _frac(cn, peak)
+        moved = (
+            _moved_sync(w, a + peak, sigma, float(np.mean(np.minimum(z, CAP))))
+            if stretching
+            else None
+        )
+        if moved is not None:
+            return Hit(position=moved, score=score, stretched=True)
+        if not _split(cn, peak, sigma):
+            return Hit(position=position, score=score, stretched=False)
+        return _timed(w, tmpl, a + peak, position, score, sigma)
     if dp_threshold is None:
         return None
     # Stretch: the strongest few coarse peaks (a stretched marker still lines up some of its
@@ -251,29 +290,30 @@ def locate(
     order = np.argsort(inner)[::-1]
     tried: list[int] = []
     for i in order[: 4 * _CANDIDATES]:
-        t0 = lo + int(i)
+        t0 = a + lo - a + int(i)
         if any(abs(t0 - t) < _N for t in tried):
             continue
         tried.append(t0)
-        hit = _stretch_at(w, tmpl, t0, sigma, dp_threshold)
-        if hit is not None and (best is None or hit.score > best.score):
-            best = hit
+        z_lags = _lag_z(w, tmpl, t0, sigma)
+        if z_lags is not None:
+            dp, lags = _piecewise(z_lags)
+            if dp >= dp_threshold and (best is None or dp > best.score):
+                best = _stretched(w, t0, lags, dp, float(t0), sigma)
         if len(tried) >= _CANDIDATES:
             break
     return best
 
 
-def _stretch_at(w: F64, tmpl: _Template, t0: int, sigma: float, threshold: float) -> Hit | None:
-    """Each data segment's own lag within +-_WANDER of the marker starting at ``t0``, joined by a
-    dynamic-programming path (neighbouring lags differ by at most _STEP, penalised per sample);
-    None when the path's capped score stays under ``threshold``."""
+def _lag_z(w: F64, tmpl: _Template, t0: int, sigma: float) -> F64 | None:
+    """z[j, k]: data segment j's energy-normalised z-score when it sits ``k - _WANDER`` samples
+    from where a marker starting at ``t0`` puts it; None near the ends of ``w``."""
     lags = 2 * _WANDER + 1
-    lo = t0 + _N - _WANDER
-    if lo < 0 or t0 + _N + _DATA + _WANDER > len(w):
+    first = t0 + _N - _WANDER
+    if first < 0 or t0 + _N + _DATA + _WANDER > len(w):
         return None
     z = np.empty((DATA_SEGMENTS, lags))
     for j in range(DATA_SEGMENTS):
-        start = lo + j * _N
+        start = first + j * _N
         win = np.lib.stride_tricks.sliding_window_view(w[start : start + lags - 1 + _N], _N)
         energy = np.einsum("ln,ln->l", win, win)
         z[j] = np.where(
@@ -281,36 +321,133 @@ def _stretch_at(w: F64, tmpl: _Template, t0: int, sigma: float, threshold: float
             (win @ tmpl.segments[j]) / (np.sqrt(np.maximum(energy, 1e-30)) * sigma),
             0.0,
         )
-    z = np.minimum(z, CAP)
-    steps = np.arange(-_STEP, _STEP + 1)
-    cost = _PENALTY * np.abs(steps)
-    value = z[0].copy()
-    back = np.zeros((DATA_SEGMENTS, lags), dtype=np.int64)
+    return z
+
+
+def _piecewise(z: F64) -> tuple[float, npt.NDArray[np.int64]]:
+    """The best piecewise-constant lag path through ``z`` (segments x lags): a WSOLA stretch
+    moves a marker in unstretched pieces, so neighbouring segments keep their lag (+-1 sample,
+    free) or jump anywhere at a cost of ``_JUMP``. Returns the path's capped score (sum over
+    sqrt(segments), jump costs included) and each segment's lag index."""
+    capped = np.minimum(z, CAP)
+    segs, lags = capped.shape
+    value = capped[0].copy()
+    back = np.zeros((segs, lags), dtype=np.int64)
     idx = np.arange(lags)
-    for j in range(1, DATA_SEGMENTS):
-        padded = np.concatenate([np.full(_STEP, -np.inf), value, np.full(_STEP, -np.inf)])
-        win = np.lib.stride_tricks.sliding_window_view(padded, 2 * _STEP + 1) - cost
-        arg = np.argmax(win, axis=1)
-        value = win[idx, arg] + z[j]
-        back[j] = idx + arg - _STEP  # the previous segment's lag index
-    end = int(np.argmax(value))
-    score = float(value[end] / np.sqrt(DATA_SEGMENTS))
-    if score < threshold:
-        return None
-    k = end
-    for j in range(DATA_SEGMENTS - 1, 0, -1):
+    for j in range(1, segs):
+        padded = np.concatenate([[-np.inf], value, [-np.inf]])
+        near = np.lib.stride_tricks.sliding_window_view(padded, 3)
+        arg = np.argmax(near, axis=1)
+        stay = near[idx, arg]
+        top = int(np.argmax(value))
+        jump = value[top] - _JUMP
+        use_jump = jump > stay
+        back[j] = np.where(use_jump, top, idx + arg - 1)
+        value = np.where(use_jump, jump, stay) + capped[j]
+    k = int(np.argmax(value))
+    score = float(value[k] / np.sqrt(segs))
+    path = np.empty(segs, dtype=np.int64)
+    for j in range(segs - 1, -1, -1):
+        path[j] = k
         k = int(back[j, k])
-    first = t0 + k - _WANDER  # the marker start implied by the first data segment's lag
-    # Time the marker by its opening sync, near where the first data segment says it starts.
-    s_lo = max(0, first - _STEP)
-    s_hi = min(len(w) - _N, first + _STEP)
-    sc = _correlate(w[s_lo : s_hi + _N], _SYNC)
-    if sc.size:
-        m = int(np.argmax(sc))
-        ssig = float(np.sqrt(np.mean(sc * sc))) + 1e-12
-        if sc[m] / ssig >= 3.0:
-            return Hit(position=s_lo + m + _frac(sc, m), score=score, stretched=True)
-    return Hit(position=float(first), score=score, stretched=True)
+    return score, path
+
+
+def _sync_scan(w: F64, lo: int, hi: int, sigma: float) -> tuple[int, F64]:
+    """The opening sync's energy-normalised z-score at every start in ``[lo, hi]`` (clipped to
+    ``w``): the first index and the scores."""
+    lo, hi = max(0, lo), min(len(w) - _N, hi)
+    if hi < lo:
+        return lo, np.zeros(0)
+    span = w[lo : hi + _N]
+    sc = _correlate(span, _SYNC)
+    energy = _sliding_energy(span, _N)[: sc.size]
+    live = energy > _ENERGY_FLOOR * _N
+    out: F64 = np.where(live, sc / (np.sqrt(np.maximum(energy, 1e-30)) * sigma), 0.0)
+    return lo, out
+
+
+def _moved_sync(w: F64, t0: int, sigma: float, data_z: float) -> float | None:
+    """Where a marker whose data part matched at ``t0`` really started when a splice inside it
+    moved its opening (a jitter buffer or tempo change: a repeat leaves the opening's first copy
+    earlier, a drop leaves it later than the data implies): the earliest clear sync peak within
+    ``_WANDER`` of ``t0`` that beats the sync at ``t0`` by a margin; None when there is none
+    (the usual case). When the data segments are strong (mean capped z ``data_z`` of at least
+    ``_SYNC_SURE``) but the sync at ``t0`` is far weaker than they are, the sync was moved for
+    certain, and its best peak is taken at a lower bar (``_SYNC_MOVED_Z``)."""
+    lo, z = _sync_scan(w, t0 - _WANDER, t0 + _WANDER, sigma)
+    here = t0 - lo
+    if z.size == 0 or not 0 <= here < z.size:
+        return None
+    at_t0 = float(z[max(0, here - 1) : here + 2].max())
+    if data_z >= _SYNC_SURE and at_t0 < data_z - _SYNC_GAP:
+        away = z.copy()
+        away[max(0, here - 2) : here + 3] = -np.inf
+        m = int(np.argmax(away))
+        if away[m] >= _SYNC_MOVED_Z:
+            return lo + m + _frac(z, m)
+    strong = np.flatnonzero((z >= _SYNC_FAR_Z) & (z >= at_t0 + _SYNC_MARGIN))
+    if strong.size == 0:
+        return None
+    m = int(strong[0])
+    while m + 1 < z.size and z[m + 1] > z[m]:
+        m += 1  # climb to the local peak
+    if abs(lo + m - t0) <= 2:
+        return None
+    return lo + m + _frac(z, m)
+
+
+def _split(cn: F64, peak: int, sigma: float) -> bool:
+    """Whether the whole-template correlation ``cn`` has a second peak within ``_WANDER`` of
+    ``peak`` that stands clear of the noise and holds a fair share of the main one: the sign of
+    a marker cut into pieces at different lags (a WSOLA splice). Cheap: ``cn`` is at hand."""
+    lo, hi = max(0, peak - _WANDER), min(cn.size, peak + _WANDER + 1)
+    near = cn[lo:hi].copy()
+    near[max(0, peak - 2 - lo) : peak + 3 - lo] = -np.inf
+    if near.size == 0:
+        return False
+    second = float(near.max())
+    return second >= _SPLIT_Z * sigma and second >= _SPLIT_SHARE * float(cn[peak])
+
+
+def _timed(w: F64, tmpl: _Template, t0: int, position: float, score: float, sigma: float) -> Hit:
+    """A whole-template hit at ``t0`` that looks split, checked segment by segment: when the
+    best piecewise path moves some data segments off the hit's lag by enough to matter (its
+    gain over the single lag exceeds what noise gives), the marker is timed by its opening sync
+    (the whole-template peak is then a compromise between the pieces, off by up to the splice
+    displacement)."""
+    z_lags = _lag_z(w, tmpl, t0, sigma)
+    if z_lags is None:
+        return Hit(position=position, score=score, stretched=False)
+    dp, lags = _piecewise(z_lags)
+    flat = int(np.max(np.abs(lags - _WANDER))) <= 1
+    if flat or (dp - score) * np.sqrt(DATA_SEGMENTS) < _GAIN:
+        return Hit(position=position, score=score, stretched=False)
+    return _stretched(w, t0, lags, max(dp, score), position, sigma)
+
+
+def _stretched(
+    w: F64, t0: int, lags: npt.NDArray[np.int64], score: float, fallback: float, sigma: float
+) -> Hit:
+    """A stretched marker's start: its opening sync, searched up to ``_WANDER`` before the start
+    its first data segment implies (a splice may repeat or drop what came before)."""
+    first = t0 + int(lags[0]) - _WANDER
+    fallback_at = fallback if first == t0 else float(first)
+    s_lo, scn = _sync_scan(w, first - _WANDER, first + 2, sigma)
+    if scn.size == 0:
+        return Hit(position=fallback_at, score=score, stretched=True)
+    # The sync where the first data segment says it is wins when it is there; one further back
+    # (a splice repeated or dropped the marker's opening) only when it stands clear of the noise
+    # of that many lags.
+    here = first - s_lo
+    near = scn[max(0, here - 1) : here + 2]
+    if near.size and float(near.max()) >= _SYNC_Z:
+        m = max(0, here - 1) + int(np.argmax(near))
+        return Hit(position=s_lo + m + _frac(scn, m), score=score, stretched=True)
+    m = int(np.argmax(scn))
+    if scn[m] >= _SYNC_FAR_Z:
+        return Hit(position=s_lo + m + _frac(scn, m), score=score, stretched=True)
+    return Hit(position=fallback_at, score=score, stretched=True)
 
 
 class Whitener:
@@ -347,6 +484,20 @@ class Whitener:
         self._raw = raw[span:]
         self.done += span
         return out[:span]
+
+
+def _arrival(mark: tuple[int, float]) -> float:
+    return mark[1]
+
+
+def _drifted(last: tuple[float, float] | None, position: float, send_time: float) -> bool:
+    """Whether the stream's audio moved against its send clock between two hits (a jitter
+    buffer or tempo change stretched it, or frames were dropped): their distance in the stream
+    differs from their distance in send time by more than ``_DRIFT_S``. Arrival-stamp jitter
+    does not count: positions are stream samples, not arrival times."""
+    if last is None:
+        return False
+    return abs((position - last[0]) / DETECT_RATE - (send_time - last[1])) > _DRIFT_S
 
 
 @dataclass(slots=True)
@@ -401,6 +552,9 @@ class InformedDetector:
         self._w_start = 0  # 8 kHz index of _w[0]
         self._expected: deque[_Pending] = deque()
         self._latency = latency
+        self._last: tuple[float, float] | None = None  # (8 kHz position, send time) of a hit
+        # Hits left during which the stream counts as stretching; a new stream may be.
+        self._drifting = _DRIFT_HOLD
         self.searches = 0
 
     @property
@@ -458,12 +612,8 @@ class InformedDetector:
         marks = self._clock._marks
         if not marks:
             return 0.0
-        chosen = marks[0]
-        for m in marks:
-            if m[1] <= t:
-                chosen = m
-            else:
-                break
+        k = bisect.bisect_right(marks, t, key=_arrival) - 1
+        chosen = marks[max(k, 0)]
         return (chosen[0] + (t - chosen[1]) * self.rate) * DETECT_RATE / self.rate
 
     def _search(self, *, final: bool) -> list[Detection]:
@@ -513,12 +663,18 @@ class InformedDetector:
             hi - self._w_start,
             threshold=threshold,
             dp_threshold=self.dp_threshold,
+            stretching=self._drifting > 0,
         )
         if found is None:
             return None
         return Hit(found.position + self._w_start, found.score, found.stretched)
 
     def _detection(self, e: Expected, hit: Hit) -> Detection:
+        if _drifted(self._last, hit.position, e.send_time):
+            self._drifting = _DRIFT_HOLD
+        elif self._drifting:
+            self._drifting -= 1
+        self._last = (hit.position, e.send_time)
         position = hit.position * self.rate / DETECT_RATE
         arrival = self._clock.time_of(position)
         self._latency = arrival - e.send_time
@@ -573,6 +729,8 @@ def follow_markers(
     order = sorted(range(len(sent)), key=lambda i: sent[i].time)
     out: list[Detection | None] = [None] * len(sent)
     delay: float | None = None
+    last: tuple[float, float] | None = None
+    drifting = _DRIFT_HOLD
     after: dict[bytes, int] = {}  # payload -> earliest start allowed (past its last detection)
     next_same: dict[int, float] = {}
     last_seen: dict[bytes, int] = {}
@@ -592,14 +750,23 @@ def follow_markers(
             centre = int(round((m.time + delay) * DETECT_RATE))
             t_lo, t_hi = max(lo, centre - _TIGHT), min(hi, centre + _TIGHT)
             if t_hi >= t_lo:
-                hit = locate(w, m.payload, t_lo, t_hi, threshold=tight_threshold)
+                hit = locate(
+                    w, m.payload, t_lo, t_hi, threshold=tight_threshold, stretching=drifting > 0
+                )
             n_lo, n_hi = max(lo, centre - _NARROW), min(hi, centre + _NARROW)
             if hit is None and n_hi >= n_lo:
-                hit = locate(w, m.payload, n_lo, n_hi, threshold=threshold)
+                hit = locate(
+                    w, m.payload, n_lo, n_hi, threshold=threshold, stretching=drifting > 0
+                )
         if hit is None and hi >= lo:
-            hit = locate(w, m.payload, lo, hi, threshold=wide_threshold)
+            hit = locate(w, m.payload, lo, hi, threshold=wide_threshold, stretching=drifting > 0)
         if hit is None:
             continue
+        if _drifted(last, hit.position, m.time):
+            drifting = _DRIFT_HOLD
+        elif drifting:
+            drifting -= 1
+        last = (hit.position, m.time)
         position = hit.position * rate / DETECT_RATE
         out[i] = Detection(
             sample=int(np.floor(position + 0.5)),
