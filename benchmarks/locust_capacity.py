@@ -48,7 +48,8 @@ from probe.audio.formats import encode  # noqa: E402
 from probe.locust import AudioProbeUser  # noqa: E402
 from probe.locust.plugin import engine_of, hops_stats_of, totals_of  # noqa: E402
 from probe.protocol import AudioFormat, IngressStart, to_json  # noqa: E402
-from probe.source import _carrier, new_trace_context  # noqa: E402
+from probe.session.core import new_trace_context  # noqa: E402
+from probe.session.frames import carrier as _carrier  # noqa: E402
 
 RATE = 16000
 FRAME = 320  # 20 ms

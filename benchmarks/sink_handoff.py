@@ -43,8 +43,8 @@ from probe.audio.formats import encode  # noqa: E402
 from probe.locust.sinkproc import GeventSinkProcess  # noqa: E402
 from probe.measure.registry import SessionRegistry  # noqa: E402
 from probe.protocol import AudioFormat  # noqa: E402
+from probe.session.frames import carrier as _carrier  # noqa: E402
 from probe.sinkproc import SinkChild, spawn_child, start_error  # noqa: E402
-from probe.source import _carrier  # noqa: E402
 
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _SimpleQueue = monkey.get_original("queue", "SimpleQueue")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from probe.audio.formats import encode
-from probe.locust.frames import SessionFrames, shared_carrier
-from probe.source import _carrier
+from probe.session.frames import SessionFrames, shared_carrier
+from probe.session.frames import carrier as _carrier
 from probe.watermark.design import MARKER_S
 from probe.watermark.embed import embed, marker_positions
 

@@ -19,7 +19,7 @@ monkey.patch_all()
 import json, os, socket, time
 from websockets.sync.client import connect
 from probe.errors import ConfigError
-from probe.locust.frames import SessionFrames, shared_carrier
+from probe.session.frames import SessionFrames, shared_carrier
 from probe.locust.sinkproc import GeventSinkProcess
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat

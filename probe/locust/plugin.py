@@ -175,7 +175,7 @@ def _on_test_start(environment: Any, **_kw: Any) -> None:
         return
     # Load, resample and encode each user class's carrier now: the first load takes tens of ms
     # in long C calls, which would show up as send lag of the sessions already running.
-    from probe.locust.frames import shared_carrier
+    from probe.session.frames import shared_carrier
 
     for cls in environment.user_classes or ():
         keys = ("fixture", "sample_rate", "session_s", "encoding", "level_db")

@@ -1,24 +1,24 @@
-"""One probe session streamed with gevent: the ``websockets`` sync client under monkey patching.
+"""The gevent shell of a probe session: the ``websockets`` sync client under monkey patching.
 
-The same session as :func:`probe.source.run_session` (same carrier, embedder, protocol builders and
-registry calls), with gevent's cooperative I/O instead of asyncio:
+What to send, when, and what comes back means is the sans-I/O
+:class:`~probe.session.core.SessionCore` (shared with the asyncio shell in :mod:`probe.source`);
+this module only connects, sleeps, sends, receives and stamps:
 
 - frame n is due at t0 + n * frame length on an absolute schedule; the greenlet sleeps until the
-  due time and sends, never a fixed period after a send (PROTOCOL.md section 4);
-- a marker's send time is the time its frame was handed to the socket plus its offset in the frame
-  over the rate, or, in the open model (``from_intended``), the frame's *intended* send time plus
-  that offset, so a late probe adds its lateness to the latency instead of hiding it (no
-  coordinated omission); each frame's lag (actual minus due) is recorded either way;
-- the return direction is read by a second greenlet; its markers are detected in the engine's
-  sink child process (:meth:`~probe.sinkproc.SinkChild.open_stream`), not in this process.
+  due time and sends, never a fixed period after a send (PROTOCOL.md section 4); in the open model
+  (``from_intended``) a marker's send time is its frame's *due* time plus its offset, so a late
+  probe adds its lateness to the latency instead of hiding it (no coordinated omission);
+- messages back are stamped when their bytes are read off the socket (:class:`StampedSync`), not
+  when the reading greenlet next runs; their markers are detected in the engine's sink child
+  process (:meth:`~probe.sinkproc.SinkChild.open_stream`), and reply mode's tap runs inline.
 
 Every outcome ends up in the registry; :class:`SessionOutcome` adds the connect time, for Locust.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,30 +26,18 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent import GreenletExit
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import Frame, Opcode
 from websockets.sync.client import ClientConnection, connect
 
-from probe.locust.frames import SessionFrames, shared_carrier
-from probe.protocol import (
-    Audio,
-    AudioFormat,
-    IngressStart,
-    ProtocolViolation,
-    ReturnReceiver,
-    Started,
-    Stop,
-    TraceContext,
-    to_json,
-)
-from probe.protocol.twilio import TwilioReturnReceiver, TwilioSender
-from probe.sinkproc import RemoteStream
-from probe.source import (
+from probe.protocol import TraceContext
+from probe.session.core import (
     RETURN_HOP,
+    SessionCore,
+    SessionRecorder,
     SourceConfig,
-    _closed_message,
     new_trace_context,
     target_url,
 )
-from probe.watermark.embed import marker_positions
 
 if TYPE_CHECKING:
     from probe.locust.engine import ProbeEngine
@@ -67,6 +55,30 @@ class SessionOutcome:
     frames_total: int = 0
     error: str | None = None
     duration_s: float = 0.0
+
+
+class StampedSync(ClientConnection):
+    """A sync client connection that stamps each message with ``clock`` when its first frame is
+    parsed off the socket (the reading thread's callback), handed out in message order."""
+
+    clock: Callable[[], float] = staticmethod(time.time)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: deque[float] = deque()
+
+    def process_event(self, event: Any) -> None:
+        if isinstance(event, Frame) and event.opcode in (Opcode.TEXT, Opcode.BINARY):
+            self.arrivals.append(self.clock())
+        super().process_event(event)
+
+    def arrival(self) -> float:
+        """The arrival time of the message just received (the clock now if unknown)."""
+        return self.arrivals.popleft() if self.arrivals else self.clock()
+
+
+def _stamped(clock: Callable[[], float]) -> type[StampedSync]:
+    return type("StampedSyncClient", (StampedSync,), {"clock": staticmethod(clock)})
 
 
 def run_session(
@@ -88,28 +100,17 @@ def run_session(
     out = SessionOutcome(session)
     t_begin = monotonic()
     registry.open_session(session)
-    shared = shared_carrier(cfg.fixture, cfg.rate, cfg.duration_s, cfg.encoding, cfg.level_db)
-    positions = marker_positions(len(shared.samples), cfg.rate, every_s=cfg.every_s)
-    payloads = [registry.payload_for(session, i) for i in range(len(positions))]
-    frame_len = max(1, int(round(cfg.frame_ms * cfg.rate / 1000)))
-    # The shared carrier's bytes, with each marker's frames made just before they are due.
-    frames = SessionFrames(shared, frame_len, positions, payloads)
-    n_frames = frames.n_frames
-    out.frames_total = n_frames
-    marker_at: dict[int, list[tuple[int, int]]] = {}
-    for p in frames.placements:
-        marker_at.setdefault(p.sample // frame_len, []).append((p.index, p.sample % frame_len))
-    audio = AudioFormat(cfg.encoding, cfg.rate, 1)
-    url = target_url(cfg.target, session)
     ctx: TraceContext | None = None
     if registry.observer is not None:
-        ctx = registry.observer.session_started(session, url, clock())
-    if ctx is None:
-        ctx = new_trace_context()
+        ctx = registry.observer.session_started(session, target_url(cfg.target, session), clock())
+    core = SessionCore(
+        cfg, session, ctx or new_trace_context(), lambda i: registry.payload_for(session, i)
+    )
+    out.frames_total = core.n_frames
     t_connect = monotonic()
     try:
         ws = connect(
-            url,
+            core.url,
             legacy=True,
             open_timeout=cfg.connect_timeout_s,
             max_size=2**22,
@@ -117,10 +118,11 @@ def run_session(
             ping_interval=None,
             close_timeout=2,
             proxy=None,
+            create_connection=_stamped(clock),
         )
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         why = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else str(exc)
-        out.error = f"cannot connect to {url}: {why or type(exc).__name__}"
+        out.error = core.connect_failed(why or type(exc).__name__)
         registry.session_failed(session, out.error)
         out.duration_s = monotonic() - t_begin
         if on_connect is not None:
@@ -129,70 +131,43 @@ def run_session(
     out.connect_s = monotonic() - t_connect
     if on_connect is not None:
         on_connect(out)
-    stream = engine.sink.open_stream(RETURN_HOP, audio, session)
-    twilio: TwilioSender | None = None
+    rec = SessionRecorder(
+        core, registry, engine.sink.open_stream(RETURN_HOP, core.audio, session), _inline
+    )
     receiving: Any = None
     try:
-        if cfg.dialect == "twilio":
-            twilio = TwilioSender(
-                "MZ" + secrets.token_hex(16),
-                "CA" + secrets.token_hex(16),
-                session,
-                ctx,
-                sink=cfg.sink_url,
-                meta=cfg.meta or None,
-            )
-            ws.send(twilio.connected())
-            ws.send(twilio.start())
-        else:
-            start = IngressStart(
-                session=session, traceparent=ctx, audio=audio, sink=cfg.sink_url, meta=cfg.meta
-            )
-            ws.send(to_json(start))
-        receiving = gevent.spawn(
-            _receive, ws, engine, stream, session, audio, twilio.stream_sid if twilio else None
-        )
-        frame_s = frame_len / cfg.rate
-        frames.prepare(0)
+        for opening in core.opening():
+            ws.send(opening)
+        receiving = gevent.spawn(_receive, ws, rec, clock)
+        core.prepare(0)
         base = monotonic() if intended_start is None else intended_start
-        for n in range(n_frames):
-            due = base + n * frame_s
+        for n in range(core.n_frames):
+            due = core.due(base, n)
             delay = due - monotonic()
             if delay > 0:
                 gevent.sleep(delay)
             if receiving.ready():
                 break
-            payload = frames.frame(n)
-            now = monotonic()
+            message = core.message(n)
+            lag = monotonic() - due
             sent_at = clock()
-            lag = max(0.0, now - due)
-            if twilio is not None:
-                ws.send(twilio.media(payload))
-            else:
-                ws.send(payload)
-            out.frames_sent += 1
-            registry.record_send_lag(session, lag)
-            marks = marker_at.get(n)
-            if marks:
-                t_frame = sent_at - lag if from_intended else sent_at
-                for index, offset in marks:
-                    registry.record_send(session, index, t_frame + offset / cfg.rate)
-            frames.prepare(n + 1)
+            ws.send(message)
+            rec.sent(n, sent_at, lag, from_intended=from_intended)
+            core.prepare(n + 1)
         if not receiving.ready():
-            ws.send(twilio.stop() if twilio is not None else to_json(Stop()))
+            ws.send(core.closing())
             receiving.join(timeout=cfg.drain_s)
         if receiving.ready() and receiving.successful():
-            closed = receiving.value
+            closed: tuple[int, str] | None = receiving.value
             if closed is not None:
-                code, reason = closed
-                out.error = _closed_message(code, reason, out.frames_sent, frame_len, cfg.rate)
+                out.error = core.closed(closed[0], closed[1], rec.frames_sent)
         ws.close(1000)
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd is not None else 1006
         reason = exc.rcvd.reason if exc.rcvd is not None else ""
-        out.error = _closed_message(code, reason, out.frames_sent, frame_len, cfg.rate)
+        out.error = core.closed(code, reason, rec.frames_sent)
     except OSError as exc:
-        out.error = f"the connection to {url} failed after {out.frames_sent} frames: {exc}"
+        out.error = core.broken(rec.frames_sent, str(exc))
     except GreenletExit:
         # Locust stopped the user mid-session: the probe ended it, not the target. Markers
         # already sent still settle; those never sent are not owed.
@@ -201,56 +176,28 @@ def run_session(
     finally:
         if receiving is not None:
             receiving.kill(block=False)
-        stream.close()
+        rec.close()
         ws.close()
-    if out.error is None and out.frames_sent < n_frames:
-        out.error = f"stream ended after {out.frames_sent} of {n_frames} frames"
+    out.frames_sent = rec.frames_sent
+    if out.error is None:
+        out.error = core.incomplete(rec.frames_sent)
     registry.close_session(session, error=out.error)
     out.duration_s = monotonic() - t_begin
     return out
 
 
+def _inline(fn: Callable[..., object], *args: object) -> None:
+    fn(*args)
+
+
 def _receive(
-    ws: ClientConnection,
-    engine: ProbeEngine,
-    stream: RemoteStream,
-    session: str,
-    audio: AudioFormat,
-    twilio_sid: str | None,
+    ws: ClientConnection, rec: SessionRecorder, clock: Callable[[], float]
 ) -> tuple[int, str] | None:
     """Read the return direction until the target closes; return its abnormal close code."""
-    registry, clock = engine.registry, engine.clock
-    plain = ReturnReceiver(audio)
-    tw = TwilioReturnReceiver(twilio_sid) if twilio_sid is not None else None
-    heard = False
     try:
         for frame in ws:
-            arrival = clock()
-            try:
-                if tw is not None:
-                    events: list[object] = list(
-                        tw.receive_binary(frame)
-                        if isinstance(frame, bytes)
-                        else tw.receive_text(frame)
-                    )
-                else:
-                    events = list(
-                        plain.receive_binary(frame)
-                        if isinstance(frame, bytes)
-                        else plain.receive_text(frame)
-                    )
-            except ProtocolViolation as exc:
-                registry.hop_error(RETURN_HOP, session, exc.reason)
-                continue
-            for ev in events:
-                if isinstance(ev, Audio):
-                    if not heard:
-                        # Audio comes back, so the return direction owes every marker.
-                        heard = True
-                        registry.hop_connected(RETURN_HOP, session)
-                    stream.feed(ev.data, arrival)
-                elif isinstance(ev, Started) and tw is None:
-                    stream.set_format(plain.audio_format)
+            arrival = ws.arrival() if isinstance(ws, StampedSync) else clock()
+            rec.received(frame, arrival)
     except ConnectionClosed as exc:
         if exc.rcvd is not None and exc.rcvd.code in (1000, 1001):
             return None

@@ -33,7 +33,7 @@ from locust.exception import StopUser
 from probe.errors import ConfigError
 from probe.locust.plugin import engine_of
 from probe.locust.session import SessionOutcome, run_session
-from probe.source import SourceConfig
+from probe.session.core import SourceConfig
 
 __all__ = ["AudioProbeUser", "OpenAudioProbeUser"]
 

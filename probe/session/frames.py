@@ -1,10 +1,10 @@
 """A session's outgoing frames: one encoded carrier shared by every session, and each marker's
 frames made just before they are due.
 
-Marking and encoding a whole session up front (as :func:`probe.source.run_session` does) costs a
-few milliseconds of CPU per session start (mostly generating its marker waveforms) and keeps the
-session's encoded audio in memory for as long as it streams: 640 kB for 20 s of 16 kHz pcm16, per
-session, in every worker. Here the unmarked carrier is encoded once per process
+Marking and encoding a whole session up front would cost a few milliseconds of CPU per session
+start (mostly generating its marker waveforms) and keep the session's encoded audio in memory for
+as long as it streams: 640 kB for 20 s of 16 kHz pcm16, per session, in every worker. Here the
+unmarked carrier (with the reply mode's turn layout, when asked) is encoded once per process
 (:func:`shared_carrier`) and a session's frame is a slice of it, except where a marker lies: the
 frames a marker touches (with any marker sharing a frame with it: a *group*) are marked and
 encoded when the pacing loop gets near them, and only the current group is kept. The bytes are the
@@ -22,12 +22,65 @@ from functools import lru_cache
 
 import numpy as np
 
+from probe.audio.fixtures import load_fixture
 from probe.audio.formats import Encoding, bytes_per_sample, encode
-from probe.source import _carrier
-from probe.watermark.design import Float32Array, marker_waveform
-from probe.watermark.embed import Placement, marker_amplitude
+from probe.watermark.design import MARKER_S, Float32Array, marker_waveform
+from probe.watermark.embed import Placement, active_rms, marker_amplitude
 
-__all__ = ["SessionFrames", "SharedCarrier", "shared_carrier"]
+__all__ = [
+    "SessionFrames",
+    "SharedCarrier",
+    "carrier",
+    "positions_in",
+    "shared_carrier",
+    "turn_layout",
+]
+
+
+@lru_cache(maxsize=16)
+def carrier(fixture: str, rate: int, duration_s: float) -> tuple[Float32Array, float]:
+    """A fixture looped to ``duration_s`` (read-only, cached) and its active RMS, the level
+    markers are set against."""
+    x, _ = load_fixture(fixture, rate=rate)
+    n = int(round(duration_s * rate))
+    reps = int(np.ceil(n / max(1, len(x))))
+    looped = np.tile(x, reps)[:n].astype(np.float32)
+    looped.setflags(write=False)
+    return looped, active_rms(np.asarray(x, dtype=np.float32), rate)
+
+
+def turn_layout(
+    samples: Float32Array, rate: int, utterance_s: float, gap_s: float
+) -> tuple[Float32Array, list[int], list[tuple[int, int]]]:
+    """Speech cut into utterances of ``utterance_s`` with ``gap_s`` of silence after each.
+
+    Returns the audio, the sample index just after each utterance (its end), and the
+    ``(start, stop)`` sample ranges that hold speech."""
+    u = max(1, int(round(utterance_s * rate)))
+    g = max(0, int(round(gap_s * rate)))
+    out = np.zeros(len(samples), dtype=np.float32)
+    ends: list[int] = []
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < len(samples):
+        stop = min(len(samples), start + u)
+        out[start:stop] = samples[start:stop]
+        ends.append(stop)
+        spans.append((start, stop))
+        start = stop + g
+    return out, ends, spans
+
+
+def positions_in(spans: Sequence[tuple[int, int]], rate: int, every_s: float) -> list[int]:
+    """Marker starts every ``every_s`` inside each speech span, wholly inside it."""
+    length = int(round(MARKER_S * rate))
+    out: list[int] = []
+    for start, stop in spans:
+        t = start + int(round(0.25 * rate))
+        while t + length <= stop:
+            out.append(t)
+            t += max(length, int(round(every_s * rate)))
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,14 +93,28 @@ class SharedCarrier:
     encoding: Encoding
     width: int
     amp: np.float32
+    # Reply mode: where each utterance ends and the spans that hold speech (empty otherwise).
+    ends: tuple[int, ...] = ()
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 @lru_cache(maxsize=16)
 def shared_carrier(
-    fixture: str, rate: int, duration_s: float, encoding: Encoding, level_db: float
+    fixture: str,
+    rate: int,
+    duration_s: float,
+    encoding: Encoding,
+    level_db: float,
+    turns: tuple[float, float] | None = None,
 ) -> SharedCarrier:
-    """The carrier for sessions of this fixture, length, encoding and marker level (cached)."""
-    samples, ref_rms = _carrier(fixture, rate, duration_s)
+    """The carrier for sessions of this fixture, length, encoding and marker level, cut into
+    (utterance, gap) seconds turns when ``turns`` is given (cached)."""
+    samples, ref_rms = carrier(fixture, rate, duration_s)
+    ends: list[int] = []
+    spans: list[tuple[int, int]] = []
+    if turns is not None:
+        samples, ends, spans = turn_layout(samples, rate, *turns)
+        samples.setflags(write=False)
     return SharedCarrier(
         samples=samples,
         pcm=encode(samples, encoding),
@@ -56,6 +123,8 @@ def shared_carrier(
         width=bytes_per_sample(encoding),
         # As embed() computes it, so the marked samples are bit-identical.
         amp=np.float32(marker_amplitude(ref_rms, level_db)),
+        ends=tuple(ends),
+        spans=tuple(spans),
     )
 
 
