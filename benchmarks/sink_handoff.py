@@ -30,6 +30,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import queue  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections import deque  # noqa: E402
 from multiprocessing.connection import Connection  # noqa: E402
@@ -124,7 +125,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def run(variant: str, streams: int, hold_s: float, frames: list[bytes]) -> str:
-    registry = SessionRegistry(clock=time.time)
+    registry = SessionRegistry(clock=time.time, lock=threading.Lock())
     sink: Any
     if variant == "hub":
         sink = GeventSinkProcess(registry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -15,9 +16,9 @@ from typing import Any, TextIO
 
 from probe.hopstream import DetectionWorker
 from probe.measure.expect import ExpectationBook
+from probe.measure.observe import RunObserver
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
-from probe.observe import RunObserver
 from probe.sink import Sink
 from probe.sinkproc import SinkProcess
 from probe.source import SourceConfig, run_session
@@ -68,8 +69,8 @@ async def run_probe(
 ) -> dict[str, Any]:
     """Run every session, wait for the markers to settle, return the ``probe.report/v1`` dict.
 
-    ``observer`` (see :mod:`probe.observe`) hears every session, detection, miss and send lag as
-    it happens, and the finished report; closing it is the caller's business."""
+    ``observer`` (see :mod:`probe.measure.observe`) hears every session, detection, miss and send
+    lag as it happens, and the finished report; closing it is the caller's business."""
     progress = progress or Progress(None)
     # The detection thread holds the GIL in bursts; by default Python lets a thread keep it for
     # 5 ms, which shows up directly as send lag. 1 ms keeps the pacing loop responsive.
@@ -80,6 +81,7 @@ async def run_probe(
         marker_timeout=cfg.marker_timeout_s,
         expected_hops=tuple(cfg.hop_order or ()),
         observer=observer,
+        lock=threading.Lock(),  # the event loop and the detection thread both record
     )
     worker = DetectionWorker()
     # Informed detection: every marker sent is expected on every stream of its session. The

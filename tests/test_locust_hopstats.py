@@ -21,8 +21,8 @@ def _row(rows: list[dict[str, object]], name: str) -> dict[str, object]:
 def test_quantiles_are_exact_not_rounded_to_two_digits() -> None:
     s = HopsStats(["a"])
     values = [0.1374 + 0.0001 * i for i in range(1000)]
-    for i, v in enumerate(values):
-        s.add_detection("a", v, marker=("s", i), at=0.0)
+    for v in values:
+        s.add_detection("a", v, v)
     s.set_totals("local", Totals({"a": {"sent": 1000, "detected": 1000, "missed": 0}}, {}))
     row = _row(s.rows(), "a")
     want = np.quantile(np.array(values), [0.5, 0.99, 0.999]) * 1000
@@ -33,14 +33,29 @@ def test_quantiles_are_exact_not_rounded_to_two_digits() -> None:
     assert row["sent"] == 1000 and row["detected"] == 1000
 
 
-def test_own_latency_is_joined_in_hop_order_whatever_the_detection_order() -> None:
-    s = HopsStats(["a", "b"], hold_s=2.0)
+def test_own_latency_reaches_the_hops_tab_by_the_one_join_whatever_the_detection_order() -> None:
+    from probe.locust.report import LocustReporter
+    from probe.measure.observe import Observers
+    from probe.measure.registry import SessionRegistry
+
+    class Events:
+        class request:  # noqa: N801 - Locust's event hook name
+            @staticmethod
+            def fire(**_kw: object) -> None:
+                return None
+
+    s = HopsStats(["a", "b"])
+    obs = Observers([LocustReporter(Events(), s, marker_timeout_s=5.0)], hop_order=["a", "b"])
+    reg = SessionRegistry(clock=lambda: 10.0, marker_timeout=5.0, observer=obs)
+    reg.open_session("s")
+    for hop in ("a", "b", "return"):
+        reg.hop_connected(hop, "s")
+    reg.record_send("s", 0, 10.0)
     # The return direction and b are detected before a: own latency must still subtract a.
-    s.add_detection("return", 0.180, marker=("s", 0), at=10.0)
-    s.add_detection("b", 0.055, marker=("s", 0), at=10.1)
-    s.add_detection("a", 0.020, marker=("s", 0), at=10.2)
-    assert s.join_own(11.0) == 0  # still held
-    assert s.join_own(12.5) == 1
+    reg.record_detection("return", reg.payload_for("s", 0), 10.180, score=9.0)
+    reg.record_detection("b", reg.payload_for("s", 0), 10.055, score=9.0)
+    assert not s.own
+    reg.record_detection("a", reg.payload_for("s", 0), 10.020, score=9.0)
     rows = s.rows()
     assert _row(rows, "a")["ownp50"] == pytest.approx(20.0)
     assert _row(rows, "b")["ownp50"] == pytest.approx(35.0)
@@ -48,12 +63,11 @@ def test_own_latency_is_joined_in_hop_order_whatever_the_detection_order() -> No
     assert [r["name"] for r in rows][:3] == ["a", "b", "return"]
 
 
-def test_undeclared_hops_are_ordered_by_latency_and_a_lone_hop_owns_its_latency() -> None:
+def test_undeclared_hops_are_ordered_by_latency() -> None:
     s = HopsStats()
-    s.add_detection("late", 0.100, marker=("s", 1), at=0.0)
-    s.add_detection("early", 0.030, marker=("s", 1), at=0.0)
-    s.add_detection("early", 0.031, marker=("s", 2), at=0.0)
-    s.join_own(0.0, force=True)
+    s.add_detection("late", 0.100, 0.070)
+    s.add_detection("early", 0.030, 0.030)
+    s.add_detection("early", 0.031, 0.031)
     rows = s.rows()
     assert [r["name"] for r in rows][:2] == ["early", "late"]
     assert _row(rows, "late")["ownp50"] == pytest.approx(70.0)
@@ -63,13 +77,11 @@ def test_undeclared_hops_are_ordered_by_latency_and_a_lone_hop_owns_its_latency(
 def test_worker_reports_merge_on_the_master_through_msgpack() -> None:
     w1, w2, master = HopsStats(["a"]), HopsStats(["a"]), HopsStats(["a"])
     for i in range(10):
-        w1.add_detection("a", 0.020 + i * 0.001, marker=("s1", i), at=0.0)
+        w1.add_detection("a", 0.020 + i * 0.001, 0.020 + i * 0.001)
         w1.add_send_lag(0.0005)
-    for i in range(5):
-        w2.add_detection("a", 0.050, marker=("s2", i), at=0.0)
+    for _ in range(5):
+        w2.add_detection("a", 0.050, 0.050)
         w2.add_send_lag(0.003)
-    for w in (w1, w2):
-        w.join_own(0.0, force=True)
     t1 = Totals({"a": {"sent": 11, "detected": 10, "missed": 1, "pending": 0}},
                 {"started": 2, "completed": 2, "failed": 0, "active": 1, "late_starts": 0})
     t2 = Totals({"a": {"sent": 5, "detected": 5, "missed": 0, "pending": 0}},
@@ -105,8 +117,7 @@ def test_lag_histogram_quantiles_to_ten_microseconds() -> None:
 
 def test_csv_has_a_row_per_hop_and_the_send_lag_and_sessions_rows() -> None:
     s = HopsStats(["a"])
-    s.add_detection("a", 0.0213, marker=("s", 0), at=0.0)
-    s.join_own(0.0, force=True)
+    s.add_detection("a", 0.0213, 0.0213)
     s.set_totals("local", Totals({"a": {"sent": 1, "detected": 1}}, {"started": 1}))
     rows = list(csv.reader(io.StringIO(s.csv())))
     assert rows[0][:3] == ["Hop", "Markers sent", "Detected"]

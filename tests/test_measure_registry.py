@@ -402,9 +402,9 @@ def test_sent_is_detected_plus_missed_plus_pending_always(ops: list[tuple[str, i
     assert sum(c.missed for c in counts.values()) == len(reg.misses())
 
 
-def test_threads_share_one_registry() -> None:
+def test_threads_share_one_registry_under_the_lock_their_shell_gives() -> None:
     clock = FakeClock(0.0)
-    reg = registry(clock, expected_hops=["h"], marker_timeout=1000.0)
+    reg = registry(clock, expected_hops=["h"], marker_timeout=1000.0, lock=threading.Lock())
     reg.open_session("s")
     n = 2000
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from probe.measure.observe import Observers, RunObserver
 from probe.measure.registry import Measurement, Missed, SessionRegistry
-from probe.observe import Observers, RunObserver
 from probe.protocol import TraceContext
 
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ def port() -> Iterator[int]:
 
 
 def _asyncio(url: str, reply: bool) -> dict[str, Any]:
-    registry = SessionRegistry(clock=time.time, marker_timeout=2.0)
+    registry = SessionRegistry(clock=time.time, marker_timeout=2.0, lock=threading.Lock())
     worker = DetectionWorker()
 
     def opener(hop: str, audio: Any, session: str) -> peer.InlineStream:

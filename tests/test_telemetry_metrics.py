@@ -22,8 +22,8 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 
 from probe.cli import main
 from probe.errors import ConfigError
+from probe.measure.observe import Observers
 from probe.measure.registry import SessionRegistry
-from probe.observe import Observers
 from probe.pipeline import ReferencePipeline
 from probe.protocol import TraceContext
 from probe.runner import RunConfig, run_probe

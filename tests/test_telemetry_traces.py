@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
 from probe.errors import ConfigError
+from probe.measure.observe import Observers
 from probe.measure.registry import SessionRegistry
-from probe.observe import Observers
 from probe.protocol import TraceContext
 from probe.telemetry.env import tracing_enabled
 from probe.telemetry.otel import start_tracing

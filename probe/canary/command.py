@@ -20,8 +20,8 @@ from probe.canary.pushgateway import DEFAULT_JOB, push
 from probe.canary.scenario import Scenario, load_scenario, load_scenario_dir
 from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse_thresholds
 from probe.errors import ConfigError, ProbeError
+from probe.measure.observe import RunObserver
 from probe.measure.report import write_report
-from probe.observe import RunObserver
 from probe.runner import RunConfig
 
 __all__ = ["canary", "exporter"]

@@ -3,8 +3,8 @@
 One :class:`ProbeEngine` per process that runs users (a worker, or a local run). It owns
 
 - the :class:`SessionRegistry` every session of the process reports to, with an
-  :class:`~probe.observe.Observers` fan-out (own latency joined live) to the Locust reporter, the
-  exact Hops statistics and, when configured, telemetry;
+  :class:`~probe.measure.observe.Observers` fan-out (own latency joined live) to the Locust
+  reporter, the exact Hops statistics and, when configured, telemetry;
 - the process's sink in a child process (:class:`~probe.locust.sinkproc.GeventSinkProcess`), whose
   URL goes in every ``start`` so a marker comes back to the worker that sent it, and which also
   detects the markers of every session's return direction: no detection runs in this process,
@@ -27,8 +27,8 @@ import gevent
 
 from probe.errors import ConfigError
 from probe.locust.sinkproc import GeventSinkProcess
+from probe.measure.observe import Observers, RunObserver
 from probe.measure.registry import SessionRegistry
-from probe.observe import Observers, RunObserver
 
 __all__ = ["EngineConfig", "ProbeEngine", "parse_listen"]
 
@@ -111,6 +111,7 @@ class ProbeEngine:
     ) -> None:
         self.cfg = cfg
         self.clock = clock
+        # No locks: every call comes from the gevent hub (the sink child runs no thread here).
         self.observers = Observers(observers, hop_order=cfg.hop_order)
         self.registry = SessionRegistry(
             clock=clock,

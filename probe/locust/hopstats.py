@@ -121,15 +121,12 @@ class HopsStats:
     """Exact latency values per hop, send lags, and the totals of every reporting process.
 
     Own latency (a hop's cumulative latency minus that of the hop before it, for the same
-    marker) is joined here, not live: the hops' detections of one marker reach the registry in
-    whatever order the detector finishes them, so a marker's hops are held until ``hold_s``
-    after its first detection, then joined in pipeline order (declared, else by mean cumulative
-    latency; the return direction last), as the report does. Not thread-safe: the Locust
-    integration uses it from the gevent hub only."""
+    marker) comes with each detection from :class:`~probe.measure.observe.Observers`, joined by
+    the one rule the report and telemetry use (:class:`~probe.measure.latency.OwnLatencyJoin`).
+    Not thread-safe: the Locust integration uses it from the gevent hub only."""
 
-    def __init__(self, hop_order: Sequence[str] = (), *, hold_s: float = 2.0) -> None:
+    def __init__(self, hop_order: Sequence[str] = ()) -> None:
         self.hop_order = list(hop_order)
-        self.hold_s = hold_s
         self.reset()
 
     def reset(self) -> None:
@@ -142,50 +139,15 @@ class HopsStats:
         self._new_cum: dict[str, list[float]] = {}
         self._new_own: dict[str, list[float]] = {}
         self._new_lag: dict[int, int] = {}
-        # marker -> (first detection time, hop -> cumulative latency), oldest first.
-        self._held: dict[tuple[str, int], tuple[float, dict[str, float]]] = {}
-        self._sums: dict[str, list[float]] = {}
 
     # -- one process ----------------------------------------------------------------------------
 
-    def add_detection(
-        self, hop: str, latency_s: float, *, marker: tuple[str, int], at: float
-    ) -> None:
-        """Marker ``marker`` (session, seq) seen on ``hop``; ``at`` is the caller's clock."""
+    def add_detection(self, hop: str, latency_s: float, own_s: float) -> None:
+        """A marker seen on ``hop``: its cumulative and its own latency (seconds)."""
         self.cumulative.setdefault(hop, LatencyStats()).add(latency_s)
         self._new_cum.setdefault(hop, []).append(latency_s)
-        acc = self._sums.setdefault(hop, [0.0, 0.0])
-        acc[0] += latency_s
-        acc[1] += 1.0
-        held = self._held.get(marker)
-        if held is None:
-            self._held[marker] = (at, {hop: latency_s})
-        else:
-            held[1][hop] = latency_s
-
-    def _rank(self, hop: str) -> tuple[int, float, str]:
-        if hop in self.hop_order:
-            return (0, float(self.hop_order.index(hop)), hop)
-        if hop == RETURN_HOP:
-            return (2, 0.0, hop)
-        total, n = self._sums.get(hop, [0.0, 0.0])
-        return (1, total / n if n else 0.0, hop)
-
-    def join_own(self, now: float, *, force: bool = False) -> int:
-        """Join the own latency of markers held longer than ``hold_s`` (all with ``force``);
-        returns how many markers were joined."""
-        done = [
-            k for k, (first, _) in self._held.items() if force or now - first >= self.hold_s
-        ]
-        for k in done:
-            _, seen = self._held.pop(k)
-            prev: float | None = None
-            for hop in sorted(seen, key=self._rank):
-                own = seen[hop] - prev if prev is not None else seen[hop]
-                prev = seen[hop]
-                self.own.setdefault(hop, LatencyStats()).add(own)
-                self._new_own.setdefault(hop, []).append(own)
-        return len(done)
+        self.own.setdefault(hop, LatencyStats()).add(own_s)
+        self._new_own.setdefault(hop, []).append(own_s)
 
     def add_send_lag(self, lag_s: float) -> None:
         self.lag.add(lag_s)

@@ -30,7 +30,7 @@ from probe.errors import ConfigError
 from probe.locust.engine import EngineConfig, ProbeEngine
 from probe.locust.hopstats import COLUMNS, HopsStats, Totals
 from probe.locust.report import LocustReporter
-from probe.observe import RunObserver
+from probe.measure.observe import RunObserver
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,6 @@ def _on_report_to_master(client_id: str, data: dict[str, Any], **_kw: Any) -> No
         engine = getattr(environment, _ENGINE, None)
         if engine is not None and isinstance(environment.runner, WorkerRunner):
             stats = hops_stats_of(environment)
-            stats.join_own(time.monotonic())
             data[REPORT_KEY] = stats.take_report(
                 totals_of(engine, getattr(environment, _BASELINE, None))
             )
@@ -199,7 +198,7 @@ def _on_test_stop(environment: Any, **_kw: Any) -> None:
     engine = getattr(environment, _ENGINE, None)
     if engine is not None:
         engine.settle(min(SETTLE_AT_STOP_S, engine.cfg.marker_timeout_s), give_up=False)
-        hops_stats_of(environment).join_own(time.monotonic(), force=True)
+        engine.observers.flush()
 
 
 def _on_reset_stats(**_kw: Any) -> None:
@@ -232,7 +231,6 @@ def _refresh(environment: Any) -> HopsStats:
     stats = hops_stats_of(environment)
     engine = getattr(environment, _ENGINE, None)
     if engine is not None:
-        stats.join_own(time.monotonic())
         stats.set_totals("local", totals_of(engine, getattr(environment, _BASELINE, None)))
     return stats
 

@@ -1,7 +1,7 @@
 """What Locust hears of a probe run: request events per hop, misses, fork failures, send lag.
 
-:class:`LocustReporter` is a :class:`~probe.observe.RunObserver` (called on the gevent hub by the
-engine's registry). Entries, by request type and name:
+:class:`LocustReporter` is a :class:`~probe.measure.observe.RunObserver` (called on the gevent hub
+by the engine's registry). Entries, by request type and name:
 
 - ``hop`` / *hop name*: one per marker detected on that hop, response time = the hop's cumulative
   latency in ms; a marker not seen within the marker timeout is a failure of the same entry with
@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from probe.locust.hopstats import HopsStats
+from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
-from probe.observe import RunObserver
 
 __all__ = ["ForkFailed", "LocustReporter", "MarkerMissed", "SendLagWindow"]
 
@@ -75,9 +75,7 @@ class LocustReporter(RunObserver):
         )
 
     def detected(self, m: Measurement, own_s: float | None) -> None:
-        self.stats.add_detection(
-            m.hop, m.latency_s, marker=(m.session, m.seq), at=self.monotonic()
-        )
+        self.stats.add_detection(m.hop, m.latency_s, m.latency_s if own_s is None else own_s)
         self._fire("hop", m.hop, m.latency_s * 1000.0, None)
 
     def missed(self, m: Missed) -> None:

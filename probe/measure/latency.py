@@ -9,11 +9,12 @@ it stands in; the first hop (in order) that saw it owns its whole cumulative lat
 from __future__ import annotations
 
 import statistics
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from probe.measure.registry import Measurement
 
-__all__ = ["RETURN_HOP", "hop_order", "own_latencies"]
+__all__ = ["RETURN_HOP", "OwnLatencyJoin", "hop_order", "own_latencies"]
 
 # The audio that comes back on the client's own connection: always the end of the pipeline.
 RETURN_HOP = "return"
@@ -63,3 +64,118 @@ def own_latencies(
             out[hop].append(cumulative if previous is None else cumulative - previous)
             previous = cumulative
     return out
+
+
+class OwnLatencyJoin:
+    """Own latency joined live, by the rule :func:`own_latencies` applies to a finished run.
+
+    Hops are detected on independent streams, so a later hop's detection can arrive before an
+    earlier hop's for the same marker. A detection is therefore held while an earlier hop that
+    joined the same session has no outcome (detected or missed) for that marker, and passed on
+    as soon as they all have one; the registry declares every undelivered marker missed after the
+    marker timeout, so nothing waits longer than that. :meth:`flush` passes on what is still held
+    with the own latency known then. Order: ``declared`` hops first, then others by their running
+    mean cumulative latency, ``return`` last. Bounded: the oldest ``max_markers`` markers and
+    sessions are remembered. Not thread-safe (callers lock)."""
+
+    def __init__(self, declared: Sequence[str] = (), *, max_markers: int = 100_000) -> None:
+        self._declared = list(dict.fromkeys(declared))
+        self._max = max_markers
+        # (session, seq) -> hop -> cumulative latency (None: missed), oldest first.
+        self._markers: OrderedDict[tuple[str, int], dict[str, float | None]] = OrderedDict()
+        self._sums: dict[str, list[float]] = {}
+        # session -> hops that joined it (forks and the return direction), oldest first.
+        self._joined: OrderedDict[str, set[str]] = OrderedDict()
+        # (session, seq) -> detections held back until the earlier hops have an outcome.
+        self._held: OrderedDict[tuple[str, int], list[Measurement]] = OrderedDict()
+
+    def rank(self, hop: str) -> tuple[int, float, str]:
+        if hop in self._declared:
+            return (0, float(self._declared.index(hop)), hop)
+        if hop == RETURN_HOP:
+            return (2, 0.0, hop)
+        total, count = self._sums.get(hop, [0.0, 0.0])
+        return (1, total / count if count else 0.0, hop)
+
+    def joined(self, hop: str, session: str) -> None:
+        """``hop`` owes ``session`` its markers (a fork started, or audio came back)."""
+        self._joined.setdefault(session, set()).add(hop)
+        self._joined.move_to_end(session)
+        while len(self._joined) > self._max:
+            self._joined.popitem(last=False)
+
+    def detected(self, m: Measurement) -> list[tuple[Measurement, float]]:
+        """Record a detection; return the detections (this one included, or not yet) whose own
+        latency is now known, with it."""
+        self._record(m)
+        key = (m.session, m.seq)
+        if not self._waiting(m):
+            return [(m, self._own(m)), *self._release(key)]
+        self._held.setdefault(key, []).append(m)
+        out: list[tuple[Measurement, float]] = []
+        while len(self._held) > self._max:
+            _, old = self._held.popitem(last=False)
+            out += [(h, self._own(h)) for h in old]
+        return out
+
+    def missed(self, hop: str, session: str, seq: int) -> list[tuple[Measurement, float]]:
+        """Record that ``hop`` missed marker ``seq`` of ``session``; return what that releases."""
+        key = (session, seq)
+        self._outcomes(key).setdefault(hop, None)
+        return self._release(key)
+
+    def flush(self) -> list[tuple[Measurement, float]]:
+        """Everything still held, with the own latency known now."""
+        out = [(m, self._own(m)) for held in self._held.values() for m in held]
+        self._held.clear()
+        return out
+
+    def own_now(self, m: Measurement) -> float:
+        """Record ``m`` and return its own latency against what is known now (no holding)."""
+        self._record(m)
+        return self._own(m)
+
+    def _outcomes(self, key: tuple[str, int]) -> dict[str, float | None]:
+        seen = self._markers.get(key)
+        if seen is None:
+            seen = self._markers[key] = {}
+            while len(self._markers) > self._max:
+                self._markers.popitem(last=False)
+        return seen
+
+    def _record(self, m: Measurement) -> None:
+        acc = self._sums.setdefault(m.hop, [0.0, 0.0])
+        acc[0] += m.latency_s
+        acc[1] += 1.0
+        self._outcomes((m.session, m.seq))[m.hop] = m.latency_s
+
+    def _own(self, m: Measurement) -> float:
+        seen = self._markers.get((m.session, m.seq), {})
+        mine = self.rank(m.hop)
+        earlier = [
+            (self.rank(h), v) for h, v in seen.items() if v is not None and self.rank(h) < mine
+        ]
+        if not earlier:
+            return m.latency_s
+        return m.latency_s - max(earlier)[1]
+
+    def _waiting(self, m: Measurement) -> bool:
+        seen = self._markers.get((m.session, m.seq), {})
+        mine = self.rank(m.hop)
+        return any(
+            h not in seen and self.rank(h) < mine for h in self._joined.get(m.session, ())
+        )
+
+    def _release(self, key: tuple[str, int]) -> list[tuple[Measurement, float]]:
+        held = self._held.get(key)
+        if not held:
+            return []
+        ready = [m for m in held if not self._waiting(m)]
+        if not ready:
+            return []
+        rest = [m for m in held if m not in ready]
+        if rest:
+            self._held[key] = rest
+        else:
+            del self._held[key]
+        return [(m, self._own(m)) for m in ready]

@@ -16,24 +16,25 @@ Payloads that resolve to no session or no sent marker are counted per hop as ``u
 raised: a sink sees other runs' and corrupted audio.
 
 Time comes from the injected ``clock`` (seconds, the same clock as the send times) and nowhere else.
-One lock guards all state, so the source and the sink may run on different threads.
+One lock, given by the shell that runs the source and the sink on different threads, guards all
+state (without one, calls must come from one thread).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from probe.errors import ConfigError
 from probe.measure.stats import LatencyStats
 from probe.watermark.design import PAYLOAD_BYTES, session_payload, split_session_payload
 
 if TYPE_CHECKING:
-    from probe.observe import RunObserver
+    from probe.measure.observe import RunObserver
     from probe.protocol import TraceContext
 
 __all__ = [
@@ -178,7 +179,10 @@ class SessionRegistry:
         session_ttl: float = 60.0,
         expected_hops: Sequence[str] = (),
         observer: RunObserver | None = None,
+        lock: AbstractContextManager[Any] | None = None,
     ) -> None:
+        """``lock`` guards every method: a shell that calls the registry from several threads
+        (the event loop and a detection thread) passes one (``threading.Lock()``)."""
         if not marker_timeout > 0:
             raise ConfigError(f"marker_timeout must be positive seconds, got {marker_timeout}.")
         if not session_ttl > 0:
@@ -188,12 +192,12 @@ class SessionRegistry:
         for hop in expected_hops:
             _check_hop(hop)
         self._clock = clock
-        # Told of every change after the lock is released (see probe.observe).
+        # Told of every change after the lock is released (see probe.measure.observe).
         self.observer = observer
         self.marker_timeout = float(marker_timeout)
         self.session_ttl = float(session_ttl)
         self.expected_hops: tuple[str, ...] = tuple(dict.fromkeys(expected_hops))
-        self._lock = threading.Lock()
+        self._lock: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
         self._sessions: dict[str, _Session] = {}
         self._by_token: dict[int, _Session] = {}
         self._tally: dict[str, _HopTally] = {h: _HopTally() for h in self.expected_hops}

@@ -39,8 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from probe.errors import ConfigError
 from probe.measure.latency import RETURN_HOP
+from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
-from probe.observe import RunObserver
 from probe.protocol import TraceContext
 
 __all__ = [

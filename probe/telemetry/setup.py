@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TextIO
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from probe.errors import ConfigError
-from probe.observe import Observers, RunObserver
+from probe.measure.observe import Observers, RunObserver
 from probe.telemetry.env import tracing_enabled
 from probe.telemetry.metrics import MetricsObserver, MetricsServer, serve_metrics
 
@@ -197,7 +197,7 @@ def start_telemetry(
                 tracing.close(0.5)
             raise
     return Telemetry(
-        Observers(observers, hop_order=hop_order),
+        Observers(observers, hop_order=hop_order, lock=threading.Lock()),
         metrics,
         tracing,
         server,

@@ -43,8 +43,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
+from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
-from probe.observe import RunObserver
 from probe.protocol import TraceContext
 
 __all__ = [

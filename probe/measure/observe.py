@@ -6,27 +6,20 @@ sessions and send lag, the detection thread for detections). Implementations mus
 thread-safe and quick; they never raise into the run (:class:`Observers` logs and swallows).
 
 :class:`RunObserver` is a base with no-op methods: override what you need. :class:`Observers`
-fans out to several and adds each detection's *own* latency (cumulative minus the cumulative of
-the nearest earlier hop that saw the same marker), using the declared hop order when given and
-otherwise the order of the hops' running mean cumulative latency.
-
-Hops are detected on independent streams, so a later hop's detection can arrive before an earlier
-hop's for the same marker. :class:`Observers` therefore holds a detection back while an earlier hop
-that joined the same session has no outcome (detected or missed) for that marker yet, and passes it
-on as soon as they all have one; the registry declares every undelivered marker missed after the
-marker timeout, so nothing waits longer than that. Whatever is still held at :meth:`close` is
-passed on with the own latency known then.
+fans out to several and adds each detection's *own* latency by the one rule of
+:class:`~probe.measure.latency.OwnLatencyJoin` (which holds a later hop's detection until the
+earlier hops have an outcome for that marker). Pure: a shell that calls it from several threads
+passes a ``lock``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from probe.measure.latency import RETURN_HOP
+from probe.measure.latency import OwnLatencyJoin
 from probe.measure.registry import Measurement, Missed
 from probe.protocol import TraceContext
 
@@ -82,18 +75,11 @@ class Observers(RunObserver):
         *,
         hop_order: Sequence[str] | None = None,
         max_markers: int = 100_000,
+        lock: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.observers: list[RunObserver] = list(observers)
-        self._declared = list(dict.fromkeys(hop_order or ()))
-        self._max = max_markers
-        self._lock = threading.Lock()
-        # (session, seq) -> hop -> cumulative latency (None: missed), oldest first, bounded.
-        self._markers: OrderedDict[tuple[str, int], dict[str, float | None]] = OrderedDict()
-        self._sums: dict[str, list[float]] = {}
-        # session -> hops that joined it (forks and the return direction), oldest first, bounded.
-        self._joined: OrderedDict[str, set[str]] = OrderedDict()
-        # (session, seq) -> detections held back until the earlier hops have an outcome.
-        self._held: OrderedDict[tuple[str, int], list[Measurement]] = OrderedDict()
+        self._join = OwnLatencyJoin(hop_order or (), max_markers=max_markers)
+        self._lock: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
 
     def add(self, observer: RunObserver) -> None:
         self.observers.append(observer)
@@ -107,66 +93,10 @@ class Observers(RunObserver):
                 log.warning("%s.%s failed: %s", type(o).__name__, name, exc)
         return out
 
-    def _rank(self, hop: str) -> tuple[int, float, str]:
-        if hop in self._declared:
-            return (0, float(self._declared.index(hop)), hop)
-        if hop == RETURN_HOP:
-            return (2, 0.0, hop)
-        total, count = self._sums.get(hop, [0.0, 0.0])
-        return (1, total / count if count else 0.0, hop)
-
-    def _outcomes(self, key: tuple[str, int]) -> dict[str, float | None]:
-        seen = self._markers.get(key)
-        if seen is None:
-            seen = self._markers[key] = {}
-            while len(self._markers) > self._max:
-                self._markers.popitem(last=False)
-        return seen
-
-    def _record(self, m: Measurement) -> None:
-        acc = self._sums.setdefault(m.hop, [0.0, 0.0])
-        acc[0] += m.latency_s
-        acc[1] += 1.0
-        self._outcomes((m.session, m.seq))[m.hop] = m.latency_s
-
-    def _own(self, m: Measurement) -> float:
-        seen = self._markers.get((m.session, m.seq), {})
-        mine = self._rank(m.hop)
-        earlier = [
-            (self._rank(h), v) for h, v in seen.items() if v is not None and self._rank(h) < mine
-        ]
-        if not earlier:
-            return m.latency_s
-        return m.latency_s - max(earlier)[1]
-
-    def _waiting(self, m: Measurement) -> bool:
-        """True while an earlier hop that joined ``m``'s session has no outcome for its marker."""
-        seen = self._markers.get((m.session, m.seq), {})
-        mine = self._rank(m.hop)
-        return any(
-            h not in seen and self._rank(h) < mine for h in self._joined.get(m.session, ())
-        )
-
     def own_latency(self, m: Measurement) -> float:
         """Own latency of ``m`` against the earlier hops seen so far for the same marker."""
         with self._lock:
-            self._record(m)
-            return self._own(m)
-
-    def _release(self, key: tuple[str, int]) -> list[tuple[Measurement, float]]:
-        """The held detections of marker ``key`` that wait no longer (lock held)."""
-        held = self._held.get(key)
-        if not held:
-            return []
-        ready = [m for m in held if not self._waiting(m)]
-        if not ready:
-            return []
-        rest = [m for m in held if m not in ready]
-        if rest:
-            self._held[key] = rest
-        else:
-            del self._held[key]
-        return [(m, self._own(m)) for m in ready]
+            return self._join.own_now(m)
 
     def _tell(self, out: list[tuple[Measurement, float]]) -> None:
         for m, own in out:
@@ -182,10 +112,7 @@ class Observers(RunObserver):
     def hop_joined(self, hop: str, session: str | None, trace: TraceContext | None) -> None:
         if session is not None:
             with self._lock:
-                self._joined.setdefault(session, set()).add(hop)
-                self._joined.move_to_end(session)
-                while len(self._joined) > self._max:
-                    self._joined.popitem(last=False)
+                self._join.joined(hop, session)
         self._each("hop_joined", hop, session, trace)
 
     def hop_failed(self, hop: str, session: str | None, error: str) -> None:
@@ -197,24 +124,13 @@ class Observers(RunObserver):
         if own_s is not None:
             self._each("detected", m, own_s)
             return
-        key = (m.session, m.seq)
-        out: list[tuple[Measurement, float]] = []
         with self._lock:
-            self._record(m)
-            if self._waiting(m):
-                self._held.setdefault(key, []).append(m)
-                while len(self._held) > self._max:
-                    _, old = self._held.popitem(last=False)
-                    out += [(h, self._own(h)) for h in old]
-            else:
-                out = [(m, self._own(m)), *self._release(key)]
+            out = self._join.detected(m)
         self._tell(out)
 
     def missed(self, m: Missed) -> None:
-        key = (m.session, m.seq)
         with self._lock:
-            self._outcomes(key).setdefault(m.hop, None)
-            out = self._release(key)
+            out = self._join.missed(m.hop, m.session, m.seq)
         self._each("missed", m)
         self._tell(out)
 
@@ -227,9 +143,13 @@ class Observers(RunObserver):
     def run_finished(self, report: dict[str, Any]) -> None:
         self._each("run_finished", report)
 
-    def close(self) -> None:
+    def flush(self) -> None:
+        """Pass on every detection still held for an earlier hop's outcome (a run or a test
+        stopped before its markers settled), with the own latency known now."""
         with self._lock:
-            out = [(m, self._own(m)) for held in self._held.values() for m in held]
-            self._held.clear()
+            out = self._join.flush()
         self._tell(out)
+
+    def close(self) -> None:
+        self.flush()
         self._each("close")
