@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -425,3 +426,37 @@ def test_threads_share_one_registry_under_the_lock_their_shell_gives() -> None:
     c = check_accounting(reg)["h"]
     assert c.sent == n
     assert c.detected + c.unmatched + c.duplicates == n
+
+
+def test_without_history_nothing_grows_with_the_run_but_the_counts_stay_exact() -> None:
+    from probe.measure.registry import MAX_ERRORS
+
+    clock = FakeClock(0.0)
+    heard: list[str] = []
+
+    class Ear:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a: heard.append(name)
+
+    reg = registry(clock, marker_timeout=1.0, history=False, observer=Ear())
+    for k in range(300):
+        s = f"s{k}"
+        reg.open_session(s)
+        reg.hop_connected("h", s)
+        for seq in range(4):
+            reg.record_send(s, seq, clock.t)
+            reg.record_send_lag(s, 0.001)
+            if seq < 3:
+                reg.record_detection("h", reg.payload_for(s, seq), clock.t + 0.02, score=9.0)
+        reg.hop_error("h", s, "garbage")
+        reg.record_reply(s, clock.t, 0.5)
+        reg.close_session(s, error="boom")
+        clock.advance(2.0)
+        reg.expire()
+    counts = check_accounting(reg)["h"]
+    assert (counts.sent, counts.detected, counts.missed) == (1200, 900, 300)
+    assert reg.series() == [] and reg.send_lag().count == 0 and reg.replies() == ([], 0)
+    assert len(reg.hop_errors()["h"]) == min(300, MAX_ERRORS)
+    assert reg.session_counts().failed == 300
+    assert heard.count("detected") == 900 and heard.count("missed") == 300
+    assert heard.count("send_lag") == 1200 and heard.count("reply") == 300

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -37,11 +38,15 @@ if TYPE_CHECKING:
     from probe.measure.observe import RunObserver
     from probe.protocol import TraceContext
 
+# Without history, the latest this many session errors and this many per hop are kept.
+MAX_ERRORS = 1000
+
 __all__ = [
     "NEGATIVE_TOLERANCE_S",
     "TOKEN_BITS",
     "ErrorNote",
     "HopCounts",
+    "MAX_ERRORS",
     "Measurement",
     "Missed",
     "SessionCounts",
@@ -180,9 +185,15 @@ class SessionRegistry:
         expected_hops: Sequence[str] = (),
         observer: RunObserver | None = None,
         lock: AbstractContextManager[Any] | None = None,
+        history: bool = True,
     ) -> None:
         """``lock`` guards every method: a shell that calls the registry from several threads
-        (the event loop and a detection thread) passes one (``threading.Lock()``)."""
+        (the event loop and a detection thread) passes one (``threading.Lock()``).
+
+        ``history`` keeps what a finished run's report lists (every measurement and miss, every
+        send lag and reply latency, every error). A long-running load test (Locust) passes
+        False: observers still hear everything as it happens and the counts stay exact, but
+        nothing grows with the run's length (errors keep the latest ``MAX_ERRORS``)."""
         if not marker_timeout > 0:
             raise ConfigError(f"marker_timeout must be positive seconds, got {marker_timeout}.")
         if not session_ttl > 0:
@@ -201,11 +212,12 @@ class SessionRegistry:
         self._sessions: dict[str, _Session] = {}
         self._by_token: dict[int, _Session] = {}
         self._tally: dict[str, _HopTally] = {h: _HopTally() for h in self.expected_hops}
-        self._hop_errors: dict[str, list[ErrorNote]] = {}
+        self._hop_errors: dict[str, deque[ErrorNote]] = {}
         self._started = 0
         self._completed = 0
         self._failed = 0
-        self._session_errors: list[ErrorNote] = []
+        self.history = history
+        self._session_errors: deque[ErrorNote] = deque(maxlen=None if history else MAX_ERRORS)
         self._send_lag = LatencyStats()
         self._reply: list[float] = []
         self._reply_missed = 0
@@ -336,7 +348,8 @@ class SessionRegistry:
             s = self._sessions.get(session_id)
             if s is not None:
                 s.last_activity = self._clock()
-            self._send_lag.add(lag_s)
+            if self.history:
+                self._send_lag.add(lag_s)
         if self.observer is not None:
             self.observer.send_lag(session_id, lag_s)
 
@@ -346,7 +359,7 @@ class SessionRegistry:
         with self._lock:
             if latency_s is None:
                 self._reply_missed += 1
-            else:
+            elif self.history:
                 self._reply.append(latency_s)
         if self.observer is not None:
             self.observer.reply(session_id, utterance_end, latency_s)
@@ -377,7 +390,10 @@ class SessionRegistry:
         _check_hop(hop)
         with self._lock:
             self._tally.setdefault(hop, _HopTally())
-            self._hop_errors.setdefault(hop, []).append(ErrorNote(session_id, error))
+            notes = self._hop_errors.get(hop)
+            if notes is None:
+                notes = self._hop_errors[hop] = deque(maxlen=None if self.history else MAX_ERRORS)
+            notes.append(ErrorNote(session_id, error))
         if self.observer is not None:
             self.observer.hop_failed(hop, session_id, error)
 
@@ -452,7 +468,8 @@ class SessionRegistry:
                 latency_s=arrival_time - send_time,
                 score=score,
             )
-            self._series.append(m)
+            if self.history:
+                self._series.append(m)
             return m
 
     @staticmethod
@@ -509,7 +526,8 @@ class SessionRegistry:
     def _miss(self, s: _Session, hop: str, seq: int, send_time: float) -> Missed:
         self._tally[hop].missed += 1
         m = Missed(hop=hop, session=s.id, seq=seq, send_time=send_time)
-        self._series.append(m)
+        if self.history:
+            self._series.append(m)
         return m
 
     def _drop_stale(self, now: float) -> None:
