@@ -111,3 +111,19 @@ def test_failed_session_is_told() -> None:
     reg = SessionRegistry(clock=lambda: 1.0, observer=rec)
     reg.session_failed("x", "cannot connect")
     assert rec.events == [("ended", "x", "cannot connect")]
+
+
+def test_the_join_forgets_markers_once_every_hop_has_an_outcome() -> None:
+    from probe.measure.latency import OwnLatencyJoin
+
+    join = OwnLatencyJoin(["a", "b"])
+    for hop in ("a", "b"):
+        join.joined(hop, "s")
+    for seq in range(1000):
+        join.detected(Measurement("a", "s", seq, 0.0, 0.02, 0.02, 9.0))
+        if seq % 2:
+            join.missed("b", "s", seq)
+        else:
+            out = join.detected(Measurement("b", "s", seq, 0.0, 0.05, 0.05, 9.0))
+            assert [round(own, 6) for _, own in out] == [0.03]
+    assert len(join._markers) == 0 and len(join._held) == 0

@@ -76,7 +76,8 @@ class OwnLatencyJoin:
     marker timeout, so nothing waits longer than that. :meth:`flush` passes on what is still held
     with the own latency known then. Order: ``declared`` hops first, then others by their running
     mean cumulative latency, ``return`` last. Bounded: the oldest ``max_markers`` markers and
-    sessions are remembered. Not thread-safe (callers lock)."""
+    sessions are remembered, and a marker is forgotten once every hop that joined its session
+    has an outcome for it. Not thread-safe (callers lock)."""
 
     def __init__(self, declared: Sequence[str] = (), *, max_markers: int = 100_000) -> None:
         self._declared = list(dict.fromkeys(declared))
@@ -109,10 +110,12 @@ class OwnLatencyJoin:
         latency is now known, with it."""
         self._record(m)
         key = (m.session, m.seq)
-        if not self._waiting(m):
-            return [(m, self._own(m)), *self._release(key)]
-        self._held.setdefault(key, []).append(m)
         out: list[tuple[Measurement, float]] = []
+        if not self._waiting(m):
+            out = [(m, self._own(m)), *self._release(key)]
+            self._forget_if_done(key)
+            return out
+        self._held.setdefault(key, []).append(m)
         while len(self._held) > self._max:
             _, old = self._held.popitem(last=False)
             out += [(h, self._own(h)) for h in old]
@@ -122,7 +125,9 @@ class OwnLatencyJoin:
         """Record that ``hop`` missed marker ``seq`` of ``session``; return what that releases."""
         key = (session, seq)
         self._outcomes(key).setdefault(hop, None)
-        return self._release(key)
+        out = self._release(key)
+        self._forget_if_done(key)
+        return out
 
     def flush(self) -> list[tuple[Measurement, float]]:
         """Everything still held, with the own latency known now."""
@@ -134,6 +139,14 @@ class OwnLatencyJoin:
         """Record ``m`` and return its own latency against what is known now (no holding)."""
         self._record(m)
         return self._own(m)
+
+    def _forget_if_done(self, key: tuple[str, int]) -> None:
+        """Drop a marker once every hop that joined its session has an outcome for it and
+        nothing waits on it: memory then follows the markers in flight, not the run."""
+        joined = self._joined.get(key[0])
+        seen = self._markers.get(key)
+        if joined and seen is not None and key not in self._held and joined <= seen.keys():
+            del self._markers[key]
 
     def _outcomes(self, key: tuple[str, int]) -> dict[str, float | None]:
         seen = self._markers.get(key)
