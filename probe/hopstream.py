@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from probe.audio.formats import decode
 from probe.measure.expect import ExpectationBook
-from probe.measure.registry import SessionRegistry
+from probe.measure.sinkwire import RegistryEvents
 from probe.protocol import AudioFormat
 from probe.watermark.detect import Detection, MarkerDetector
 from probe.watermark.informed import Expected, InformedDetector
@@ -38,7 +38,7 @@ class HopStream:
 
     def __init__(
         self,
-        registry: SessionRegistry,
+        registry: RegistryEvents,
         hop: str,
         audio: AudioFormat,
         *,

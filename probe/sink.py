@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from probe.errors import ConfigError
 from probe.hopstream import DetectionWorker, HopStream
 from probe.measure.expect import ExpectationBook
-from probe.measure.registry import SessionRegistry
+from probe.measure.sinkwire import RegistryEvents
 from probe.protocol import Audio, ForkReceiver, ForkStart, ProtocolViolation, Started, Stopped
 from probe.wsstamp import StampedServerConnection, server_factory
 
@@ -34,7 +34,7 @@ class Sink:
 
     def __init__(
         self,
-        registry: SessionRegistry,
+        registry: RegistryEvents,
         worker: DetectionWorker,
         *,
         clock: Callable[[], float],

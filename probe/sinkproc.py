@@ -6,10 +6,11 @@ pacing loop for the interpreter: frames are handed to the socket late (send lag)
 :class:`~probe.sink.Sink` and its :class:`~probe.hopstream.DetectionWorker` run in a child process
 with their own event loop, and so does detection of the return direction's audio, which the
 source hands over frame by frame (:meth:`SinkProcess.open_stream`). What the registry needs (hop
-connected, hop error, detection) comes back over a socket pair as small tuples and is applied to
-the parent's registry by one reader thread. The parent process is left with no CPU-heavy thread:
-a thread that holds the interpreter makes every socket send of the pacing loop wait for it
-(measured before this change: 85 us per send and p99 send lag 160 ms at 30 sessions).
+connected, hop error, detection) comes back over a socket pair as typed messages
+(:mod:`probe.measure.sinkwire`) and is applied to the parent's registry by one reader thread. The
+parent process is left with no CPU-heavy thread: a thread that holds the interpreter makes every
+socket send of the pacing loop wait for it (measured with a detection thread in the parent: 85 us
+per send and p99 send lag 160 ms at 30 sessions).
 
 Clock: the child stamps arrivals with ``time.time``, the wall clock the parent's source uses for
 send times, on the same host (PROTOCOL.md section 4). A run with any other injected clock uses
@@ -22,52 +23,46 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import queue
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, cast
 
 from probe.errors import ConfigError
+from probe.measure import sinkwire as wire
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat, TraceContext
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MessageReader",
     "RemoteStream",
     "SinkChild",
     "SinkProcess",
-    "encode_message",
     "spawn_child",
     "start_error",
 ]
 
 _START_TIMEOUT_S = 30.0
-_HEADER = struct.Struct("!i")
-_HEADER64 = struct.Struct("!Q")
 
 
-class _RegistryProxy:
-    """What the sink and its hop streams call on a registry, sent to the parent as tuples."""
+class _Forwarder:
+    """The registry events of the child's sink and hop streams, sent to the parent."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
         self._gone = False
 
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: wire.Message) -> None:
         with self._lock:
             if self._gone:
                 return
             try:
-                self._conn.send(msg)
+                self._conn.send(wire.to_wire(msg))
             except OSError:
                 # The parent is gone (killed, crashed): nobody to tell, so drop quietly and let
                 # the reader's EOF end this process.
@@ -76,10 +71,10 @@ class _RegistryProxy:
     def hop_connected(
         self, hop: str, session_id: str | None, trace: TraceContext | None = None
     ) -> None:
-        self._send(("hop", hop, session_id, trace))
+        self.send(wire.HopJoined(hop, session_id, trace))
 
     def hop_error(self, hop: str, session_id: str | None, error: str) -> None:
-        self._send(("hop_error", hop, session_id, error))
+        self.send(wire.HopFailed(hop, session_id, error))
 
     def record_detection(
         self,
@@ -90,7 +85,7 @@ class _RegistryProxy:
         score: float,
         session_hint: str | None = None,
     ) -> None:
-        self._send(("det", hop, payload, arrival_time, score, session_hint))
+        self.send(wire.Detected(hop, payload, arrival_time, score, session_hint))
 
 
 def _renice_this_thread(nice: int) -> None:
@@ -110,33 +105,31 @@ def _child(
     from probe.measure.expect import ExpectationBook
     from probe.sink import Sink
 
-    proxy = _RegistryProxy(conn)
+    forward = _Forwarder(conn)
     # As in the parent (probe.runner): the detection thread must not hold the interpreter for
     # the default 5 ms while a fork frame waits to be stamped.
     sys.setswitchinterval(0.001)
-    registry = cast(SessionRegistry, proxy)
     streams: dict[int, HopStream] = {}  # touched only on the detection worker's thread
     book = ExpectationBook()  # likewise
 
-    def apply(work: list[tuple[Any, ...]]) -> None:
+    def apply(work: list[wire.Message]) -> None:
         for msg in work:
-            kind = msg[0]
-            if kind == "audio":
-                st = streams.get(msg[1])
+            if isinstance(msg, wire.StreamAudio):
+                st = streams.get(msg.sid)
                 if st is not None:
-                    st.on_audio(msg[2], msg[3])
-            elif kind == "expect":
-                book.add(msg[1], msg[2], msg[3], msg[4])
-            elif kind == "open":
-                streams[msg[1]] = HopStream(
-                    registry, msg[2], msg[3], session_hint=msg[4], book=book
+                    st.on_audio(msg.data, msg.arrival)
+            elif isinstance(msg, wire.Expect):
+                book.add(msg.session, msg.payload, msg.send_time, msg.deadline)
+            elif isinstance(msg, wire.OpenStream):
+                streams[msg.sid] = HopStream(
+                    forward, msg.hop, msg.audio, session_hint=msg.session, book=book
                 )
-            elif kind == "fmt":
-                st = streams.get(msg[1])
+            elif isinstance(msg, wire.StreamFormat):
+                st = streams.get(msg.sid)
                 if st is not None:
-                    st.set_format(msg[2])
-            elif kind == "close":
-                st = streams.pop(msg[1], None)
+                    st.set_format(msg.audio)
+            elif isinstance(msg, wire.CloseStream):
+                st = streams.pop(msg.sid, None)
                 if st is not None:
                     st.close()
 
@@ -148,16 +141,19 @@ def _child(
     def read(worker: DetectionWorker, loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
         try:
             while True:
-                _, batch = conn.recv()
-                work: list[tuple[Any, ...]] = []
-                for msg in batch:
-                    if msg[0] == "drain":
+                batch = wire.from_wire(conn.recv())
+                if not isinstance(batch, wire.Batch):
+                    continue
+                work: list[wire.Message] = []
+                for item in batch.messages:
+                    msg = wire.from_wire(item)
+                    if isinstance(msg, wire.Drain):
                         if work:
                             worker.submit(apply, work)
                             work = []
                         worker.drain()
-                        proxy._send(("drained", msg[1]))
-                    elif msg[0] == "stop":
+                        forward.send(wire.Drained(msg.seq))
+                    elif isinstance(msg, wire.Stop):
                         if work:
                             worker.submit(apply, work)
                         return
@@ -165,7 +161,7 @@ def _child(
                         work.append(msg)
                 if work:
                     worker.submit(apply, work)
-        except (EOFError, OSError):
+        except (EOFError, OSError, ValueError):
             pass
         finally:
             loop.call_soon_threadsafe(done.set)
@@ -177,15 +173,15 @@ def _child(
             # target and this process's own socket reads (which stamp arrivals) in the scheduler.
             worker.submit(_renice_this_thread, detect_nice)
         # A negative port: no fork sink, only the parent's detection streams (no hop forks).
-        sink = Sink(registry, worker, clock=time.time, idle_timeout=idle_timeout, book=book)
+        sink = Sink(forward, worker, clock=time.time, idle_timeout=idle_timeout, book=book)
         url = ""
         if port >= 0:
             try:
                 url = await sink.start(host, port)
             except ConfigError as exc:
-                proxy._send(("error", str(exc)))
+                forward.send(wire.Failed(str(exc)))
                 return
-        proxy._send(("ready", url))
+        forward.send(wire.Ready(url))
         done = asyncio.Event()
         reader = threading.Thread(
             target=read, args=(worker, asyncio.get_running_loop(), done), daemon=True
@@ -198,7 +194,7 @@ def _child(
             worker.submit(close_all)
             await asyncio.to_thread(worker.close)
             with contextlib.suppress(OSError):
-                proxy._send(("stopped",))
+                forward.send(wire.Stopped())
 
     asyncio.run(main())
 
@@ -208,43 +204,6 @@ def _import_root() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rest = os.environ.get("PYTHONPATH")
     return root + (os.pathsep + rest if rest else "")
-
-
-class MessageReader:
-    """Sans-I/O reader of the messages :class:`multiprocessing.connection.Connection` frames
-    (a 4-byte big-endian length, then a pickle): bytes in, messages out. For a parent whose I/O
-    is not a blocking ``Connection.recv`` (a gevent-cooperative socket)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[Any]:
-        self._buf += data
-        out: list[Any] = []
-        pos = 0
-        buf = self._buf
-        while len(buf) - pos >= 4:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            start = pos + 4
-            if size == -1:  # Connection's header for a message of 2 GiB or more
-                if len(buf) - start < 8:
-                    break
-                (size,) = _HEADER64.unpack_from(buf, start)
-                start += 8
-            if len(buf) - start < size:
-                break
-            out.append(pickle.loads(memoryview(buf)[start : start + size]))
-            pos = start + size
-        del buf[:pos]
-        return out
-
-
-def encode_message(obj: Any) -> bytes:
-    """``obj`` framed as :meth:`multiprocessing.connection.Connection.send` frames it."""
-    body = pickle.dumps(obj)
-    if len(body) > 0x7FFFFFFF:
-        return _HEADER.pack(-1) + _HEADER64.pack(len(body)) + body
-    return _HEADER.pack(len(body)) + body
 
 
 def spawn_child(
@@ -275,10 +234,10 @@ def spawn_child(
     return mine, proc
 
 
-def start_error(msg: Any) -> ConfigError:
+def start_error(msg: wire.Message | None) -> ConfigError:
     """The ConfigError for a child that answered ``msg`` (or nothing) instead of ``ready``."""
-    if msg is not None and msg[0] == "error":
-        return ConfigError(str(msg[1]))
+    if isinstance(msg, wire.Failed):
+        return ConfigError(msg.error)
     return ConfigError(f"the sink process did not start within {_START_TIMEOUT_S:.0f} s")
 
 
@@ -291,13 +250,13 @@ class RemoteStream:
         self._sid = sid
 
     def feed(self, data: bytes, arrival: float) -> None:
-        self._owner._send(("audio", self._sid, data, arrival))
+        self._owner._send(wire.StreamAudio(self._sid, data, arrival))
 
     def set_format(self, audio: AudioFormat) -> None:
-        self._owner._send(("fmt", self._sid, audio))
+        self._owner._send(wire.StreamFormat(self._sid, audio))
 
     def close(self) -> None:
-        self._owner._send(("close", self._sid))
+        self._owner._send(wire.CloseStream(self._sid))
 
 
 class SinkChild:
@@ -316,36 +275,35 @@ class SinkChild:
         """The sink's bound port (0 before start or without a sink)."""
         return int(self.url.rsplit(":", 1)[1].split("/", 1)[0]) if self.url else 0
 
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def _send(self, msg: wire.Message) -> None:
         raise NotImplementedError
 
     def expect(self, session: str, payload: bytes, send_time: float, deadline: float) -> None:
         """A marker was sent: the child's streams of ``session`` look for it (informed
         detection). Fits :meth:`SessionRegistry.add_send_listener`."""
-        self._send(("expect", session, payload, send_time, deadline))
+        self._send(wire.Expect(session, payload, send_time, deadline))
 
     def open_stream(self, hop: str, audio: AudioFormat, session: str) -> RemoteStream:
         """Detect markers in another stream (e.g. a session's return audio) in the child."""
         self._next_sid += 1
-        self._send(("open", self._next_sid, hop, audio, session))
+        self._send(wire.OpenStream(self._next_sid, hop, audio, session))
         return RemoteStream(self, self._next_sid)
 
-    def _apply(self, msg: tuple[Any, ...]) -> str:
-        """Apply a registry message from the child; return its kind (``drained``, ``stopped``
-        are the shell's to handle)."""
-        kind = str(msg[0])
+    def _apply(self, msg: wire.Message) -> None:
+        """Apply a registry message from the child (``Drained`` and ``Stopped`` are the
+        shell's to handle)."""
         reg = self.registry
         try:
-            if kind == "det":
-                _, hop, payload, arrival, score, hint = msg
-                reg.record_detection(hop, payload, arrival, score=score, session_hint=hint)
-            elif kind == "hop":
-                reg.hop_connected(msg[1], msg[2], msg[3])
-            elif kind == "hop_error":
-                reg.hop_error(msg[1], msg[2], msg[3])
+            if isinstance(msg, wire.Detected):
+                reg.record_detection(
+                    msg.hop, msg.payload, msg.arrival, score=msg.score, session_hint=msg.hint
+                )
+            elif isinstance(msg, wire.HopJoined):
+                reg.hop_connected(msg.hop, msg.session, msg.trace)
+            elif isinstance(msg, wire.HopFailed):
+                reg.hop_error(msg.hop, msg.session, msg.error)
         except Exception as exc:  # one bad message must not stop the reader
-            log.error("sink message %r failed: %s", kind, exc)
-        return kind
+            log.error("sink message %s failed: %s", type(msg).__name__, exc)
 
 
 class SinkProcess(SinkChild):
@@ -361,10 +319,10 @@ class SinkProcess(SinkChild):
         self._drained = -1
         self._drain_seq = 0
         self._stopped = False
-        self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[wire.Message] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None
 
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def _send(self, msg: wire.Message) -> None:
         """Queue a message for the child; never blocks the caller (the event loop)."""
         if self._conn is not None and not self._stopped:
             self._outbox.put(msg)
@@ -380,11 +338,11 @@ class SinkProcess(SinkChild):
                 while len(batch) < 4096:
                     batch.append(self._outbox.get_nowait())
             try:
-                conn.send(("batch", batch))
+                conn.send(wire.to_wire(wire.Batch(tuple(wire.to_wire(m) for m in batch))))
             except OSError as exc:
                 log.warning("the sink process is gone: %s", exc)
                 return
-            if any(m[0] == "stop" for m in batch):
+            if any(isinstance(m, wire.Stop) for m in batch):
                 return
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -393,14 +351,14 @@ class SinkProcess(SinkChild):
         parent = Connection(mine.detach())
         self._conn, self._proc = parent, proc
         ready = await asyncio.to_thread(parent.poll, _START_TIMEOUT_S)
-        msg = parent.recv() if ready else None
-        if msg is None or msg[0] != "ready":
+        msg = wire.from_wire(parent.recv()) if ready else None
+        if not isinstance(msg, wire.Ready):
             proc.kill()
             proc.wait(5)
             parent.close()
             self._conn = None
             raise start_error(msg)
-        self.url = str(msg[1])
+        self.url = msg.url
         self._reader = threading.Thread(target=self._read, name="probe-sink-reader", daemon=True)
         self._reader.start()
         self._sender = threading.Thread(
@@ -413,15 +371,18 @@ class SinkProcess(SinkChild):
         assert self._conn is not None
         while True:
             try:
-                msg = self._conn.recv()
+                msg = wire.from_wire(self._conn.recv())
             except (EOFError, OSError):
                 break
-            kind = self._apply(msg)
-            if kind == "drained":
+            except ValueError as exc:
+                log.error("%s", exc)
+                continue
+            self._apply(msg)
+            if isinstance(msg, wire.Drained):
                 with self._cond:
-                    self._drained = max(self._drained, int(msg[1]))
+                    self._drained = max(self._drained, msg.seq)
                     self._cond.notify_all()
-            elif kind == "stopped":
+            elif isinstance(msg, wire.Stopped):
                 break
         with self._cond:
             self._stopped = True
@@ -434,7 +395,7 @@ class SinkProcess(SinkChild):
         with self._cond:
             self._drain_seq += 1
             seq = self._drain_seq
-        self._send(("drain", seq))
+        self._send(wire.Drain(seq))
         with self._cond:
             self._cond.wait_for(lambda: self._drained >= seq or self._stopped, timeout)
 
@@ -442,7 +403,7 @@ class SinkProcess(SinkChild):
         """Stop the sink, apply its last detections, end the child."""
         if self._conn is None:
             return
-        self._send(("stop",))
+        self._send(wire.Stop())
         if self._sender is not None:
             await asyncio.to_thread(self._sender.join, 30.0)
         if self._reader is not None:

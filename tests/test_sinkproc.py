@@ -49,37 +49,44 @@ def test_a_fork_start_reaches_the_parent_registry_and_stop_is_clean() -> None:
     assert "asr" in registry.hops()
 
 
-def test_message_reader_reads_what_a_connection_sends_whatever_the_chunking() -> None:
+def test_typed_messages_frame_as_a_connection_does_whatever_the_chunking() -> None:
     from multiprocessing.connection import Connection
 
-    from probe.sinkproc import MessageReader, encode_message
+    from probe.measure import sinkwire as w
+    from probe.protocol import AudioFormat, TraceContext
 
-    msgs = [
-        ("det", "a", b"\x01\x02\x03\x04", 12.5, 9.1, "s1"),
-        ("batch", [("audio", 1, b"\x00" * 640, 1.0)] * 300),
-        ("drained", 7),
-        ("ready", ""),
+    msgs: list[w.Message] = [
+        w.Detected("a", b"\x01\x02\x03\x04", 12.5, 9.1, "s1"),
+        w.Batch(tuple(w.to_wire(w.StreamAudio(1, b"\x00" * 640, 1.0)) for _ in range(300))),
+        w.HopJoined("b", "s1", TraceContext("a" * 32, "b" * 16, 1)),
+        w.OpenStream(3, "return", AudioFormat("mulaw", 8000, 1), "s1"),
+        w.Drained(7),
+        w.Ready(""),
     ]
     mine, theirs = socket.socketpair()
     conn = Connection(theirs.detach())
     try:
         for m in msgs:
-            conn.send(m)
-        wire = b""
+            conn.send(w.to_wire(m))
+        data = b""
         mine.settimeout(5)
-        while len(wire) < sum(len(encode_message(m)) for m in msgs):
-            wire += mine.recv(1 << 16)
-        # Our framing is Connection's, byte for byte.
-        assert wire == b"".join(encode_message(m) for m in msgs)
-        for size in (1, 3, 4, 5, 1000, len(wire)):
-            reader = MessageReader()
-            got: list[object] = []
-            for i in range(0, len(wire), size):
-                got += reader.feed(wire[i : i + size])
+        while len(data) < sum(len(w.encode(m)) for m in msgs):
+            data += mine.recv(1 << 16)
+        # The framing is Connection's, byte for byte.
+        assert data == b"".join(w.encode(m) for m in msgs)
+        for size in (1, 3, 4, 5, 1000, len(data)):
+            reader = w.Reader()
+            got: list[w.Message] = []
+            for i in range(0, len(data), size):
+                got += reader.feed(data[i : i + size])
             assert got == msgs
-        # And a Connection reads what encode_message frames.
-        mine.sendall(encode_message(("batch", [("stop",)])))
-        assert conn.recv() == ("batch", [("stop",)])
+        # And a Connection reads what encode frames.
+        mine.sendall(w.encode(w.Batch((w.to_wire(w.Stop()),))))
+        assert w.from_wire(conn.recv()) == w.Batch((("stop",),))
+        with pytest.raises(ValueError, match="not a sink message"):
+            w.from_wire(("nonsense", 1))
+        with pytest.raises(ValueError, match="malformed Drained"):
+            w.from_wire(("drained", 1, 2))
     finally:
         conn.close()
         mine.close()

@@ -13,7 +13,7 @@ competes with it for the interpreter:
   appended to a list and written as one batch by a flusher greenlet every ``flush_interval_s``
   (framed as :class:`multiprocessing.connection.Connection` frames them, so the child is
   unchanged);
-- a reader greenlet decodes the child's messages (:class:`probe.sinkproc.MessageReader`) and
+- a reader greenlet decodes the child's messages (:class:`probe.measure.sinkwire.Reader`) and
   applies them to the registry right there, on the hub, like everything else that touches the
   registry, its observers and Locust's events.
 
@@ -31,15 +31,9 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
+from probe.measure import sinkwire as wire
 from probe.measure.registry import SessionRegistry
-from probe.sinkproc import (
-    _START_TIMEOUT_S,
-    MessageReader,
-    SinkChild,
-    encode_message,
-    spawn_child,
-    start_error,
-)
+from probe.sinkproc import _START_TIMEOUT_S, SinkChild, spawn_child, start_error
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +58,9 @@ class GeventSinkProcess(SinkChild):
         self.detect_nice = detect_nice
         self.proc: Any = None
         self._sock: Any = None
-        self._outbox: list[tuple[Any, ...]] = []
+        self._outbox: list[wire.Message] = []
         self._wake = Event()
+        self._drained_event = Event()
         self._stopping = False
         self._stopped = False
         self._drained = -1
@@ -75,7 +70,7 @@ class GeventSinkProcess(SinkChild):
         self.batches_sent = 0
         self.messages_sent = 0
 
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def _send(self, msg: wire.Message) -> None:
         """Queue a message for the next batch; never blocks, never switches greenlets."""
         if self._sock is not None and not self._stopping:
             self._outbox.append(msg)
@@ -86,8 +81,8 @@ class GeventSinkProcess(SinkChild):
         mine, proc = spawn_child(host, port, self.idle_timeout, detect_nice=self.detect_nice)
         # Cooperative whether or not the socket module is monkey-patched.
         sock = gsocket.socket(fileno=mine.detach())
-        reader = MessageReader()
-        msgs: list[Any] = []
+        reader = wire.Reader()
+        msgs: list[wire.Message] = []
         with gevent.Timeout(_START_TIMEOUT_S, False):
             while not msgs:
                 data = sock.recv(_READ_SIZE)
@@ -95,12 +90,12 @@ class GeventSinkProcess(SinkChild):
                     break
                 msgs = reader.feed(data)
         first = msgs[0] if msgs else None
-        if first is None or first[0] != "ready":
+        if not isinstance(first, wire.Ready):
             proc.kill()
             _wait_exit(proc, 5.0)
             sock.close()
             raise start_error(first)
-        self.url = str(first[1])
+        self.url = first.url
         self.proc, self._sock = proc, sock
         for msg in msgs[1:]:
             self._apply(msg)
@@ -117,17 +112,17 @@ class GeventSinkProcess(SinkChild):
                 continue
             batch, self._outbox = self._outbox, []
             try:
-                sock.sendall(encode_message(("batch", batch)))
+                sock.sendall(wire.encode(wire.Batch(tuple(wire.to_wire(m) for m in batch))))
             except OSError as exc:
                 log.warning("the sink process is gone: %s", exc)
                 self._stopping = True
                 return
             self.batches_sent += 1
             self.messages_sent += len(batch)
-            if batch[-1][0] == "stop":  # nothing is queued after it
+            if isinstance(batch[-1], wire.Stop):  # nothing is queued after it
                 return
 
-    def _read_loop(self, reader: MessageReader) -> None:
+    def _read_loop(self, reader: wire.Reader) -> None:
         sock = self._sock
         try:
             while True:
@@ -135,15 +130,17 @@ class GeventSinkProcess(SinkChild):
                 if not data:
                     return
                 for msg in reader.feed(data):
-                    kind = self._apply(msg)
-                    if kind == "drained":
-                        self._drained = max(self._drained, int(msg[1]))
-                    elif kind == "stopped":
+                    self._apply(msg)
+                    if isinstance(msg, wire.Drained):
+                        self._drained = max(self._drained, msg.seq)
+                        self._drained_event.set()
+                    elif isinstance(msg, wire.Stopped):
                         return
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("the sink process is gone: %s", exc)
         finally:
             self._stopped = True
+            self._drained_event.set()
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait (cooperatively) until the child has detected everything sent or received so
@@ -152,20 +149,25 @@ class GeventSinkProcess(SinkChild):
             return True
         self._drain_seq += 1
         seq = self._drain_seq
-        self._send(("drain", seq))
+        self._send(wire.Drain(seq))
         self._wake.set()
         deadline = time.monotonic() + timeout
         while self._drained < seq and not self._stopped:
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            gevent.sleep(0.005)
+            # Woken by the reader at each Drained (or when the child is gone).
+            self._drained_event.clear()
+            if self._drained >= seq or self._stopped:
+                break
+            self._drained_event.wait(left)
         return True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the sink, apply its last detections, end the child."""
         if self._sock is None:
             return
-        self._send(("stop",))
+        self._send(wire.Stop())
         self._stopping = True
         self._wake.set()
         if self._flusher is not None:
