@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from probe.errors import ConfigError, ProbeError
+from probe.hostport import parse_host_port
 
 if TYPE_CHECKING:
     from probe.runner import RunConfig
@@ -167,13 +168,6 @@ def _canary_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--job", default=None, help="Pushgateway job name (default probe_canary)")
     c.add_argument("--junit", default=None, help="write JUnit XML here")
     c.add_argument("--html", default=None, help="write a self-contained HTML report here")
-
-
-def _host_port(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -384,7 +378,7 @@ def run_config(options: Mapping[str, Any]) -> RunConfig:
     if args.reply and (args.utterance < 0.5 or args.gap < 0.2):
         raise ConfigError("--utterance must be at least 0.5 s and --gap at least 0.2 s")
     _check_fixture(args.fixture, args.rate)
-    host, port = _host_port(args.sink_listen, "--sink-listen")
+    host, port = parse_host_port(args.sink_listen, "--sink-listen")
     src = SourceConfig(
         target=args.target,
         dialect=args.dialect,
@@ -495,7 +489,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from probe.pipeline import run_pipeline
     from probe.telemetry.setup import start_pipeline_tracing
 
-    host, port = _host_port(args.listen, "--listen")
+    host, port = parse_host_port(args.listen, "--listen")
     observer = None
     if args.metrics_listen:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -503,7 +497,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         from probe.pipeline import parse_hops
         from probe.pipeline.metrics import PipelineMetrics
 
-        mhost, mport = _host_port(args.metrics_listen, "--metrics-listen")
+        mhost, mport = parse_host_port(args.metrics_listen, "--metrics-listen")
         registry = CollectorRegistry()
         observer = PipelineMetrics(parse_hops(args.hops), registry).observe
         try:

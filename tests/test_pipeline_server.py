@@ -489,7 +489,7 @@ def test_run_pipeline_serves_until_cancelled() -> None:
     assert parse_listen("0.0.0.0:8765") == ("0.0.0.0", 8765)
     assert parse_listen(":0") == ("127.0.0.1", 0)
     assert parse_listen("ws://[::1]:9000/") == ("::1", 9000)
-    with pytest.raises(ConfigError, match="--listen 'here'"):
+    with pytest.raises(ConfigError, match="--listen must be HOST:PORT.*got 'here'"):
         parse_listen("here")
 
     async def main() -> Result:

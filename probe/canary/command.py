@@ -20,6 +20,7 @@ from probe.canary.pushgateway import DEFAULT_JOB, push
 from probe.canary.scenario import Scenario, load_scenario, load_scenario_dir
 from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse_thresholds
 from probe.errors import ConfigError, ProbeError
+from probe.hostport import parse_host_port
 from probe.measure.observe import RunObserver
 from probe.measure.report import write_report
 from probe.runner import RunConfig
@@ -167,9 +168,7 @@ def exporter(
     }
     build_config({**base, "target": "ws://127.0.0.1:1/"})  # bad defaults fail now, not per probe
     listen = args.listen
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--listen must be HOST:PORT, got {listen!r}.")
+    host, port = parse_host_port(listen, "--listen")
     exp = ProbeExporter(
         scenarios,
         build_config,
@@ -177,7 +176,7 @@ def exporter(
         max_probes=args.max_probes,
         queue_timeout_s=args.queue_timeout,
     )
-    server = serve_exporter(exp, host.strip("[]"), int(port))
+    server = serve_exporter(exp, host, port)
     bound_host, bound_port = server.server_address[:2]
     print(
         f"probe exporter on http://{bound_host!s}:{bound_port}/probe "

@@ -43,6 +43,7 @@ from typing import Any
 
 from probe.canary.thresholds import Threshold, parse_threshold
 from probe.errors import ConfigError
+from probe.hostport import parse_host_port
 
 __all__ = ["KEYS", "Scenario", "load_scenario", "load_scenario_dir", "parse_scenario"]
 
@@ -172,9 +173,11 @@ def parse_scenario(
             opts[key] = c.number(key, v, above=0.0)
         elif key == "sink_listen":
             s = c.text(key, v)
-            host, sep, port = s.rpartition(":")
-            if not sep or not host or not port.isdigit() or int(port) > 65535:
-                raise c.fail(key, f"must be HOST:PORT, got {s!r}")
+            try:
+                parse_host_port(s, key)
+            except ConfigError:
+                why = f"must be HOST:PORT with a port from 0 to 65535, got {s!r}"
+                raise c.fail(key, why) from None
             opts[key] = s
         elif key == "utterance":
             opts[key] = c.number(key, v, above=0.0)

@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 
 from probe.errors import ConfigError
+from probe.hostport import parse_host_port
 from probe.locust.sinkproc import GeventSinkProcess
 from probe.measure.observe import Observers, RunObserver
 from probe.measure.registry import SessionRegistry
@@ -34,11 +35,8 @@ __all__ = ["EngineConfig", "ProbeEngine", "parse_listen"]
 
 
 def parse_listen(text: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``) for a listening socket; ConfigError with one sentence."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what} must be HOST:PORT (e.g. 0.0.0.0:8766), got {text!r}.")
-    return host.strip("[]"), int(port)
+    """``PROBE_SINK_LISTEN`` by the one rule of :mod:`probe.hostport`."""
+    return parse_host_port(text, what)
 
 
 @dataclass(frozen=True, kw_only=True)

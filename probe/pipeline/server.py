@@ -50,6 +50,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
 from probe.errors import ConfigError, ProtocolError
+from probe.hostport import parse_host_port
 from probe.pipeline.hop import Emission, HopCore, output_format
 from probe.pipeline.spec import HopSpec, check_hops, parse_hops
 from probe.protocol import (
@@ -641,19 +642,8 @@ class ReferencePipeline:
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT`, `PORT` or `ws://HOST:PORT` to (host, port)."""
-    text = listen.strip().removeprefix("ws://").rstrip("/")
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "", text
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--listen {listen!r} must be HOST:PORT with a port from 0 to 65535.")
-    return host, port
+    """``--listen`` by the one rule of :mod:`probe.hostport` (``PORT`` alone: loopback)."""
+    return parse_host_port(listen, "--listen")
 
 
 async def run_pipeline(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TextIO
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from probe.errors import ConfigError
+from probe.hostport import parse_host_port
 from probe.measure.observe import Observers, RunObserver
 from probe.telemetry.env import tracing_enabled
 from probe.telemetry.metrics import MetricsObserver, MetricsServer, serve_metrics
@@ -52,12 +53,8 @@ def add_telemetry_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_listen(text: str, what: str = "--metrics-listen") -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) to (host, port); a :class:`ConfigError` otherwise."""
-    host, sep, port = text.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{what} must be HOST:PORT with a port from 0 to 65535, got {text!r}.")
-    return host, int(port)
+    """``--metrics-listen`` by the one rule of :mod:`probe.hostport`."""
+    return parse_host_port(text, what)
 
 
 class Telemetry:
