@@ -11,7 +11,7 @@ from probe.audio.fixtures import load_fixture
 from probe.audio.formats import decode, encode
 from probe.audio.resample import resample
 from probe.hopstream import HopStream
-from probe.measure.expect import RECENT, ExpectationBook
+from probe.measure.expect import GRACE_S, RECENT, ExpectationBook
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat
 from probe.watermark.design import (
@@ -69,9 +69,13 @@ def test_book_replays_recent_markers_fans_out_and_stays_bounded() -> None:
     assert sub.got[-1].payload == session_payload(7, 200)
     assert book.session_of(session_payload(7, 3)) == "s"
     for k in range(4):
-        book.add(f"o{k}", session_payload(100 + k, 0), 0.0, 1.0)
+        book.add(f"o{k}", session_payload(100 + k, 0), 100.0, 103.0)
     assert len(book) == 3 and not book.knows("s")
     assert book.session_of(session_payload(7, 3)) is None
+    # A session whose last deadline is GRACE_S behind the newest send, with no subscriber, is
+    # forgotten: memory follows the sessions in flight.
+    book.add("late", session_payload(200, 0), 103.0 + GRACE_S + 1, 103.0 + GRACE_S + 4)
+    assert len(book) == 1 and book.knows("late") and not book.knows("o3")
 
 
 def _marked(seconds: float, token: int) -> tuple[np.ndarray, list]:  # type: ignore[type-arg]

@@ -75,7 +75,8 @@ def test_undeclared_hops_are_ordered_by_latency() -> None:
 
 
 def test_worker_reports_merge_on_the_master_through_msgpack() -> None:
-    w1, w2, master = HopsStats(["a"]), HopsStats(["a"]), HopsStats(["a"])
+    w1, w2 = HopsStats(["a"], for_master=True), HopsStats(["a"], for_master=True)
+    master = HopsStats(["a"])
     for i in range(10):
         w1.add_detection("a", 0.020 + i * 0.001, 0.020 + i * 0.001)
         w1.add_send_lag(0.0005)

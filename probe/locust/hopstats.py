@@ -125,8 +125,11 @@ class HopsStats:
     the one rule the report and telemetry use (:class:`~probe.measure.latency.OwnLatencyJoin`).
     Not thread-safe: the Locust integration uses it from the gevent hub only."""
 
-    def __init__(self, hop_order: Sequence[str] = ()) -> None:
+    def __init__(self, hop_order: Sequence[str] = (), *, for_master: bool = False) -> None:
         self.hop_order = list(hop_order)
+        # A worker keeps what it measured since its last report for its master; a master or a
+        # local run keeps nothing twice.
+        self.for_master = for_master
         self.reset()
 
     def reset(self) -> None:
@@ -145,9 +148,10 @@ class HopsStats:
     def add_detection(self, hop: str, latency_s: float, own_s: float) -> None:
         """A marker seen on ``hop``: its cumulative and its own latency (seconds)."""
         self.cumulative.setdefault(hop, LatencyStats()).add(latency_s)
-        self._new_cum.setdefault(hop, []).append(latency_s)
         self.own.setdefault(hop, LatencyStats()).add(own_s)
-        self._new_own.setdefault(hop, []).append(own_s)
+        if self.for_master:
+            self._new_cum.setdefault(hop, []).append(latency_s)
+            self._new_own.setdefault(hop, []).append(own_s)
 
     def add_send_lag(self, lag_s: float) -> None:
         self.lag.add(lag_s)

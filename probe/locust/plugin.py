@@ -123,6 +123,7 @@ def _environments() -> list[Any]:
 def _on_init(environment: Any, **_kw: Any) -> None:
     runner = environment.runner
     stats = hops_stats_of(environment)
+    stats.for_master = isinstance(runner, WorkerRunner)
     if not isinstance(runner, MasterRunner):
         try:
             cfg = EngineConfig.from_env()

@@ -6,9 +6,11 @@ child process, over its message pipe, or on the detection thread of an in-proces
 detection stream of a known session subscribes to it and gets every expected marker of that
 session, including the recent ones sent before the stream subscribed (a fork that connects late).
 
-Bounded: a session keeps its last :data:`RECENT` expectations and the book its last
-:data:`MAX_SESSIONS` sessions, so memory is flat however long a run lasts. Touch it from one
-thread only (the detection worker's).
+Bounded: a session keeps its last :data:`RECENT` expectations; the book forgets a session once
+its last marker's deadline is :data:`GRACE_S` behind the newest send it heard of (time comes from
+the sends themselves: no clock) and nothing subscribes to it, and never keeps more than
+:data:`MAX_SESSIONS`, so memory follows the sessions in flight however long a run lasts. Touch it
+from one thread only (the detection worker's).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from typing import Protocol
 
 from probe.watermark.informed import Expected
 
-__all__ = ["MAX_SESSIONS", "RECENT", "ExpectationBook", "Subscriber"]
+__all__ = ["GRACE_S", "MAX_SESSIONS", "RECENT", "ExpectationBook", "Subscriber"]
 
 # 64 markers at the default 0.5 s cadence cover 32 s, three times the default marker timeout.
 RECENT = 64
 MAX_SESSIONS = 4096
+# A session is forgotten this long after its last marker's deadline (a late fork is told its
+# recent markers until then; after it, there is nothing left to find).
+GRACE_S = 30.0
 
 
 class Subscriber(Protocol):
@@ -30,12 +35,13 @@ class Subscriber(Protocol):
 
 
 class _Entry:
-    __slots__ = ("recent", "subscribers", "token")
+    __slots__ = ("deadline", "recent", "subscribers", "token")
 
     def __init__(self, token: bytes) -> None:
         self.recent: deque[Expected] = deque(maxlen=RECENT)
         self.subscribers: list[Subscriber] = []
         self.token = token
+        self.deadline = float("-inf")
 
 
 class ExpectationBook:
@@ -45,6 +51,7 @@ class ExpectationBook:
         self._sessions: OrderedDict[str, _Entry] = OrderedDict()
         self._by_token: dict[bytes, str] = {}
         self._max = max_sessions
+        self._newest = float("-inf")  # the latest send time heard of
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -64,15 +71,26 @@ class ExpectationBook:
             self._sessions[session] = entry
             self._by_token[entry.token] = session
             while len(self._sessions) > self._max:
-                _, old = self._sessions.popitem(last=False)
-                if self._by_token.get(old.token) is not None:
-                    del self._by_token[old.token]
+                self._drop_oldest()
         else:
             self._sessions.move_to_end(session)
         marker = Expected(payload=payload, send_time=send_time, deadline=deadline)
         entry.recent.append(marker)
+        entry.deadline = max(entry.deadline, deadline)
+        self._newest = max(self._newest, send_time)
+        # Sessions are in order of their last marker: forget the stale ones at the front.
+        while self._sessions:
+            first = next(iter(self._sessions.values()))
+            if first.subscribers or first.deadline + GRACE_S >= self._newest:
+                break
+            self._drop_oldest()
         for sub in entry.subscribers:
             sub.expect(marker)
+
+    def _drop_oldest(self) -> None:
+        _, old = self._sessions.popitem(last=False)
+        if self._by_token.get(old.token) is not None:
+            del self._by_token[old.token]
 
     def subscribe(self, session: str, subscriber: Subscriber) -> bool:
         """Send ``subscriber`` the session's recent and future expectations; False (and nothing
