@@ -25,3 +25,29 @@ def test_no_core_module_imports_sockets_event_loops_or_threads() -> None:
                     if name.split(".")[0] in SHELL_ONLY:
                         offenders.append(f"{path.relative_to(PROBE)}: {name}")
     assert offenders == []
+
+
+def test_the_protocol_document_is_kept_in_step_with_the_shared_one() -> None:
+    import os
+
+    import pytest
+
+    root = PROBE.parent
+    shared = root.parent / "shared" / "PROTOCOL.md"
+    if not shared.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{shared} is missing: CI runs with ../shared beside the checkout")
+        pytest.skip("no ../shared beside this checkout")
+    assert (root / "docs" / "protocol.md").read_text() == shared.read_text()
+
+
+def test_readme_and_docs_link_only_to_files_that_exist() -> None:
+    import re
+
+    root = PROBE.parent
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            path = (doc.parent / target).resolve()
+            if "shared" in path.parts:
+                continue  # beside the checkout, not in it
+            assert path.exists(), f"{doc.name} links to {target}, which does not exist"
