@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import BackgroundPipeline, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.cli import main
-from tests.canary_support import BackgroundPipeline, free_port
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 PUSHGATEWAY = "/usr/bin/prometheus-pushgateway"

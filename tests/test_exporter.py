@@ -15,12 +15,12 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from conftest import BackgroundPipeline, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.canary.exporter import ProbeExporter, serve_exporter
 from probe.canary.scenario import load_scenario_dir
 from probe.cli import _run_defaults, run_config
-from tests.canary_support import BackgroundPipeline, free_port
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 QUICK = """

@@ -17,11 +17,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from conftest import BackgroundPipeline, free_port
 
 from probe.canary.exporter import ProbeExporter, serve_exporter
 from probe.canary.scenario import parse_scenario
 from probe.cli import _run_defaults, run_config
-from tests.canary_support import BackgroundPipeline, free_port
 
 PROMETHEUS = "/usr/bin/prometheus"
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SLOW
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = str(ROOT / "scenarios" / "locust_reference.py")
 OPEN = str(ROOT / "scenarios" / "locust_open.py")
 # One factor for slow machines (CI, a shared box).
-SLOW = float(os.environ.get("PROBE_TEST_TIMEOUT_FACTOR", "1"))
 
 
 def free_port() -> int:

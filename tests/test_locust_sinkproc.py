@@ -5,13 +5,13 @@ parent's registry; drain, stop and start errors behave."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import SLOW
+
 ROOT = Path(__file__).resolve().parents[1]
-SLOW = float(os.environ.get("PROBE_TEST_TIMEOUT_FACTOR", "1"))
 
 SCRIPT = r'''
 from gevent import monkey

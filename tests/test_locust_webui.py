@@ -11,7 +11,6 @@ import csv
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,28 +18,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import SLOW, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = str(ROOT / "scenarios" / "locust_reference.py")
 CHROMIUM = "/usr/bin/chromium"
-SLOW = float(os.environ.get("PROBE_TEST_TIMEOUT_FACTOR", "1"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout * SLOW
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -59,7 +41,7 @@ def test_hops_tab_in_a_real_browser(tmp_path: Path) -> None:
         pytest.skip("chromium is not installed")
     from playwright.sync_api import sync_playwright
 
-    pipe_port, web_port = _free_port(), _free_port()
+    pipe_port, web_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROBE_", "OTEL_"))}
     env.update({"PROBE_SESSION_S": "3", "PROBE_MARKER_TIMEOUT": "3", "PROBE_HOP_ORDER": "a,b"})
     pipe = subprocess.Popen(
@@ -74,8 +56,8 @@ def test_hops_tab_in_a_real_browser(tmp_path: Path) -> None:
     )
     shot = tmp_path / "locust-hops-tab.png"
     try:
-        _wait_port(pipe_port)
-        _wait_port(web_port)
+        wait_port(pipe_port)
+        wait_port(web_port)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
             try:

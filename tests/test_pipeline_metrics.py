@@ -10,20 +10,15 @@ import sys
 import time
 import urllib.request
 
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.runner import RunConfig, run_probe
 from probe.source import SourceConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_pipeline_serves_configured_delays_and_emission_lateness() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "probe.cli", "pipeline", "--listen", f"127.0.0.1:{port}",
          "--hops", "a:20ms,b:35ms", "--metrics-listen", "127.0.0.1:0"],
@@ -67,7 +62,7 @@ def test_a_taken_metrics_port_is_one_sentence_and_exit_2() -> None:
         taken = busy.getsockname()[1]
         r = subprocess.run(
             [sys.executable, "-m", "probe.cli", "pipeline", "--listen",
-             f"127.0.0.1:{_free_port()}", "--metrics-listen", f"127.0.0.1:{taken}"],
+             f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{taken}"],
             capture_output=True, text=True, timeout=30,
         )
     assert r.returncode == 2

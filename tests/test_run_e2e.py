@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from typing import Any
 
+from conftest import free_port
 from websockets.asyncio.server import ServerConnection, serve
 
 from probe.cli import main
@@ -80,14 +80,10 @@ def test_echo_return_hop_and_accounting() -> None:
     assert ret["latency_ms"]["p99"] < 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_unreachable_target_is_a_failed_session_not_a_crash() -> None:
-    report = _run(f"ws://127.0.0.1:{_free_port()}/", sessions=2, concurrency=2)
+    report = _run(f"ws://127.0.0.1:{free_port()}/", sessions=2, concurrency=2)
     assert report["sessions"]["failed"] == 2
     assert all("cannot connect" in e["error"] for e in report["sessions"]["errors"])
 
@@ -113,7 +109,7 @@ def test_cli_run_writes_report_and_rejects_bad_usage(tmp_path: Any, capsys: Any)
     assert main(["run", "--target", "http://x", "--duration", "2"]) == 2
     assert "ws://" in capsys.readouterr().err
     out = tmp_path / "r.json"
-    port = _free_port()
+    port = free_port()
     assert main(["run", "--target", f"ws://127.0.0.1:{port}/", "--duration", "1",
                  "--marker-timeout", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["sessions"]["failed"] == 1

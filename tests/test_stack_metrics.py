@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/probe.json"
@@ -87,10 +87,6 @@ def _exposed_names(text: str) -> set[str]:
     return names
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, accept: str | None = None) -> str:
@@ -172,7 +168,7 @@ def canary_metrics(pipeline: _BackgroundPipeline) -> str:
     from probe.cli import main
 
     exe = _need(PUSHGATEWAY)
-    port = _free_port()
+    port = free_port()
     gateway = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [exe, f"--web.listen-address=127.0.0.1:{port}"],
@@ -351,7 +347,7 @@ def test_dashboard_panels_show_data_from_a_real_prometheus(
     from probe.telemetry.setup import start_telemetry
 
     exe = _need("prometheus")
-    metrics_port, prom_port = _free_port(), _free_port()
+    metrics_port, prom_port = free_port(), free_port()
     base = f"http://127.0.0.1:{prom_port}"
     proc = subprocess.Popen(
         [exe, f"--config.file={_prometheus_config(tmp_path, metrics_port)}",

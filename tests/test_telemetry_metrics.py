@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
@@ -167,11 +168,6 @@ HOPS = "a:25ms,b:35ms:mulaw8k"
 ORDER = ["a", "b", "return"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -220,7 +216,7 @@ def _start_prometheus(binary: str, tmp: Path, metrics_url: str) -> Iterator[Prom
         f"    metrics_path: {scrape.path}\n"
         f"    static_configs:\n      - targets: ['{scrape.netloc}']\n"
     )
-    port = _free_port()
+    port = free_port()
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import free_port
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -238,11 +239,6 @@ def test_run_exports_over_otlp_http_with_the_ids_the_pipeline_saw(
     assert {r.trace_id for r in pipeline.spans} == {root.trace_id}
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
@@ -250,7 +246,7 @@ def test_unreachable_collector_warns_once_and_changes_nothing(
     protocol: str, tmp_path: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+    env.update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
                OTEL_EXPORTER_OTLP_PROTOCOL=protocol)
     out = tmp_path / "r.json"
     t0 = time.monotonic()
@@ -279,7 +275,7 @@ def test_probe_pipeline_command_exports_its_hop_spans_and_flushes_on_interrupt(
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
                OTEL_SERVICE_NAME="sut-pipeline")
-    port = _closed_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "probe.cli", "pipeline", "--listen", f"127.0.0.1:{port}",
          "--hops", HOPS],
