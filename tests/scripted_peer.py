@@ -26,7 +26,8 @@ RATE = 16000
 DELAY = 0.04
 
 
-def _tone(seconds: float) -> list[bytes]:
+def tone(seconds: float) -> list[bytes]:
+    """A 440 Hz tone at -12 dBFS in 20 ms pcm_s16le frames at 16 kHz."""
     from probe.audio.formats import encode
 
     t = np.arange(int(seconds * RATE)) / RATE
@@ -53,7 +54,7 @@ async def _serve() -> None:
         async def reply() -> None:
             await asyncio.sleep(0.3)
             t0 = loop.time()
-            for n, chunk in enumerate(_tone(0.6)):
+            for n, chunk in enumerate(tone(0.6)):
                 await asyncio.sleep(max(0.0, t0 + n * 0.02 - loop.time()))
                 await ws.send(chunk)
 

@@ -22,29 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SLOW
+from conftest import SLOW, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = str(ROOT / "scenarios" / "locust_reference.py")
 OPEN = str(ROOT / "scenarios" / "locust_open.py")
 # One factor for slow machines (CI, a shared box).
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout * SLOW
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port}")
 
 
 @contextmanager

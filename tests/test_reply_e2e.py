@@ -8,10 +8,11 @@ import time
 from typing import Any
 
 import numpy as np
+from scripted_peer import tone
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from probe.audio.formats import decode, encode
+from probe.audio.formats import decode
 from probe.runner import RunConfig, run_probe
 from probe.source import SourceConfig
 
@@ -20,13 +21,6 @@ REPLY_DELAY = 0.3
 # fixture last up to 16 frames).
 HANGOVER = 25
 RATE = 16000
-
-
-def _tone(seconds: float) -> list[bytes]:
-    t = np.arange(int(seconds * RATE)) / RATE
-    x = (0.25 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    frame = RATE // 50
-    return [encode(x[i : i + frame], "pcm_s16le") for i in range(0, len(x), frame)]
 
 
 async def _bot(ws: ServerConnection, answer: set[int]) -> None:
@@ -43,7 +37,7 @@ async def _bot(ws: ServerConnection, answer: set[int]) -> None:
         await asyncio.sleep(REPLY_DELAY)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        for n, chunk in enumerate(_tone(0.6)):
+        for n, chunk in enumerate(tone(0.6)):
             await asyncio.sleep(max(0.0, t0 + n * 0.02 - loop.time()))
             await ws.send(chunk)
 

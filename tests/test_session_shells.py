@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import scripted_peer as peer
 
 from probe.hopstream import DetectionWorker
 from probe.measure.registry import SessionRegistry
 from probe.source import run_session
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import scripted_peer as peer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import BackgroundPipeline, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/probe.json"
@@ -95,30 +94,9 @@ def _get(url: str, accept: str | None = None) -> str:
         return str(r.read().decode())
 
 
-class _BackgroundPipeline:
-    """The reference pipeline on its own event loop thread, so a CLI can asyncio.run beside it."""
-
-    def __init__(self) -> None:
-        from probe.pipeline import ReferencePipeline, parse_hops
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.pipeline = ReferencePipeline(parse_hops(HOPS))
-        self.url = asyncio.run_coroutine_threadsafe(
-            self.pipeline.start("127.0.0.1", 0), self.loop
-        ).result(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.pipeline.stop(), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def pipeline() -> Iterator[_BackgroundPipeline]:
-    p = _BackgroundPipeline()
+def pipeline() -> Iterator[BackgroundPipeline]:
+    p = BackgroundPipeline(HOPS)
     try:
         yield p
     finally:
@@ -126,7 +104,7 @@ def pipeline() -> Iterator[_BackgroundPipeline]:
 
 
 @pytest.fixture(scope="module")
-def live_metrics(pipeline: _BackgroundPipeline) -> dict[str, str]:
+def live_metrics(pipeline: BackgroundPipeline) -> dict[str, str]:
     """/metrics of a real probe run, in both expositions, read while it is still served."""
     from prometheus_client import CollectorRegistry
 
@@ -163,7 +141,7 @@ def live_metrics(pipeline: _BackgroundPipeline) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def canary_metrics(pipeline: _BackgroundPipeline) -> str:
+def canary_metrics(pipeline: BackgroundPipeline) -> str:
     """The Pushgateway's /metrics after the stack's canary scenario ran against the pipeline."""
     from probe.cli import main
 
@@ -334,7 +312,7 @@ def _query(base: str, path: str, **params: str) -> Any:
 
 
 def test_dashboard_panels_show_data_from_a_real_prometheus(
-    pipeline: _BackgroundPipeline, tmp_path: Path
+    pipeline: BackgroundPipeline, tmp_path: Path
 ) -> None:
     """Prometheus (as compose runs it: exemplar storage on) scrapes a live probe run; every live
     panel's query then returns finite numbers, and the latency exemplars carry trace ids."""
