@@ -21,9 +21,9 @@ import subprocess
 import sys
 import time
 
+from probe.aio.runner import RunConfig, run_probe
+from probe.aio.source import SourceConfig
 from probe.pipeline import parse_hops
-from probe.runner import RunConfig, run_probe
-from probe.source import SourceConfig
 
 
 def _free_port() -> int:

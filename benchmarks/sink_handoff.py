@@ -1,20 +1,20 @@
 """How a gevent process should hand audio to the sink child: side by side, in one run.
 
 A Locust worker sends every frame of every session's return direction to the sink child process
-(probe.sinkproc), which detects its markers. Two ways to do that from greenlets:
+(probe.aio.sinkproc), which detects its markers. Two ways to do that from greenlets:
 
 - ``hub``: what the worker uses (probe.locust.sinkproc.GeventSinkProcess): messages appended to a
   list, one flusher greenlet writes a batch every 10 ms to a gevent-cooperative socket; a reader
   greenlet applies the child's messages on the hub;
-- ``threads``: the shape of probe.sinkproc.SinkProcess with native OS threads (gevent's saved
+- ``threads``: the shape of probe.aio.sinkproc.SinkProcess with native OS threads (gevent's saved
   originals): a C SimpleQueue per message, a sender thread batching into ``Connection.send``, a
   reader thread blocking in ``Connection.recv`` handing messages to the hub through a deque that
   a greenlet drains every 50 ms.
 
 Each of ``--streams`` greenlets feeds a 640-byte frame (20 ms of 16 kHz pcm16) on an absolute
-schedule and records how late it woke (pacing lag); the child (``python -m probe.sinkproc`` with no
-sink) detects on all of them either way. Printed per variant and round: this process's CPU, the
-child's CPU, and the pacing lag p50/p99.
+schedule and records how late it woke (pacing lag); the child (``python -m probe.aio.sinkproc``
+with no sink) detects on all of them either way. Printed per variant and round: this process's
+CPU, the child's CPU, and the pacing lag p50/p99.
 
     python benchmarks/sink_handoff.py [--streams 200] [--hold 10] [--rounds 2]
 """
@@ -40,12 +40,12 @@ import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 from gevent.queue import Empty  # noqa: E402
 
+from probe.aio.sinkproc import SinkChild, spawn_child, start_error  # noqa: E402
 from probe.audio.formats import encode  # noqa: E402
 from probe.locust.sinkproc import GeventSinkProcess  # noqa: E402
 from probe.measure.registry import SessionRegistry  # noqa: E402
 from probe.protocol import AudioFormat  # noqa: E402
 from probe.session.frames import carrier as _carrier  # noqa: E402
-from probe.sinkproc import SinkChild, spawn_child, start_error  # noqa: E402
 
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _SimpleQueue = monkey.get_original("queue", "SimpleQueue")

@@ -23,7 +23,7 @@ from probe.errors import ConfigError, ProbeError
 from probe.hostport import parse_host_port
 
 if TYPE_CHECKING:
-    from probe.runner import RunConfig
+    from probe.aio.runner import RunConfig
     from probe.telemetry.setup import Telemetry
 
 EXIT_OK = 0
@@ -329,7 +329,7 @@ def _report_out(report: dict[str, Any], path: str | None) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from probe.runner import default_progress, run_probe
+    from probe.aio.runner import default_progress, run_probe
 
     cfg = run_config(vars(args))
     telemetry = _telemetry(args, target=args.target, scenario="run", hop_order=cfg.hop_order)
@@ -364,8 +364,8 @@ def _telemetry(
 def run_config(options: Mapping[str, Any]) -> RunConfig:
     """A checked :class:`RunConfig` from ``probe run``'s options by name (``vars(args)``, or a
     scenario's options over :func:`_run_defaults`); ConfigError names the bad option."""
-    from probe.runner import RunConfig
-    from probe.source import SourceConfig
+    from probe.aio.runner import RunConfig
+    from probe.aio.source import SourceConfig
 
     args = argparse.Namespace(**options)
     if not args.target.startswith(("ws://", "wss://")):
@@ -416,9 +416,9 @@ def _check_fixture(fixture: str, rate: int) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from probe.aio.runner import RunConfig, default_progress, run_probe
+    from probe.aio.source import SourceConfig
     from probe.pipeline import ReferencePipeline, parse_hops
-    from probe.runner import RunConfig, default_progress, run_probe
-    from probe.source import SourceConfig
     from probe.telemetry.setup import start_pipeline_tracing
 
     hops = parse_hops(args.hops)

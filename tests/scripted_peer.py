@@ -105,7 +105,7 @@ class InlineStream:
     """The return direction's detection run right where the shell hands it audio."""
 
     def __init__(self, registry: Any, hop: str, audio: Any, session: str) -> None:
-        from probe.hopstream import HopStream
+        from probe.aio.hopstream import HopStream
 
         self._s = HopStream(registry, hop, audio, session_hint=session)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from probe.aio.hopstream import HopStream
 from probe.audio.fixtures import load_fixture
 from probe.audio.formats import decode, encode
 from probe.audio.resample import resample
-from probe.hopstream import HopStream
 from probe.measure.expect import GRACE_S, RECENT, ExpectationBook
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat

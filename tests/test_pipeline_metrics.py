@@ -13,8 +13,8 @@ import urllib.request
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from probe.runner import RunConfig, run_probe
-from probe.source import SourceConfig
+from probe.aio.runner import RunConfig, run_probe
+from probe.aio.source import SourceConfig
 
 
 def test_pipeline_serves_configured_delays_and_emission_lateness() -> None:

@@ -12,9 +12,9 @@ from scripted_peer import tone
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from probe.aio.runner import RunConfig, run_probe
+from probe.aio.source import SourceConfig
 from probe.audio.formats import decode
-from probe.runner import RunConfig, run_probe
-from probe.source import SourceConfig
 
 REPLY_DELAY = 0.3
 # The bot decides an utterance ended after this many silent 20 ms frames (speech pauses in the

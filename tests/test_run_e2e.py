@@ -9,10 +9,10 @@ from typing import Any
 from conftest import free_port
 from websockets.asyncio.server import ServerConnection, serve
 
+from probe.aio.runner import RunConfig, run_probe
+from probe.aio.source import SourceConfig
 from probe.cli import main
 from probe.pipeline import ReferencePipeline, parse_hops
-from probe.runner import RunConfig, run_probe
-from probe.source import SourceConfig
 
 
 def _run(target: str, **kw: Any) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import scripted_peer as peer
 
-from probe.hopstream import DetectionWorker
+from probe.aio.hopstream import DetectionWorker
+from probe.aio.source import run_session
 from probe.measure.registry import SessionRegistry
-from probe.source import run_session
 
 HERE = Path(__file__).resolve().parent
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from probe.aio.sinkproc import SinkProcess
 from probe.errors import ConfigError
 from probe.measure.registry import SessionRegistry
-from probe.sinkproc import SinkProcess
 
 
 def test_a_taken_port_is_one_clear_error() -> None:

@@ -108,8 +108,8 @@ def live_metrics(pipeline: BackgroundPipeline) -> dict[str, str]:
     """/metrics of a real probe run, in both expositions, read while it is still served."""
     from prometheus_client import CollectorRegistry
 
-    from probe.runner import RunConfig, run_probe
-    from probe.source import SourceConfig
+    from probe.aio.runner import RunConfig, run_probe
+    from probe.aio.source import SourceConfig
     from probe.telemetry.setup import start_telemetry
 
     telemetry = start_telemetry(
@@ -320,8 +320,8 @@ def test_dashboard_panels_show_data_from_a_real_prometheus(
 
     from prometheus_client import CollectorRegistry
 
-    from probe.runner import RunConfig, run_probe
-    from probe.source import SourceConfig
+    from probe.aio.runner import RunConfig, run_probe
+    from probe.aio.source import SourceConfig
     from probe.telemetry.setup import start_telemetry
 
     exe = _need("prometheus")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from probe.aio.runner import RunConfig, run_probe
+from probe.aio.source import SourceConfig
 from probe.pipeline import ReferencePipeline, parse_hops
-from probe.runner import RunConfig, run_probe
-from probe.source import SourceConfig
 
 STEP_AT = 3.0
 EVERY = 0.5

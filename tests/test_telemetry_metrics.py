@@ -21,14 +21,14 @@ from conftest import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
+from probe.aio.runner import RunConfig, run_probe
+from probe.aio.source import SourceConfig
 from probe.cli import main
 from probe.errors import ConfigError
 from probe.measure.observe import Observers
 from probe.measure.registry import SessionRegistry
 from probe.pipeline import ReferencePipeline
 from probe.protocol import TraceContext
-from probe.runner import RunConfig, run_probe
-from probe.source import SourceConfig
 from probe.telemetry.metrics import LATENCY_BUCKETS, OTHER, MetricsObserver
 from probe.telemetry.setup import start_telemetry
 

@@ -24,10 +24,10 @@ from conftest import free_port
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from probe.aio.runner import RunConfig, run_probe
+from probe.aio.source import SourceConfig
 from probe.cli import main
 from probe.pipeline import ReferencePipeline
-from probe.runner import RunConfig, run_probe
-from probe.source import SourceConfig
 from probe.telemetry.setup import start_pipeline_tracing, start_telemetry
 from probe.telemetry.traces import SESSION_SPAN
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from probe.aio.runner import RunConfig
 from probe.canary.html import render_html
 from probe.canary.junit import junit_xml
 from probe.canary.metrics import probe_registry
@@ -23,7 +24,6 @@ from probe.errors import ConfigError, ProbeError
 from probe.hostport import parse_host_port
 from probe.measure.observe import RunObserver
 from probe.measure.report import write_report
-from probe.runner import RunConfig
 
 __all__ = ["canary", "exporter"]
 
@@ -76,7 +76,7 @@ def canary(
 ) -> bool:
     """Run ``probe canary``; True when every threshold held. ConfigError for usage errors.
     ``telemetry(target, scenario, hop_order)`` starts the run's traces and metrics."""
-    from probe.runner import default_progress, run_probe
+    from probe.aio.runner import default_progress, run_probe
 
     scenario = load_scenario(args.scenario) if args.scenario else None
     opts = _options(args, defaults, scenario)

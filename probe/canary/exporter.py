@@ -28,11 +28,11 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from probe.aio.runner import RunConfig, run_probe
 from probe.canary.metrics import probe_registry
 from probe.canary.scenario import Scenario
 from probe.canary.thresholds import Threshold, Verdict, judge
 from probe.errors import ConfigError, ProbeError
-from probe.runner import RunConfig, run_probe
 
 __all__ = ["ExporterResponse", "ProbeExporter", "serve_exporter"]
 

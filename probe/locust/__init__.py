@@ -8,7 +8,7 @@ Locust (which monkey-patches the standard library for gevent) and registers the 
 - `session`: one session with gevent (the ``websockets`` sync client), paced on an absolute
   schedule;
 - `sinkproc`: the worker's own fork sink and all its marker detection in a child process
-  (:mod:`probe.sinkproc`), talked to from greenlets;
+  (:mod:`probe.aio.sinkproc`), talked to from greenlets;
 - `engine`: registry, sink child process and pump of one process;
 - `report`: Locust request events; `hopstats`: exact per-hop statistics across workers;
 - `user`: the closed-loop and open-model users; `plugin`: the event wiring and the Hops tab.

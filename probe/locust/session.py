@@ -1,7 +1,7 @@
 """The gevent shell of a probe session: the ``websockets`` sync client under monkey patching.
 
 What to send, when, and what comes back means is the sans-I/O
-:class:`~probe.session.core.SessionCore` (shared with the asyncio shell in :mod:`probe.source`);
+:class:`~probe.session.core.SessionCore` (shared with the asyncio shell in :mod:`probe.aio.source`);
 this module only connects, sleeps, sends, receives and stamps:
 
 - frame n is due at t0 + n * frame length on an absolute schedule; the greenlet sleeps until the
@@ -10,7 +10,7 @@ this module only connects, sleeps, sends, receives and stamps:
   probe adds its lateness to the latency instead of hiding it (no coordinated omission);
 - messages back are stamped when their bytes are read off the socket (:class:`StampedSync`), not
   when the reading greenlet next runs; their markers are detected in the engine's sink child
-  process (:meth:`~probe.sinkproc.SinkChild.open_stream`), and reply mode's tap runs inline.
+  process (:meth:`~probe.aio.sinkproc.SinkChild.open_stream`), and reply mode's tap runs inline.
 
 Every outcome ends up in the registry; :class:`SessionOutcome` adds the connect time, for Locust.
 """

@@ -1,11 +1,11 @@
-"""The sink child process of :mod:`probe.sinkproc` beside a gevent hub, with no OS thread.
+"""The sink child process of :mod:`probe.aio.sinkproc` beside a gevent hub, with no OS thread.
 
 A Locust worker hands its fork sink and every marker detection (forks and the return direction)
-to ``python -m probe.sinkproc``, the same child ``probe run`` uses, so the worker process is left
-with the paced sessions only: a detection thread in the worker would hold the interpreter in
+to ``python -m probe.aio.sinkproc``, the same child ``probe run`` uses, so the worker process is
+left with the paced sessions only: a detection thread in the worker would hold the interpreter in
 bursts, and every socket call of the hub would then wait for it (a convoy measured as send lag).
 
-Only the I/O differs from :class:`probe.sinkproc.SinkProcess`: here the socket pair is a
+Only the I/O differs from :class:`probe.aio.sinkproc.SinkProcess`: here the socket pair is a
 gevent-cooperative socket served by two greenlets, so nothing blocks the hub and no thread
 competes with it for the interpreter:
 
@@ -31,9 +31,9 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
+from probe.aio.sinkproc import _START_TIMEOUT_S, SinkChild, spawn_child, start_error
 from probe.measure import sinkwire as wire
 from probe.measure.registry import SessionRegistry
-from probe.sinkproc import _START_TIMEOUT_S, SinkChild, spawn_child, start_error
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
+from probe.aio.wsstamp import StampedServerConnection, server_factory
 from probe.errors import ConfigError, ProtocolError
 from probe.hostport import parse_host_port
 from probe.pipeline.hop import Emission, HopCore, output_format
@@ -70,7 +71,6 @@ from probe.protocol import (
     TwilioResponder,
     to_json,
 )
-from probe.wsstamp import StampedServerConnection, server_factory
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider

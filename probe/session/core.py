@@ -1,6 +1,6 @@
 """One probe session, sans-I/O: what to send when, and what each send and each message back means.
 
-Both shells (asyncio in :mod:`probe.source`, gevent in :mod:`probe.locust.session`) drive the
+Both shells (asyncio in :mod:`probe.aio.source`, gevent in :mod:`probe.locust.session`) drive the
 same :class:`SessionCore` and :class:`SessionRecorder`; they only connect, sleep, send, receive
 and stamp. The core holds:
 

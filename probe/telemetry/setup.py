@@ -1,7 +1,7 @@
 """Telemetry for a command: traces when the ``OTEL_*`` environment asks, metrics always.
 
 The edge where the environment is read (DESIGN.md): :func:`start_telemetry` gives a
-:class:`Telemetry` whose ``observer`` goes to :func:`probe.runner.run_probe` (or a Locust user),
+:class:`Telemetry` whose ``observer`` goes to :func:`probe.aio.runner.run_probe` (or a Locust user),
 and whose :meth:`Telemetry.close` is called in a ``finally``. Tracing is on only when the
 environment configures it (:mod:`probe.telemetry.env`); off, no OpenTelemetry code is imported
 and nothing is exported. Metrics go to ``registry`` (prometheus_client's default registry when

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from probe.aio.hopstream import DetectionWorker, HopStream
+from probe.aio.wsstamp import StampedServerConnection, server_factory
 from probe.errors import ConfigError
-from probe.hopstream import DetectionWorker, HopStream
 from probe.measure.expect import ExpectationBook
 from probe.measure.sinkwire import RegistryEvents
 from probe.protocol import Audio, ForkReceiver, ForkStart, ProtocolViolation, Started, Stopped
-from probe.wsstamp import StampedServerConnection, server_factory
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ and stamp. What to send, when, and what comes back means is the sans-I/O
 - frame n is due at t0 + n * frame length on the loop's clock; the loop sleeps until then and
   sends, never a fixed period after a send, so lateness never accumulates;
 - the run clock's time when a frame is handed to the socket is its send time; messages back are
-  stamped when their bytes are read off the socket (:mod:`probe.wsstamp`);
+  stamped when their bytes are read off the socket (:mod:`probe.aio.wsstamp`);
 - the return direction's detection runs where ``open_stream`` puts it (the sink's child process
   in a run), by default on the process's detection worker thread, which also runs the reply
   tap.
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from probe.hopstream import DetectionWorker, HopStream
+from probe.aio.hopstream import DetectionWorker, HopStream
+from probe.aio.wsstamp import StampedClientConnection, client_factory
 from probe.measure.expect import ExpectationBook
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat, TraceContext
@@ -36,7 +37,6 @@ from probe.session.core import (
     new_trace_context,
     target_url,
 )
-from probe.wsstamp import StampedClientConnection, client_factory
 
 __all__ = [
     "RETURN_HOP",

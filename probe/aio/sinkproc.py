@@ -3,8 +3,8 @@
 With many sessions the sink receives several frames for every frame the source sends (one per
 hop) and runs the detector on all of them. In the same process that work competes with the
 pacing loop for the interpreter: frames are handed to the socket late (send lag). Here the
-:class:`~probe.sink.Sink` and its :class:`~probe.hopstream.DetectionWorker` run in a child process
-with their own event loop, and so does detection of the return direction's audio, which the
+:class:`~probe.aio.sink.Sink` and its :class:`~probe.aio.hopstream.DetectionWorker` run in a child
+process with their own event loop, and so does detection of the return direction's audio, which the
 source hands over frame by frame (:meth:`SinkProcess.open_stream`). What the registry needs (hop
 connected, hop error, detection) comes back over a socket pair as typed messages
 (:mod:`probe.measure.sinkwire`) and is applied to the parent's registry by one reader thread. The
@@ -14,7 +14,7 @@ per send and p99 send lag 160 ms at 30 sessions).
 
 Clock: the child stamps arrivals with ``time.time``, the wall clock the parent's source uses for
 send times, on the same host (PROTOCOL.md section 4). A run with any other injected clock uses
-the in-process sink instead (see :mod:`probe.runner`).
+the in-process sink instead (see :mod:`probe.aio.runner`).
 """
 
 from __future__ import annotations
@@ -101,12 +101,12 @@ def _child(
     The parent sends batches of messages. One thread reads them and hands each batch, whole and
     in order, to the detection worker (one hand-over per batch, not per frame); drain and stop
     are answered from that thread."""
-    from probe.hopstream import DetectionWorker, HopStream
+    from probe.aio.hopstream import DetectionWorker, HopStream
+    from probe.aio.sink import Sink
     from probe.measure.expect import ExpectationBook
-    from probe.sink import Sink
 
     forward = _Forwarder(conn)
-    # As in the parent (probe.runner): the detection thread must not hold the interpreter for
+    # As in the parent (probe.aio.runner): the detection thread must not hold the interpreter for
     # the default 5 ms while a fork frame waits to be stamped.
     sys.setswitchinterval(0.001)
     streams: dict[int, HopStream] = {}  # touched only on the detection worker's thread
@@ -201,7 +201,7 @@ def _child(
 
 def _import_root() -> str:
     """PYTHONPATH for the child: where this ``probe`` package is, then the caller's path."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rest = os.environ.get("PYTHONPATH")
     return root + (os.pathsep + rest if rest else "")
 
@@ -209,11 +209,11 @@ def _import_root() -> str:
 def spawn_child(
     host: str, port: int, idle_timeout: float, *, detect_nice: int = 0
 ) -> tuple[socket.socket, subprocess.Popen[bytes]]:
-    """Start ``python -m probe.sinkproc`` on one end of a socket pair; return the other end.
+    """Start ``python -m probe.aio.sinkproc`` on one end of a socket pair; return the other end.
 
     ``port`` < 0 starts no fork sink (only detection streams, :meth:`SinkChild.open_stream`);
     ``detect_nice`` > 0 lowers the OS priority of the child's detection thread."""
-    # A plain `python -m probe.sinkproc` child: unlike multiprocessing's spawn it never
+    # A plain `python -m probe.aio.sinkproc` child: unlike multiprocessing's spawn it never
     # re-imports the caller's __main__ (locustfiles, scripts), and unlike fork it copies no
     # threads (nor a gevent hub).
     mine, theirs = socket.socketpair()
@@ -221,7 +221,7 @@ def spawn_child(
     os.set_blocking(theirs.fileno(), True)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "probe.sinkproc", str(theirs.fileno()), host, str(port),
+            [sys.executable, "-m", "probe.aio.sinkproc", str(theirs.fileno()), host, str(port),
              str(idle_timeout), str(detect_nice)],
             pass_fds=[theirs.fileno()],
             env={**os.environ, "PYTHONPATH": _import_root()},
@@ -307,7 +307,7 @@ class SinkChild:
 
 
 class SinkProcess(SinkChild):
-    """A :class:`~probe.sink.Sink` in a child process, feeding ``registry`` in this one; a
+    """A :class:`~probe.aio.sink.Sink` in a child process, feeding ``registry`` in this one; a
     sender and a reader thread beside an asyncio loop."""
 
     def __init__(self, registry: SessionRegistry, *, idle_timeout: float = 30.0) -> None:

@@ -14,14 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from probe.hopstream import DetectionWorker
+from probe.aio.hopstream import DetectionWorker
+from probe.aio.sink import Sink
+from probe.aio.sinkproc import SinkProcess
+from probe.aio.source import SourceConfig, run_session
 from probe.measure.expect import ExpectationBook
 from probe.measure.observe import RunObserver
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
-from probe.sink import Sink
-from probe.sinkproc import SinkProcess
-from probe.source import SourceConfig, run_session
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +39,7 @@ class RunConfig:
     hop_order: Sequence[str] | None = None
     configured_ms: Mapping[str, float] = field(default_factory=dict)
     # Run the sink (fork traffic and its detection) in a child process, away from the pacing
-    # loop's interpreter; only with the wall clock (see probe.sinkproc).
+    # loop's interpreter; only with the wall clock (see probe.aio.sinkproc).
     sink_process: bool = True
 
 
