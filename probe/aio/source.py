@@ -27,7 +27,7 @@ from probe.aio.hopstream import DetectionWorker, HopStream
 from probe.aio.wsstamp import StampedClientConnection, client_factory
 from probe.measure.expect import ExpectationBook
 from probe.measure.registry import SessionRegistry
-from probe.protocol import AudioFormat, TraceContext
+from probe.protocol import AudioFormat
 from probe.session.core import (
     RETURN_HOP,
     DetectStream,
@@ -35,8 +35,10 @@ from probe.session.core import (
     SessionRecorder,
     SourceConfig,
     new_trace_context,
+    open_session,
     target_url,
 )
+from probe.wsclose import close_of
 
 __all__ = [
     "RETURN_HOP",
@@ -98,13 +100,7 @@ async def run_session(
     ``worker``, informed by ``book`` (fed with this session's marker sends on ``worker``'s
     thread) when given."""
     result = SessionResult(session)
-    registry.open_session(session)
-    ctx: TraceContext | None = None
-    if registry.observer is not None:
-        ctx = registry.observer.session_started(session, target_url(cfg.target, session), clock())
-    core = SessionCore(
-        cfg, session, ctx or new_trace_context(), lambda i: registry.payload_for(session, i)
-    )
+    core = open_session(cfg, session, registry, clock)
     try:
         async with asyncio.timeout(cfg.connect_timeout_s):
             ws = await connect(
@@ -153,8 +149,7 @@ async def run_session(
         receiving.cancel()
         await ws.close(1000)
     except ConnectionClosed as exc:
-        code = exc.rcvd.code if exc.rcvd is not None else 1006
-        reason = exc.rcvd.reason if exc.rcvd is not None else ""
+        code, reason = close_of(exc)
         result.error = core.closed(code, reason, rec.frames_sent)
     finally:
         rec.close()
@@ -170,16 +165,11 @@ async def _receive(
     ws: ClientConnection, rec: SessionRecorder, clock: Callable[[], float]
 ) -> tuple[int, str] | None:
     """Read the return direction until the target closes; return its abnormal close code."""
+    now = ws.arrival if isinstance(ws, StampedClientConnection) else clock
     try:
         async for frame in ws:
-            arrival = ws.arrival() if isinstance(ws, StampedClientConnection) else clock()
-            rec.received(frame, arrival)
+            rec.received(frame, now())
     except ConnectionClosed as exc:
-        if exc.rcvd is not None and exc.rcvd.code in (1000, 1001):
-            return None
-        code = exc.rcvd.code if exc.rcvd is not None else 1006
-        return code, exc.rcvd.reason if exc.rcvd is not None else ""
-    rcvd = ws.close_code
-    if rcvd is not None and rcvd not in (1000, 1001):
-        return rcvd, ws.close_reason or ""
-    return None
+        return SessionCore.abnormal(*close_of(exc))
+    return SessionCore.abnormal(ws.close_code, ws.close_reason)
+

@@ -29,15 +29,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import Frame, Opcode
 from websockets.sync.client import ClientConnection, connect
 
-from probe.protocol import TraceContext
 from probe.session.core import (
     RETURN_HOP,
     SessionCore,
     SessionRecorder,
     SourceConfig,
-    new_trace_context,
-    target_url,
+    open_session,
 )
+from probe.wsclose import close_of
 
 if TYPE_CHECKING:
     from probe.locust.engine import ProbeEngine
@@ -99,13 +98,7 @@ def run_session(
     registry, clock = engine.registry, engine.clock
     out = SessionOutcome(session)
     t_begin = monotonic()
-    registry.open_session(session)
-    ctx: TraceContext | None = None
-    if registry.observer is not None:
-        ctx = registry.observer.session_started(session, target_url(cfg.target, session), clock())
-    core = SessionCore(
-        cfg, session, ctx or new_trace_context(), lambda i: registry.payload_for(session, i)
-    )
+    core = open_session(cfg, session, registry, clock)
     out.frames_total = core.n_frames
     t_connect = monotonic()
     try:
@@ -163,8 +156,7 @@ def run_session(
                 out.error = core.closed(closed[0], closed[1], rec.frames_sent)
         ws.close(1000)
     except ConnectionClosed as exc:
-        code = exc.rcvd.code if exc.rcvd is not None else 1006
-        reason = exc.rcvd.reason if exc.rcvd is not None else ""
+        code, reason = close_of(exc)
         out.error = core.closed(code, reason, rec.frames_sent)
     except OSError as exc:
         out.error = core.broken(rec.frames_sent, str(exc))
@@ -193,17 +185,12 @@ def _inline(fn: Callable[..., object], *args: object) -> None:
 def _receive(
     ws: ClientConnection, rec: SessionRecorder, clock: Callable[[], float]
 ) -> tuple[int, str] | None:
-    """Read the return direction until the target closes; return its abnormal close code."""
-    try:
-        for frame in ws:
-            arrival = ws.arrival() if isinstance(ws, StampedSync) else clock()
-            rec.received(frame, arrival)
-    except ConnectionClosed as exc:
-        if exc.rcvd is not None and exc.rcvd.code in (1000, 1001):
-            return None
-        code = exc.rcvd.code if exc.rcvd is not None else 1006
-        return code, exc.rcvd.reason if exc.rcvd is not None else ""
-    rcvd = ws.close_code
-    if rcvd is not None and rcvd not in (1000, 1001):
-        return rcvd, ws.close_reason or ""
-    return None
+    """Read the return direction until the target closes (``recv`` raises then, a normal close
+    too); return its abnormal close code."""
+    while True:
+        try:
+            frame = ws.recv()
+        except ConnectionClosed as exc:
+            return SessionCore.abnormal(*close_of(exc))
+        rec.received(frame, ws.arrival() if isinstance(ws, StampedSync) else clock())
+

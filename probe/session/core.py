@@ -56,6 +56,7 @@ __all__ = [
     "SessionRecorder",
     "SourceConfig",
     "new_trace_context",
+    "open_session",
     "target_url",
 ]
 
@@ -219,10 +220,30 @@ class SessionCore:
     def broken(self, frames_sent: int, why: str) -> str:
         return f"the connection to {self.url} failed after {frames_sent} frames: {why}"
 
+    @staticmethod
+    def abnormal(code: int | None, reason: str | None) -> tuple[int, str] | None:
+        """A close worth reporting: (code, reason) unless it is normal (1000, 1001) or none."""
+        if code is None or code in (1000, 1001):
+            return None
+        return code, reason or ""
+
     def incomplete(self, frames_sent: int) -> str | None:
         if frames_sent < self.n_frames:
             return f"stream ended after {frames_sent} of {self.n_frames} frames"
         return None
+
+
+def open_session(
+    cfg: SourceConfig, session: str, registry: SessionRegistry, clock: Callable[[], float]
+) -> SessionCore:
+    """Register a new session (the observers may give its trace context) and make its core."""
+    registry.open_session(session)
+    ctx: TraceContext | None = None
+    if registry.observer is not None:
+        ctx = registry.observer.session_started(session, target_url(cfg.target, session), clock())
+    return SessionCore(
+        cfg, session, ctx or new_trace_context(), lambda i: registry.payload_for(session, i)
+    )
 
 
 @dataclass(frozen=True, slots=True)
