@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import scripted_peer as peer
+from conftest import SLOW
 
 from probe.aio.hopstream import DetectionWorker
 from probe.aio.source import run_session
@@ -67,14 +68,16 @@ def test_both_shells_leave_the_same_records(port: int, path: str, reply: bool) -
     a, g = _asyncio(url, reply), _gevent(url, reply)
     for key in ("error", "sent", "detected", "replies_missed"):
         assert a[key] == g[key], (key, a, g)
-    # Timings come from two runs of a live peer: equal to within scheduling jitter.
+    # Timings come from two runs of a live peer (its own event loop schedules the echo): equal to
+    # within that scheduling jitter, which a loaded machine widens.
+    jitter_ms = 10.0 * SLOW
     for key in ("latency_ms", "replies_ms"):
         assert len(a[key]) == len(g[key]), (key, a, g)
         for x, y in zip(a[key], g[key], strict=True):
-            assert abs(x - y) < 5.0, (key, a, g)
+            assert abs(x - y) < jitter_ms, (key, a, g)
     if path == "echo":
         assert a["detected"] == a["sent"] and len(a["sent"]) >= 3
-        assert all(abs(v - 1000 * peer.DELAY) < 5.0 for v in a["latency_ms"])
+        assert all(abs(v - 1000 * peer.DELAY) < jitter_ms for v in a["latency_ms"])
     if path == "drop":
         assert a["error"] == "target closed the connection after 0.50 s: close 1011 scripted"
     if path == "bot":
