@@ -62,3 +62,22 @@ def test_growth_keeps_every_value(values: list[float]) -> None:
         s.add(v)
     assert s.to_list() == values
     assert len(s) == len(values)
+
+
+def test_microsecond_counts_agree_with_numpy_on_values_rounded_to_the_microsecond() -> None:
+    import numpy as np
+
+    from probe.measure.stats import MicrosecondCounts, summarize_ms
+
+    rng = np.random.default_rng(3)
+    values = 0.120 + rng.gamma(2.0, 0.004, 200_000)
+    c = MicrosecondCounts(values)
+    rounded = np.round(values * 1e6) / 1e6
+    for q in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0):
+        assert abs((c.quantile(q) or 0) - float(np.quantile(rounded, q))) < 1e-9
+    assert c.summary_ms() == summarize_ms(rounded)
+    # Memory follows the spread, not the count: one counter per distinct microsecond.
+    assert len(c._counts) <= round((values.max() - values.min()) * 1e6) + 1
+    assert len(c._counts) < 0.5 * len(values)
+    empty = MicrosecondCounts()
+    assert empty.summary_ms()["count"] == 0 and empty.quantile(0.5) is None

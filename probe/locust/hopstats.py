@@ -1,8 +1,10 @@
 """Exact per-hop statistics for the Locust Hops tab, mergeable across worker processes (sans-I/O).
 
 Locust keeps response times rounded to two significant digits; a 137.4 ms hop shows as 140 ms.
-:class:`HopsStats` keeps every latency value instead (cumulative and own, per hop) so the p99.9 of
-the Hops tab is the sample's own p99.9, like the ``probe.report/v1`` report.
+:class:`HopsStats` counts every latency (cumulative and own, per hop) to the microsecond
+(:class:`~probe.measure.stats.MicrosecondCounts`), so the p99.9 of the Hops tab is the sample's
+own p99.9 to the 0.001 ms it shows, like the ``probe.report/v1`` report, in memory that does not
+grow with the length of the run.
 
 In a distributed run each worker ships what it measured since its last report
 (:meth:`HopsStats.take_report`: new latency values, and its running totals of markers and
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from probe.measure.latency import RETURN_HOP
-from probe.measure.stats import LatencyStats, summarize_ms
+from probe.measure.stats import MicrosecondCounts
 
 __all__ = [
     "COLUMNS",
@@ -133,8 +135,8 @@ class HopsStats:
         self.reset()
 
     def reset(self) -> None:
-        self.cumulative: dict[str, LatencyStats] = {}
-        self.own: dict[str, LatencyStats] = {}
+        self.cumulative: dict[str, MicrosecondCounts] = {}
+        self.own: dict[str, MicrosecondCounts] = {}
         self.lag = LagHistogram()
         # Totals per source (a worker id, or "local"), the latest each has reported.
         self.totals: dict[str, Totals] = {}
@@ -147,8 +149,8 @@ class HopsStats:
 
     def add_detection(self, hop: str, latency_s: float, own_s: float) -> None:
         """A marker seen on ``hop``: its cumulative and its own latency (seconds)."""
-        self.cumulative.setdefault(hop, LatencyStats()).add(latency_s)
-        self.own.setdefault(hop, LatencyStats()).add(own_s)
+        self.cumulative.setdefault(hop, MicrosecondCounts()).add(latency_s)
+        self.own.setdefault(hop, MicrosecondCounts()).add(own_s)
         if self.for_master:
             self._new_cum.setdefault(hop, []).append(latency_s)
             self._new_own.setdefault(hop, []).append(own_s)
@@ -177,9 +179,9 @@ class HopsStats:
     def merge_report(self, source: str, report: Mapping[str, Any]) -> None:
         """Add a worker's report (from :meth:`take_report`)."""
         for hop, values in dict(report.get("cumulative", {})).items():
-            self.cumulative.setdefault(str(hop), LatencyStats()).extend(values)
+            self.cumulative.setdefault(str(hop), MicrosecondCounts()).extend(values)
         for hop, values in dict(report.get("own", {})).items():
-            self.own.setdefault(str(hop), LatencyStats()).extend(values)
+            self.own.setdefault(str(hop), MicrosecondCounts()).extend(values)
         self.lag.merge(dict(report.get("lag", {})))
         if "totals" in report:
             self.totals[source] = Totals.from_dict(report["totals"])
@@ -222,8 +224,8 @@ class HopsStats:
             counts = totals.markers.get(hop, {})
             for k in _COUNTS:
                 row[k] = counts.get(k, 0)
-            cum = summarize_ms(self.cumulative[hop].values()) if hop in self.cumulative else {}
-            own = summarize_ms(self.own[hop].values()) if hop in self.own else {}
+            cum = self.cumulative[hop].summary_ms() if hop in self.cumulative else {}
+            own = self.own[hop].summary_ms() if hop in self.own else {}
             for k in _PCTS:
                 row[k] = _cell(cum.get(k))
                 row["own" + k] = _cell(own.get(k))

@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from probe.errors import ConfigError
 
-__all__ = ["SUMMARY_KEYS", "LatencyStats", "summarize_ms"]
+__all__ = ["SUMMARY_KEYS", "LatencyStats", "MicrosecondCounts", "summarize_ms"]
 
 F64 = npt.NDArray[np.float64]
 
@@ -121,3 +121,75 @@ class LatencyStats:
     def from_list(cls, values: Sequence[float]) -> LatencyStats:
         """Inverse of :meth:`to_list`."""
         return cls(values)
+
+
+class MicrosecondCounts:
+    """Latencies counted at 1 us resolution (seconds in, like :class:`LatencyStats`).
+
+    Quantiles interpolate between order statistics as ``numpy.quantile`` does, on the values
+    rounded to the microsecond: exact to the 0.001 ms a table shows. Memory grows with how widely
+    the values spread (one counter per distinct microsecond), not with how many there are, so a
+    load test can keep every hop's latencies for hours. Not thread-safe."""
+
+    __slots__ = ("_counts", "_n", "_sum_us")
+
+    def __init__(self, values: Iterable[float] = ()) -> None:
+        self._counts: dict[int, int] = {}
+        self._n = 0
+        self._sum_us = 0
+        self.extend(values)
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, value: float) -> None:
+        us = int(round(float(value) * 1e6))
+        self._counts[us] = self._counts.get(us, 0) + 1
+        self._n += 1
+        self._sum_us += us
+
+    def extend(self, values: Iterable[float]) -> None:
+        for v in values:
+            self.add(v)
+
+    def _sorted(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        keys = np.fromiter(sorted(self._counts), dtype=np.int64, count=len(self._counts))
+        cum = np.cumsum(np.fromiter((self._counts[int(k)] for k in keys), dtype=np.int64,
+                                    count=len(keys)))
+        return keys, cum
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile in seconds, or None when there are no values."""
+        _check_q(q)
+        if self._n == 0:
+            return None
+        keys, cum = self._sorted()
+        return self._at(keys, cum, q) / 1e6
+
+    def _at(self, keys: npt.NDArray[np.int64], cum: npt.NDArray[np.int64], q: float) -> float:
+        pos = q * (self._n - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, self._n - 1)
+        v_lo = float(keys[int(np.searchsorted(cum, lo, side="right"))])
+        v_hi = float(keys[int(np.searchsorted(cum, hi, side="right"))])
+        return v_lo + (v_hi - v_lo) * (pos - lo)
+
+    def summary_ms(self) -> dict[str, float | int | None]:
+        """The summary :func:`summarize_ms` gives (values rounded to the microsecond)."""
+        if self._n == 0:
+            out: dict[str, float | int | None] = {k: None for k in SUMMARY_KEYS}
+            out["count"] = 0
+            return out
+        keys, cum = self._sorted()
+        out = {
+            key: round(self._at(keys, cum, q) / 1000.0, 3)
+            for key, q in zip(("p50", "p90", "p95", "p99", "p999"), _QUANTILES, strict=True)
+        }
+        out["max"] = round(float(keys[-1]) / 1000.0, 3)
+        out["mean"] = round(self._sum_us / self._n / 1000.0, 3)
+        out["count"] = self._n
+        return out
