@@ -159,6 +159,14 @@ class Hit:
 class _Template:
     data: F64  # the data part, (DATA_SEGMENTS * _N,)
     segments: F64  # (DATA_SEGMENTS, _N)
+    # conj(rfft(data, nfft)) per FFT size used: every search of a marker reuses its spectrum.
+    spectra: dict[int, npt.NDArray[np.complex128]]
+
+    def spectrum(self, nfft: int) -> npt.NDArray[np.complex128]:
+        s = self.spectra.get(nfft)
+        if s is None:
+            s = self.spectra[nfft] = np.conj(np.fft.rfft(self.data, nfft))
+        return s
 
 
 # Making a template takes about 20 us; a large cache only costs memory (12 kB per payload: 4096
@@ -169,20 +177,22 @@ def _template(payload: bytes) -> _Template:
     data = np.ascontiguousarray(wave[_N : _N + _DATA])
     data.setflags(write=False)
     segs = data.reshape(DATA_SEGMENTS, _N)
-    return _Template(data=data, segments=segs)
+    return _Template(data=data, segments=segs, spectra={})
 
 
 _SYNC = sync_segment(DETECT_RATE).astype(np.float64)
 
 
-def _correlate(x: F64, kernel: F64) -> F64:
-    """Valid-mode cross-correlation: out[i] = sum_n x[i + n] * kernel[n]."""
+def _correlate(x: F64, kernel: F64, tmpl: _Template | None = None) -> F64:
+    """Valid-mode cross-correlation: out[i] = sum_n x[i + n] * kernel[n] (``kernel`` the data
+    part of ``tmpl`` when given: its spectrum is then reused)."""
     n = len(x) - len(kernel) + 1
     if n <= 0:
         return np.zeros(0)
     nfft = _fast_len(len(x))
-    spec = np.fft.rfft(x, nfft) * np.conj(np.fft.rfft(kernel, nfft))
-    return np.fft.irfft(spec, nfft)[:n]
+    conj = tmpl.spectrum(nfft) if tmpl is not None else np.conj(np.fft.rfft(kernel, nfft))
+    out: F64 = np.fft.irfft(np.fft.rfft(x, nfft) * conj, nfft)[:n]
+    return out
 
 
 def _spread(c: F64, peak: int, guard: int = 24) -> float:
@@ -253,7 +263,7 @@ def locate(
     a = max(0, lo - pad)
     b = min(len(w) - _MARKER, hi + pad)
     span = w[a + _N : b + _N + _DATA]
-    c = _correlate(span, tmpl.data)
+    c = _correlate(span, tmpl.data, tmpl)
     if c.size == 0:
         return None
     # Normalise each lag by the whitened energy under the template, so quiet stretches (digital
