@@ -188,7 +188,10 @@ def test_master_and_two_workers_merge_hop_stats_in_the_hops_tab(tmp_path: Path) 
                 [sys.executable, "-m", "locust", "-f", REFERENCE, "--master",
                  "--master-bind-host", "127.0.0.1", "--master-bind-port", str(bind),
                  "--web-host", "127.0.0.1", "--web-port", str(web), "--autostart",
-                 "--expect-workers", "2", "-u", "4", "-r", "4", "-t", "9s", "--autoquit", "4",
+                 # The master outlives the polling below even on a loaded machine (it quits
+                 # --autoquit s after its -t run, and the workers may take a while to report).
+                 "--expect-workers", "2", "-u", "4", "-r", "4", "-t", f"{int(12 * SLOW)}s",
+                 "--autoquit", str(int(15 * SLOW)),
                  "--host", url, "--csv", str(tmp_path / "master")],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             ))
