@@ -180,6 +180,8 @@ def _get_json(url: str) -> Any:
 
 def test_master_and_two_workers_merge_hop_stats_in_the_hops_tab(tmp_path: Path) -> None:
     web, bind = free_port(), free_port()
+    while bind == web:  # two releases of port 0 may hand out the same number
+        bind = free_port()
     env = locust_env(PROBE_HOP_ORDER="a,return")
     procs: list[subprocess.Popen[str]] = []
     with pipeline("a:20ms") as (url, _):
@@ -207,7 +209,15 @@ def test_master_and_two_workers_merge_hop_stats_in_the_hops_tab(tmp_path: Path) 
             deadline = time.monotonic() + 30 * SLOW
             seen: dict[str, Any] = {}
             while time.monotonic() < deadline:
-                data = _get_json(f"http://127.0.0.1:{web}/hops/json")
+                try:
+                    data = _get_json(f"http://127.0.0.1:{web}/hops/json")
+                except OSError as exc:
+                    master = procs[0]
+                    if master.poll() is None:
+                        raise
+                    err = master.stderr.read() if master.stderr else ""
+                    pytest.fail(f"the master exited ({master.returncode}) while polled "
+                                f"({exc}); its stderr ends: {err[-3000:]}")
                 seen = {
                     wid: src for wid, src in data["sources"].items()
                     if src["markers"].get("a", {}).get("detected", 0) > 0
