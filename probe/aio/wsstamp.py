@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
@@ -58,11 +59,13 @@ class StampedClientConnection(_Stamping, ClientConnection):
         super().process_event(event)
 
 
+@lru_cache(maxsize=8)
 def server_factory(clock: Callable[[], float]) -> type[StampedServerConnection]:
     """``create_connection`` for ``serve``: server connections stamped with ``clock``."""
     return type("StampedServer", (StampedServerConnection,), {"clock": staticmethod(clock)})
 
 
+@lru_cache(maxsize=8)
 def client_factory(clock: Callable[[], float]) -> type[StampedClientConnection]:
     """``create_connection`` for ``connect``: client connections stamped with ``clock``."""
     return type("StampedClient", (StampedClientConnection,), {"clock": staticmethod(clock)})

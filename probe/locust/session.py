@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -76,7 +77,9 @@ class StampedSync(ClientConnection):
         return self.arrivals.popleft() if self.arrivals else self.clock()
 
 
+@lru_cache(maxsize=8)
 def _stamped(clock: Callable[[], float]) -> type[StampedSync]:
+    """The connection class stamping with ``clock`` (one per clock, not one per session)."""
     return type("StampedSyncClient", (StampedSync,), {"clock": staticmethod(clock)})
 
 

@@ -75,13 +75,16 @@ class OwnLatencyJoin:
     as soon as they all have one; the registry declares every undelivered marker missed after the
     marker timeout, so nothing waits longer than that. :meth:`flush` passes on what is still held
     with the own latency known then. Order: ``declared`` hops first, then others by their running
-    mean cumulative latency, ``return`` last. Bounded: the oldest ``max_markers`` markers and
-    sessions are remembered, and a marker is forgotten once every hop that joined its session
-    has an outcome for it. Not thread-safe (callers lock)."""
+    mean cumulative latency, ``return`` last. Bounded: the latest ``max_markers`` markers and
+    ``max_sessions`` sessions are remembered, and a marker is forgotten once every hop that
+    joined its session has an outcome for it. Not thread-safe (callers lock)."""
 
-    def __init__(self, declared: Sequence[str] = (), *, max_markers: int = 100_000) -> None:
+    def __init__(
+        self, declared: Sequence[str] = (), *, max_markers: int = 100_000, max_sessions: int = 4096
+    ) -> None:
         self._declared = list(dict.fromkeys(declared))
         self._max = max_markers
+        self._max_sessions = max_sessions
         # (session, seq) -> hop -> cumulative latency (None: missed), oldest first.
         self._markers: OrderedDict[tuple[str, int], dict[str, float | None]] = OrderedDict()
         self._sums: dict[str, list[float]] = {}
@@ -102,7 +105,7 @@ class OwnLatencyJoin:
         """``hop`` owes ``session`` its markers (a fork started, or audio came back)."""
         self._joined.setdefault(session, set()).add(hop)
         self._joined.move_to_end(session)
-        while len(self._joined) > self._max:
+        while len(self._joined) > self._max_sessions:
             self._joined.popitem(last=False)
 
     def detected(self, m: Measurement) -> list[tuple[Measurement, float]]:
