@@ -28,8 +28,8 @@ audio arrives, so the cost does not grow with the marker timeout.
 
 The score is energy-normalised: each lag's correlation is divided by the whitened energy under the
 template, and each segment's by the energy under that segment, so stretches of digital silence
-(which whiten to nothing) neither shrink the noise scale nor inflate a peak elsewhere. Before this,
-a 3 s window over unmarked audio reached 8.2.
+(which whiten to nothing) neither shrink the noise scale nor inflate a peak elsewhere (with one
+noise scale per window, a 3 s window over unmarked audio reached 8.2).
 
 Thresholds are set from measured null distributions, one per window size (the constants below say
 how), not by hand; ``benchmarks/informed_matrix.py`` checks them with its null rows (unmarked
@@ -170,7 +170,7 @@ class _Template:
 
 
 # Making a template takes about 20 us; a large cache only costs memory (12 kB per payload: 4096
-# of them grew a Locust sink child by 50 MB), so it holds what the open searches reuse.
+# of them are 50 MB in a sink child), so it holds what the open searches reuse.
 @lru_cache(maxsize=64)
 def _template(payload: bytes) -> _Template:
     wave = marker_waveform(payload, DETECT_RATE).astype(np.float64)
