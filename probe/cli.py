@@ -13,17 +13,16 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from probe.config import add_run_options, env_options, given_options, parse_host_port
 from probe.errors import ConfigError, ProbeError
-from probe.hostport import parse_host_port
 
 if TYPE_CHECKING:
-    from probe.aio.runner import RunConfig
     from probe.telemetry.setup import Telemetry
 
 EXIT_OK = 0
@@ -78,11 +77,11 @@ def _build_parser() -> argparse.ArgumentParser:
     add_telemetry_options(demo)
 
     r = sub.add_parser("run", help="drive a system that speaks the probe protocol")
-    _run_options(r)
+    add_run_options(r)  # flags not given fall back to PROBE_* variables, then to the defaults
     add_telemetry_options(r)
 
     c = sub.add_parser("canary", help="one short probe judged by thresholds (exit 0 pass, 1 fail)")
-    _run_options(_Unset(c))  # options not given fall back to the scenario, then to run's defaults
+    add_run_options(c)  # ... to the scenario, then to PROBE_* variables, then to the defaults
     _canary_options(c)
     add_telemetry_options(c)
 
@@ -107,57 +106,6 @@ def _build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT to serve /metrics (configured delays, emission lateness per hop)",
     )
     return p
-
-
-class _Unset:
-    """Adds options that are left out of the namespace when not given (no default, optional)."""
-
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        self.parser = parser
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        kwargs.update(default=argparse.SUPPRESS, required=False)
-        return self.parser.add_argument(*args, **kwargs)
-
-
-def _run_options(r: argparse.ArgumentParser | _Unset) -> None:
-    r.add_argument("--target", required=True, help="ws:// URL; {session} is replaced")
-    r.add_argument("--dialect", choices=("probe", "twilio"), default="probe")
-    r.add_argument("--sink-listen", default="127.0.0.1:0", help="HOST:PORT for the sink")
-    r.add_argument("--sink-url", default=None, help="sink URL the hops should use")
-    r.add_argument("--no-sink", action="store_true", help="measure only the return direction")
-    r.add_argument("--sessions", type=int, default=1)
-    r.add_argument("--concurrency", type=int, default=1)
-    r.add_argument("--duration", type=float, default=10.0)
-    r.add_argument("--fixture", default="speech_en_us", help="fixture name or WAV path")
-    r.add_argument("--rate", type=int, default=16000)
-    r.add_argument(
-        "--encoding", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw"), default="pcm_s16le"
-    )
-    r.add_argument("--frame-ms", type=float, default=20.0)
-    r.add_argument("--every", type=float, default=None, help="seconds between markers")
-    r.add_argument("--hop-order", default=None, help="comma-separated hop names")
-    r.add_argument("--marker-timeout", type=float, default=10.0)
-    r.add_argument(
-        "--reply",
-        action="store_true",
-        help="the system answers in its own voice: send utterances with gaps and time the reply",
-    )
-    r.add_argument("--utterance", type=float, default=3.0, help="seconds per utterance (--reply)")
-    r.add_argument("--gap", type=float, default=3.0, help="seconds of silence after each (--reply)")
-    r.add_argument(
-        "--reply-threshold", type=float, default=-40.0, help="dBFS a reply must exceed (--reply)"
-    )
-    r.add_argument("--json", default=None, help="write the JSON report here")
-
-
-def _run_defaults() -> dict[str, Any]:
-    """``probe run``'s option defaults, by option name (``sink_listen``, ``hop_order``...)."""
-    p = _Parser(prog="probe run")
-    _run_options(p)
-    defaults = vars(p.parse_args(["--target", "ws://-/"]))
-    defaults.pop("target")
-    return defaults
 
 
 def _canary_options(c: argparse.ArgumentParser) -> None:
@@ -329,15 +277,17 @@ def _report_out(report: dict[str, Any], path: str | None) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from probe.aio.runner import default_progress, run_probe
+    from probe.aio.runner import default_progress, run_config, run_probe
+    from probe.config import run_options
 
-    cfg = run_config(vars(args))
-    telemetry = _telemetry(args, target=args.target, scenario="run", hop_order=cfg.hop_order)
+    opts = run_options({**env_options(os.environ), **given_options(args)})
+    cfg = run_config(opts)
+    telemetry = _telemetry(args, target=opts.target, scenario="run", hop_order=cfg.hop_order)
     try:
         report = asyncio.run(
             run_probe(cfg, progress=default_progress(), observer=telemetry.observer)
         )
-        _report_out(report, args.json)
+        _report_out(report, opts.json)
     finally:
         telemetry.close()
     return EXIT_OK
@@ -359,60 +309,6 @@ def _telemetry(
     if telemetry.metrics_url:
         print(f"probe: metrics at {telemetry.metrics_url}", file=sys.stderr, flush=True)
     return telemetry
-
-
-def run_config(options: Mapping[str, Any]) -> RunConfig:
-    """A checked :class:`RunConfig` from ``probe run``'s options by name (``vars(args)``, or a
-    scenario's options over :func:`_run_defaults`); ConfigError names the bad option."""
-    from probe.aio.runner import RunConfig
-    from probe.aio.source import SourceConfig
-
-    args = argparse.Namespace(**options)
-    if not args.target.startswith(("ws://", "wss://")):
-        raise ConfigError(f"--target must be a ws:// or wss:// URL, got {args.target!r}")
-    for name in ("sessions", "concurrency"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1")
-    if args.duration <= 0.5:
-        raise ConfigError("--duration must be more than 0.5 s")
-    if args.reply and (args.utterance < 0.5 or args.gap < 0.2):
-        raise ConfigError("--utterance must be at least 0.5 s and --gap at least 0.2 s")
-    _check_fixture(args.fixture, args.rate)
-    host, port = parse_host_port(args.sink_listen, "--sink-listen")
-    src = SourceConfig(
-        target=args.target,
-        dialect=args.dialect,
-        fixture=args.fixture,
-        rate=args.rate,
-        encoding=args.encoding,
-        frame_ms=args.frame_ms,
-        duration_s=args.duration,
-        reply=args.reply,
-        utterance_s=args.utterance,
-        gap_s=args.gap,
-        reply_threshold_dbfs=args.reply_threshold,
-        **({"every_s": args.every} if args.every else {}),
-    )
-    cfg = RunConfig(
-        source=src,
-        sessions=args.sessions,
-        concurrency=args.concurrency,
-        sink_host=host,
-        sink_port=port,
-        sink_url=args.sink_url or os.environ.get("PROBE_SINK_URL"),
-        use_sink=not args.no_sink,
-        marker_timeout_s=args.marker_timeout,
-        hop_order=args.hop_order.split(",") if args.hop_order else None,
-    )
-    return cfg
-
-
-def _check_fixture(fixture: str, rate: int) -> None:
-    from probe.audio.fixtures import load_fixture
-    from probe.watermark.design import segment_samples
-
-    segment_samples(rate)
-    load_fixture(fixture, rate=rate, min_seconds=0.5)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -474,14 +370,14 @@ def _cmd_canary(args: argparse.Namespace) -> int:
     def telemetry(target: str, scenario: str, hop_order: Sequence[str] | None) -> Telemetry:
         return _telemetry(args, target=target, scenario=scenario, hop_order=hop_order)
 
-    ok = canary(args, run_config, _run_defaults(), telemetry=telemetry)
+    ok = canary(args, os.environ, telemetry=telemetry)
     return EXIT_OK if ok else EXIT_FAILED
 
 
 def _cmd_exporter(args: argparse.Namespace) -> int:
     from probe.canary.command import exporter
 
-    exporter(args, run_config, _run_defaults())
+    exporter(args, os.environ)
     return EXIT_OK
 
 

@@ -9,10 +9,8 @@ time are failures of ``session`` / ``start``. ``PROBE_SESSION_S`` sets the sessi
 
 from __future__ import annotations
 
-import os
-
 from probe.locust import OpenAudioProbeUser
 
 
 class OpenSpeechUser(OpenAudioProbeUser):
-    session_s = float(os.environ.get("PROBE_SESSION_S", "10"))
+    session_s = 10.0  # PROBE_SESSION_S overrides it, like every PROBE_* run option

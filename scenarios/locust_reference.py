@@ -9,10 +9,8 @@ Each user streams 10 s sessions of 16 kHz speech with a marker every 0.5 s, one 
 
 from __future__ import annotations
 
-import os
-
 from probe.locust import AudioProbeUser
 
 
 class SpeechUser(AudioProbeUser):
-    session_s = float(os.environ.get("PROBE_SESSION_S", "10"))
+    session_s = 10.0  # PROBE_SESSION_S overrides it, like every PROBE_* run option

@@ -18,9 +18,10 @@ import pytest
 from conftest import BackgroundPipeline, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from probe.aio.runner import run_config
 from probe.canary.exporter import ProbeExporter, serve_exporter
 from probe.canary.scenario import load_scenario_dir
-from probe.cli import _run_defaults, run_config
+from probe.config import run_defaults
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 QUICK = """
@@ -61,7 +62,7 @@ def pipeline() -> Iterator[BackgroundPipeline]:
 @pytest.fixture()
 def exporter(tmp_path: Path) -> Iterator[tuple[str, ProbeExporter]]:
     (tmp_path / "quick.toml").write_text(QUICK)
-    defaults = {**_run_defaults(), "duration": 1.0, "marker_timeout": 1.0}
+    defaults = {**run_defaults(), "duration": 1.0, "marker_timeout": 1.0}
     exp = ProbeExporter(load_scenario_dir(tmp_path), run_config, defaults=defaults,
                         max_probes=1, queue_timeout_s=0.3)
     server = serve_exporter(exp, "127.0.0.1", 0)

@@ -19,9 +19,10 @@ from urllib.parse import urlencode
 import pytest
 from conftest import BackgroundPipeline, free_port
 
+from probe.aio.runner import run_config
 from probe.canary.exporter import ProbeExporter, serve_exporter
 from probe.canary.scenario import parse_scenario
-from probe.cli import _run_defaults, run_config
+from probe.config import run_defaults
 
 PROMETHEUS = "/usr/bin/prometheus"
 
@@ -33,7 +34,7 @@ def exporter() -> Iterator[str]:
          "thresholds": ["hop=b p95<250ms"]},
         name="quick",
     )
-    exp = ProbeExporter({"quick": quick}, run_config, defaults=_run_defaults(), max_probes=2)
+    exp = ProbeExporter({"quick": quick}, run_config, defaults=run_defaults(), max_probes=2)
     server = serve_exporter(exp, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               daemon=True)

@@ -9,8 +9,8 @@ import msgpack
 import numpy as np
 import pytest
 
+from probe.config import EngineConfig
 from probe.errors import ConfigError
-from probe.locust.engine import EngineConfig
 from probe.locust.hopstats import HopsStats, LagHistogram, Totals
 
 

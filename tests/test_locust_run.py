@@ -362,3 +362,40 @@ def test_a_worker_that_dies_is_shown_lost_and_the_run_goes_on(tmp_path: Path) ->
                         p.wait(timeout=10)
                     except subprocess.TimeoutExpired:
                         p.kill()
+
+
+def test_reply_mode_from_the_environment_times_each_answer(tmp_path: Path) -> None:
+    """PROBE_REPLY turns a closed-loop user into reply mode; each utterance becomes a
+    ``reply`` / ``voice`` entry timed by the scripted bot (answers 300 ms after an utterance)."""
+    peer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "scripted_peer.py"), "serve"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout is not None
+        url = f"ws://127.0.0.1:{int(peer.stdout.readline())}/bot"
+        res = run_locust(
+            ["-f", REFERENCE, "--headless", "-u", "1", "-r", "1", "-t", "8s", "--host", url,
+             "--csv", str(tmp_path / "run"), "--exit-code-on-error", "0"],
+            locust_env(PROBE_REPLY="yes", PROBE_UTTERANCE_S="1", PROBE_GAP_S="1.5",
+                       PROBE_SESSION_S="5", PROBE_NO_SINK="1"),
+        )
+    finally:
+        peer.kill()
+        peer.wait()
+    assert res.returncode == 0, res.stderr[-3000:]
+    voice = stat(read_csv(tmp_path / "run_stats.csv"), "reply", "voice")
+    assert int(voice["Request Count"]) >= 2 and int(voice["Failure Count"]) == 0, voice
+    # The bot takes 25 silent frames (0.5 s) to hear the utterance end, then answers 0.3 s
+    # later; the onset rule adds a frame or two.
+    assert 780.0 <= float(voice["Median Response Time"]) <= 900.0, voice
+
+
+def test_a_bad_environment_value_is_one_sentence_and_exit_code_2() -> None:
+    res = run_locust(
+        ["-f", REFERENCE, "--headless", "-u", "1", "-r", "1", "-t", "3s",
+         "--host", "ws://127.0.0.1:9/"],
+        locust_env(PROBE_RATE="8k"),
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == "PROBE_RATE must be an integer from 8000 to 48000, got '8k'.", res.stderr
+    assert "Traceback" not in res.stderr

@@ -24,20 +24,21 @@ def test_shipped_scenarios_load() -> None:
     assert slo.options["sessions"] == 100 and slo.options["concurrency"] == 100
     p99 = [t for t in slo.thresholds if t.kind == "latency"]
     assert [(t.stat, t.op, t.limit, t.hop) for t in p99] == [("p99", "<", 250.0, None)]
-    assert slo.options["hop_order"].split(",")[-1] == "return"  # end to end = last hop
+    assert slo.options["hop_order"][-1] == "return"  # end to end = last hop
     bot = found["twilio_voicebot"]
     assert bot.options["dialect"] == "twilio" and bot.options["reply"] is True
     assert any(t.kind == "reply" for t in bot.thresholds)
     assert "{session}" in found["session_in_path"].options["target"]
     ref = found["reference_pipeline"]
-    assert ref.options["hop_order"] == "ingest,telephony,model,return"
+    assert ref.options["hop_order"] == ("ingest", "telephony", "model", "return")
 
 
 def test_shipped_scenarios_build_run_configs() -> None:
-    from probe.cli import _run_defaults, run_config
+    from probe.aio.runner import run_config
+    from probe.config import run_defaults
 
     for s in load_scenario_dir(SCENARIOS).values():
-        cfg = run_config({**_run_defaults(), **s.options})
+        cfg = run_config({**run_defaults(), **s.options})
         assert cfg.sessions == s.options["sessions"]
         assert cfg.source.target == s.options["target"]
 
@@ -84,7 +85,7 @@ def test_files(tmp_path: Path) -> None:
     ok = tmp_path / "mine.toml"
     ok.write_text('target = "ws://h/{session}"\nhop_order = "a, b"\nfixture = "x/y.wav"\n')
     s = load_scenario(ok)
-    assert s.name == "mine" and s.options["hop_order"] == "a,b"
+    assert s.name == "mine" and s.options["hop_order"] == ("a", "b")
     assert s.options["fixture"] == str(tmp_path / "x" / "y.wav")  # relative to the file
     bad = tmp_path / "bad.toml"
     bad.write_text("sessions = [\n")
@@ -113,7 +114,7 @@ def test_files(tmp_path: Path) -> None:
         ("target = 'ws://h/'\n", ["--threshold", "markers>=99.9"], "percentage"),
         ("target = 'ws://h/'\n", ["--threshold", "hop=x own.p101<3ms"], "unknown statistic"),
         ("sessions = 1\n", [], "needs a target"),
-        ("target = 'ws://h/'\n", ["--sessions", "0"], "--sessions must be at least 1"),
+        ("target = 'ws://h/'\n", ["--sessions", "0"], "--sessions must be an integer of 1"),
         ("target = 'ws://h/'\n", ["--pushgateway", "gw:9091"], "http://"),
         ("target = 'ws://h/'\n", ["--junit", "/nonexistent/dir/j.xml"], "does not exist"),
     ],

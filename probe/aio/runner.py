@@ -18,6 +18,7 @@ from probe.aio.hopstream import DetectionWorker
 from probe.aio.sink import Sink
 from probe.aio.sinkproc import SinkProcess
 from probe.aio.source import SourceConfig, run_session
+from probe.config import RunOptions, run_options
 from probe.measure.expect import ExpectationBook
 from probe.measure.observe import RunObserver
 from probe.measure.registry import SessionRegistry
@@ -41,6 +42,43 @@ class RunConfig:
     # Run the sink (fork traffic and its detection) in a child process, away from the pacing
     # loop's interpreter; only with the wall clock (see probe.aio.sinkproc).
     sink_process: bool = True
+
+
+def run_config(options: RunOptions | Mapping[str, Any]) -> RunConfig:
+    """The :class:`RunConfig` of checked run options (or of options by name, checked here by
+    :func:`probe.config.run_options`); a fixture that cannot be loaded is a ConfigError."""
+    from probe.audio.fixtures import load_fixture
+    from probe.watermark.design import DEFAULT_EVERY_S, segment_samples
+
+    o = options if isinstance(options, RunOptions) else run_options(options)
+    segment_samples(o.rate)
+    load_fixture(o.fixture, rate=o.rate, min_seconds=0.5)
+    host, port = o.sink_address
+    src = SourceConfig(
+        target=o.target,
+        dialect=o.dialect,
+        fixture=o.fixture,
+        rate=o.rate,
+        encoding=o.encoding,
+        frame_ms=o.frame_ms,
+        duration_s=o.duration,
+        reply=o.reply,
+        utterance_s=o.utterance,
+        gap_s=o.gap,
+        reply_threshold_dbfs=o.reply_threshold,
+        every_s=o.every or DEFAULT_EVERY_S,
+    )
+    return RunConfig(
+        source=src,
+        sessions=o.sessions,
+        concurrency=o.concurrency,
+        sink_host=host,
+        sink_port=port,
+        sink_url=o.sink_url,
+        use_sink=not o.no_sink,
+        marker_timeout_s=o.marker_timeout,
+        hop_order=list(o.hop_order) if o.hop_order else None,
+    )
 
 
 class Progress:

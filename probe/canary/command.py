@@ -1,6 +1,6 @@
 """The I/O shells of ``probe canary`` and ``probe exporter``: options in; files, pushes, a
-server out. The CLI passes in how to build a run from options (``build_config``) and ``probe
-run``'s defaults, so both commands take exactly ``probe run``'s options."""
+server out. Both take exactly ``probe run``'s options (:mod:`probe.config`): a flag wins over the
+scenario's key, which wins over the ``PROBE_*`` variable, which wins over the default."""
 
 from __future__ import annotations
 
@@ -13,23 +13,21 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from probe.aio.runner import RunConfig
+from probe.aio.runner import run_config
 from probe.canary.html import render_html
 from probe.canary.junit import junit_xml
 from probe.canary.metrics import probe_registry
 from probe.canary.pushgateway import DEFAULT_JOB, push
 from probe.canary.scenario import Scenario, load_scenario, load_scenario_dir
 from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse_thresholds
+from probe.config import env_options, given_options, parse_host_port, run_defaults
 from probe.errors import ConfigError, ProbeError
-from probe.hostport import parse_host_port
 from probe.measure.observe import RunObserver
 from probe.measure.report import write_report
 
 __all__ = ["canary", "exporter"]
 
 log = logging.getLogger(__name__)
-
-BuildConfig = Callable[[Mapping[str, Any]], RunConfig]
 
 
 class _Telemetry(Protocol):
@@ -61,31 +59,34 @@ def _write(option: str, path: str, text: str, problems: list[str]) -> None:
 
 
 def _options(
-    args: argparse.Namespace, defaults: Mapping[str, Any], scenario: Scenario | None
+    args: argparse.Namespace, environ: Mapping[str, str], scenario: Scenario | None
 ) -> dict[str, Any]:
-    given = {k: getattr(args, k) for k in (*defaults, "target") if hasattr(args, k)}
-    return {**defaults, **(scenario.options if scenario else {}), **given}
+    return {
+        **env_options(environ),
+        **(scenario.options if scenario else {}),
+        **given_options(args),
+    }
 
 
 def canary(
     args: argparse.Namespace,
-    build_config: BuildConfig,
-    defaults: Mapping[str, Any],
+    environ: Mapping[str, str],
     *,
     telemetry: StartTelemetry | None = None,
 ) -> bool:
     """Run ``probe canary``; True when every threshold held. ConfigError for usage errors.
-    ``telemetry(target, scenario, hop_order)`` starts the run's traces and metrics."""
+    ``environ`` supplies ``PROBE_*`` options; ``telemetry(target, scenario, hop_order)`` starts
+    the run's traces and metrics."""
     from probe.aio.runner import default_progress, run_probe
 
     scenario = load_scenario(args.scenario) if args.scenario else None
-    opts = _options(args, defaults, scenario)
+    opts = _options(args, environ, scenario)
     if not opts.get("target"):
         raise ConfigError(
             "probe canary needs a target: give --target URL or a --scenario that sets target."
         )
     thresholds = [*(scenario.thresholds if scenario else ()), *parse_thresholds(args.threshold)]
-    cfg = build_config(opts)
+    cfg = run_config(opts)
     for option, path in (
         ("--json", opts.get("json")),
         ("--junit", args.junit),
@@ -152,26 +153,26 @@ def canary(
     return verdict.ok
 
 
-def exporter(
-    args: argparse.Namespace, build_config: BuildConfig, defaults: Mapping[str, Any]
-) -> None:
-    """Serve ``probe exporter`` until interrupted."""
+def exporter(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Serve ``probe exporter`` until interrupted; ``environ`` supplies ``PROBE_*`` options,
+    under the exporter's own flags."""
     from probe.canary.exporter import ProbeExporter, serve_exporter
 
     scenarios = load_scenario_dir(args.scenarios) if args.scenarios else {}
     base = {
-        **defaults,
+        **run_defaults(),
+        **env_options(environ),
         "sessions": args.sessions,
         "concurrency": args.sessions,
         "duration": args.duration,
         "marker_timeout": args.marker_timeout,
     }
-    build_config({**base, "target": "ws://127.0.0.1:1/"})  # bad defaults fail now, not per probe
+    run_config({**base, "target": "ws://127.0.0.1:1/"})  # bad defaults fail now, not per probe
     listen = args.listen
     host, port = parse_host_port(listen, "--listen")
     exp = ProbeExporter(
         scenarios,
-        build_config,
+        run_config,
         defaults=base,
         max_probes=args.max_probes,
         queue_timeout_s=args.queue_timeout,

@@ -26,8 +26,9 @@ from typing import Any
 from locust import events
 from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 
+from probe.config import EngineConfig
 from probe.errors import ConfigError
-from probe.locust.engine import EngineConfig, ProbeEngine
+from probe.locust.engine import ProbeEngine
 from probe.locust.hopstats import COLUMNS, HopsStats, Totals
 from probe.locust.report import LocustReporter
 from probe.measure.observe import RunObserver
@@ -120,32 +121,38 @@ def _environments() -> list[Any]:
     return list(_ENVIRONMENTS)
 
 
+def _start_engine(environment: Any, cfg: EngineConfig) -> ProbeEngine:
+    """The engine of a process that runs users, with its Locust reporter and telemetry."""
+    stats = hops_stats_of(environment)
+    observers: list[RunObserver] = [
+        LocustReporter(environment.events, stats, marker_timeout_s=cfg.marker_timeout_s)
+    ]
+    tel = _telemetry(environment, tuple(cfg.hop_order))
+    if tel is not None:
+        setattr(environment, _TELEMETRY, tel)
+        observers.append(tel.observer)
+    engine = ProbeEngine(cfg, observers=observers)
+    engine.start()
+    return engine
+
+
 def _on_init(environment: Any, **_kw: Any) -> None:
     runner = environment.runner
     stats = hops_stats_of(environment)
     stats.for_master = isinstance(runner, WorkerRunner)
-    if not isinstance(runner, MasterRunner):
-        try:
-            cfg = EngineConfig.from_env()
-            stats.hop_order = list(cfg.hop_order)
-            observers: list[RunObserver] = [
-                LocustReporter(environment.events, stats, marker_timeout_s=cfg.marker_timeout_s)
-            ]
-            tel = _telemetry(environment, tuple(cfg.hop_order))
-            if tel is not None:
-                setattr(environment, _TELEMETRY, tel)
-                observers.append(tel.observer)
-            engine = ProbeEngine(cfg, observers=observers)
-            engine.start()
-        except ConfigError as exc:
-            sys.stderr.write(f"{exc}\n")
-            sys.stderr.flush()
-            # Exit code 2 (configuration), without a traceback, before any user starts.
-            os._exit(2)
+    try:
+        # Every process checks the PROBE_* variables, so a bad one ends the master too.
+        cfg = EngineConfig.from_env(os.environ)
+        stats.hop_order = list(cfg.hop_order)
+        engine = None if isinstance(runner, MasterRunner) else _start_engine(environment, cfg)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.stderr.flush()
+        # Exit code 2 (configuration), without a traceback, before any user starts.
+        os._exit(2)
+    if engine is not None:
         setattr(environment, _ENGINE, engine)
         log.info("probe sink for this process: %s", engine.sink_url)
-    else:
-        stats.hop_order = list(EngineConfig.from_env().hop_order)
     if environment.web_ui is not None:
         _extend_web_ui(environment)
 

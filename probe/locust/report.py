@@ -7,7 +7,10 @@ by the engine's registry). Entries, by request type and name:
   latency in ms; a marker not seen within the marker timeout is a failure of the same entry with
   the timeout as its response time (a miss is at least that late);
 - ``fork`` / *hop name*: a hop's fork that broke (garbage, stall, dropped connection), a failure;
-- ``send`` / ``lag``: each session's largest frame send lag over each second of audio (ms).
+- ``send`` / ``lag``: each session's largest frame send lag over each second of audio (ms);
+- ``reply`` / ``voice`` (reply mode): one per utterance, response time = the voice-to-voice reply
+  latency in ms (end of the utterance to the onset of the reply); an utterance with no reply
+  within the marker timeout is a failure.
 
 Exact values go to :class:`~probe.locust.hopstats.HopsStats` as well (every detection, every
 frame's lag). Session connect and stream entries are fired by the user, which knows the connect
@@ -24,7 +27,7 @@ from probe.locust.hopstats import HopsStats
 from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
 
-__all__ = ["ForkFailed", "LocustReporter", "MarkerMissed", "SendLagWindow"]
+__all__ = ["ForkFailed", "LocustReporter", "MarkerMissed", "NoReply", "SendLagWindow"]
 
 LAG_WINDOW_FRAMES = 50
 
@@ -35,6 +38,10 @@ class MarkerMissed(Exception):
 
 class ForkFailed(Exception):
     """A hop's fork broke."""
+
+
+class NoReply(Exception):
+    """The system did not answer an utterance within the marker timeout."""
 
 
 class SendLagWindow:
@@ -88,6 +95,13 @@ class LocustReporter(RunObserver):
 
     def hop_failed(self, hop: str, session: str | None, error: str) -> None:
         self._fire("fork", hop, 0.0, ForkFailed(error))
+
+    def reply(self, session: str, utterance_end: float, latency_s: float | None) -> None:
+        if latency_s is None:
+            why = NoReply(f"no reply within {self.marker_timeout_s:g} s")
+            self._fire("reply", "voice", self.marker_timeout_s * 1000.0, why)
+        else:
+            self._fire("reply", "voice", latency_s * 1000.0, None)
 
     def send_lag(self, session: str, lag_s: float) -> None:
         self.stats.add_send_lag(lag_s)

@@ -30,6 +30,7 @@ from gevent.pool import Group
 from locust import User, constant, task
 from locust.exception import StopUser
 
+from probe.config import OPTIONS, count_env, locust_env, positive_env
 from probe.errors import ConfigError
 from probe.locust.plugin import engine_of
 from probe.locust.session import SessionOutcome, run_session
@@ -60,6 +61,11 @@ class AudioProbeUser(User):
     session_s: ClassVar[float] = 10.0
     every_s: ClassVar[float] = 0.5
     level_db: ClassVar[float] = -20.0
+    # Reply mode: the system answers in its own voice (see probe run --reply).
+    reply: ClassVar[bool] = False
+    utterance_s: ClassVar[float] = 3.0
+    gap_s: ClassVar[float] = 3.0
+    reply_threshold_dbfs: ClassVar[float] = -40.0
     meta: ClassVar[dict[str, str]] = {}
     connect_timeout_s: ClassVar[float] = 5.0
     # Pause after a session that could not connect, so a down target is not hammered.
@@ -70,25 +76,32 @@ class AudioProbeUser(User):
         self._source: SourceConfig | None = None
 
     def source_config(self) -> SourceConfig:
-        """The session template: this class's attributes, the host, and the engine's sink."""
+        """The session template: ``PROBE_*`` variables over this class's attributes
+        (:func:`probe.config.locust_env`), the host, and the engine's sink."""
         if self._source is None:
             host = self.host or ""
             if not host.startswith(("ws://", "wss://")):
                 raise ConfigError(f"The host must be a ws:// or wss:// URL, got {host!r}.")
             engine = engine_of(self.environment)
+            names = {o.locust for o in OPTIONS if o.locust}
+            o = locust_env(os.environ, {n: getattr(self, n) for n in names if hasattr(self, n)})
             self._source = SourceConfig(
                 target=host,
-                dialect=self.dialect,
-                fixture=self.fixture,
-                rate=self.sample_rate,
-                encoding=self.encoding,  # type: ignore[arg-type]
-                frame_ms=self.frame_ms,
-                duration_s=self.session_s,
-                every_s=self.every_s,
+                dialect=o["dialect"],
+                fixture=o["fixture"],
+                rate=o["rate"],
+                encoding=o["encoding"],
+                frame_ms=o["frame_ms"],
+                duration_s=o["duration"],
+                every_s=o["every"],
                 level_db=self.level_db,
                 sink_url=engine.sink_url,
                 meta=dict(self.meta),
                 connect_timeout_s=self.connect_timeout_s,
+                reply=o["reply"],
+                utterance_s=o["utterance"],
+                gap_s=o["gap"],
+                reply_threshold_dbfs=o["reply_threshold"],
             )
         return self._source
 
@@ -160,24 +173,10 @@ class OpenAudioProbeUser(AudioProbeUser):
         self._sessions = Group()
 
     def rate(self) -> float:
-        raw = os.environ.get("PROBE_SESSION_RATE")
-        if raw is None:
-            return float(self.sessions_per_s)
-        try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if not value > 0:
-            raise ConfigError(f"PROBE_SESSION_RATE must be positive sessions/s, got {raw!r}.")
-        return value
+        return positive_env(os.environ, "PROBE_SESSION_RATE", float(self.sessions_per_s))
 
     def in_flight_limit(self) -> int:
-        raw = os.environ.get("PROBE_MAX_IN_FLIGHT")
-        if raw is None:
-            return int(self.max_in_flight)
-        if not raw.isdigit() or int(raw) < 1:
-            raise ConfigError(f"PROBE_MAX_IN_FLIGHT must be a positive integer, got {raw!r}.")
-        return int(raw)
+        return count_env(os.environ, "PROBE_MAX_IN_FLIGHT", int(self.max_in_flight))
 
     def on_stop(self) -> None:
         self._sessions.kill(block=False)

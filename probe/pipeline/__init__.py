@@ -24,7 +24,6 @@ from probe.pipeline.server import (
     ReferencePipeline,
     SpanRecord,
     child_context,
-    parse_listen,
     run_pipeline,
 )
 from probe.pipeline.spec import HopSpec, check_hops, format_hops, parse_hops
@@ -43,6 +42,5 @@ __all__ = [
     "format_hops",
     "output_format",
     "parse_hops",
-    "parse_listen",
     "run_pipeline",
 ]

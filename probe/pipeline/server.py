@@ -50,8 +50,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
 from probe.aio.wsstamp import StampedServerConnection, server_factory
+from probe.config import parse_host_port
 from probe.errors import ConfigError, ProtocolError
-from probe.hostport import parse_host_port
 from probe.pipeline.hop import Emission, HopCore, output_format
 from probe.pipeline.spec import HopSpec, check_hops, parse_hops
 from probe.protocol import (
@@ -82,7 +82,6 @@ __all__ = [
     "ReferencePipeline",
     "SpanRecord",
     "child_context",
-    "parse_listen",
     "run_pipeline",
 ]
 
@@ -641,11 +640,6 @@ class ReferencePipeline:
         return session
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``--listen`` by the one rule of :mod:`probe.hostport` (``PORT`` alone: loopback)."""
-    return parse_host_port(listen, "--listen")
-
-
 async def run_pipeline(
     listen: str,
     hops: Sequence[HopSpec] | str,
@@ -662,7 +656,7 @@ async def run_pipeline(
     `on_ready` gets the bound ws:// URL once the server listens; `tracer_provider` exports the
     hops' spans and `observer` hears every hop emission (see `ReferencePipeline`).
     """
-    host, port = parse_listen(listen)
+    host, port = parse_host_port(listen, "--listen")
     pipeline = ReferencePipeline(hops, dialect=dialect, seed=seed, sink=sink,
                                  tracer_provider=tracer_provider, observer=observer)
     url = await pipeline.start(host, port)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from probe.config import parse_host_port
 from probe.errors import ConfigError
-from probe.hostport import parse_host_port
 from probe.measure.observe import Observers, RunObserver
 from probe.telemetry.env import tracing_enabled
 from probe.telemetry.metrics import MetricsObserver, MetricsServer, serve_metrics
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Telemetry",
     "add_telemetry_options",
-    "parse_listen",
     "start_pipeline_tracing",
     "start_telemetry",
 ]
@@ -50,11 +49,6 @@ def add_telemetry_options(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics during the run (port 0: any)",
     )
-
-
-def parse_listen(text: str, what: str = "--metrics-listen") -> tuple[str, int]:
-    """``--metrics-listen`` by the one rule of :mod:`probe.hostport`."""
-    return parse_host_port(text, what)
 
 
 class Telemetry:
@@ -187,7 +181,7 @@ def start_telemetry(
     server: MetricsServer | None = None
     if serve and metrics_listen:
         try:
-            host, port = parse_listen(metrics_listen)
+            host, port = parse_host_port(metrics_listen, "--metrics-listen")
             server = serve_metrics(metrics.registry, host, port)
         except ConfigError:
             if tracing is not None:

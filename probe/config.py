@@ -1,0 +1,421 @@
+"""Run options: one table says what each option means, its default, its rule, and where it can
+be given (``probe`` flag, scenario key, environment variable, Locust user attribute).
+
+Where an option comes from, in order of precedence:
+
+- ``probe run`` / ``probe canary``: the command-line flag, then (canary, exporter) the scenario
+  file's key, then the ``PROBE_*`` environment variable, then the default;
+- Locust: the ``PROBE_*`` environment variable, then the user class's attribute (or the engine's
+  default for the sink options).
+
+Every value, whatever its source, passes the same rule, and a bad one is a
+:class:`~probe.errors.ConfigError` whose one sentence names it as the user wrote it (``--sessions``,
+``Scenario 'x.toml': key 'sessions'``, ``PROBE_MARKER_TIMEOUT``). This module also holds the one
+``HOST:PORT`` rule of every listen option. Pure: it reads no file and no environment itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from probe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from probe.audio.formats import Encoding
+
+__all__ = [
+    "ENCODINGS",
+    "LOOPBACK",
+    "OPTIONS",
+    "EngineConfig",
+    "Option",
+    "RunOptions",
+    "add_run_options",
+    "env_options",
+    "given_options",
+    "locust_env",
+    "parse_host_port",
+    "run_defaults",
+    "run_options",
+]
+
+LOOPBACK = "127.0.0.1"
+ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
+DIALECTS = ("probe", "twilio")
+_HOP_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """``text`` as (host, port); ``what`` names the option in the error.
+
+    ``HOST:PORT`` or ``[v6]:PORT`` with a port from 0 to 65535 (0: any free port); a ``ws://``
+    prefix and a trailing ``/`` are tolerated (a URL pasted where an address was asked); a bare
+    ``PORT`` or ``:PORT`` listens on loopback (127.0.0.1), never on every interface by accident.
+    """
+    raw = text.strip()
+    body = raw.removeprefix("ws://").rstrip("/")
+    host, sep, port = body.rpartition(":")
+    if not sep:
+        host, port = "", body
+    if host.startswith("[") != host.endswith("]"):
+        port = ""  # an unclosed IPv6 bracket is no address
+    host = host.strip("[]") or LOOPBACK
+    if not port.isdigit() or int(port) > 65535 or "/" in host or " " in host:
+        raise ConfigError(
+            f"{what} must be HOST:PORT with a port from 0 to 65535 (e.g. 127.0.0.1:8766), "
+            f"got {text!r}."
+        )
+    return host, int(port)
+
+
+# -- the rules. Each takes the value, the option's name as the user wrote it, and whether the
+# value is text to read (a flag's or a variable's) rather than typed (a TOML value, a default),
+# and returns the checked value or raises. Typed values are not read from text: a scenario's
+# `sessions = "2"` is refused, as TOML has integers.
+
+Rule = Callable[[Any, str, bool], Any]
+
+
+def _fail(label: str, problem: str, value: Any) -> ConfigError:
+    return ConfigError(f"{label} must be {problem}, got {value!r}.")
+
+
+def _text(v: Any, label: str, text: bool = False) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _fail(label, "a non-empty string", v)
+    return v.strip()
+
+
+def _url(v: Any, label: str, text: bool = False) -> str:
+    s = _text(v, label)
+    if not s.startswith(("ws://", "wss://")):
+        raise _fail(label, "a ws:// or wss:// URL", s)
+    return s
+
+
+def _choice(choices: tuple[str, ...]) -> Rule:
+    def rule(v: Any, label: str, text: bool = False) -> str:
+        if isinstance(v, str) and v.strip() in choices:
+            return v.strip()
+        raise _fail(label, f"one of {', '.join(choices)}", v)
+
+    return rule
+
+
+def _integer(lo: int, hi: int | None = None) -> Rule:
+    def rule(v: Any, label: str, text: bool = False) -> int:
+        n = v
+        if text and isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
+            n = int(v)
+        if isinstance(n, bool) or not isinstance(n, int) or n < lo or (hi is not None and n > hi):
+            span = f"from {lo} to {hi}" if hi is not None else f"of {lo} or more"
+            raise _fail(label, f"an integer {span}", v)
+        return n
+
+    return rule
+
+
+def _number(*, above: float, at_most: float | None = None, least: float | None = None) -> Rule:
+    def rule(v: Any, label: str, text: bool = False) -> float:
+        x = v
+        if text and isinstance(v, str):
+            try:
+                x = float(v)
+            except ValueError:
+                x = None
+        ok = (
+            not isinstance(x, bool)
+            and isinstance(x, int | float)
+            and math.isfinite(x)
+            and x > above
+            and (at_most is None or x <= at_most)
+            and (least is None or x >= least)
+        )
+        if not ok:
+            span = f"at least {least:g}" if least is not None else f"more than {above:g}"
+            if at_most is not None:
+                span += f" and at most {at_most:g}"
+            raise _fail(label, f"a number {span}", v)
+        return float(x)
+
+    return rule
+
+
+def _flag(v: Any, label: str, text: bool = False) -> bool:
+    if isinstance(v, bool):
+        return v
+    word = v.strip().lower() if text and isinstance(v, str) else None
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    if word in ("1", "true", "yes", "on"):
+        return True
+    raise _fail(label, "true or false", v)
+
+
+def _listen(v: Any, label: str, text: bool = False) -> str:
+    s = _text(v, label)
+    parse_host_port(s, label)
+    return s
+
+
+def _hops(v: Any, label: str, text: bool = False) -> tuple[str, ...]:
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list | tuple) or not items:
+        raise _fail(label, "a list of hop names", v)
+    names = [h.strip() if isinstance(h, str) else h for h in items]
+    bad = [h for h in names if not isinstance(h, str) or not _HOP_RE.fullmatch(h)]
+    if bad:
+        raise ConfigError(
+            f"{label} holds {bad[0]!r}, not a hop name (1-64 of A-Z a-z 0-9 . _ -)."
+        )
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option. ``name`` is its scenario key and field of :class:`RunOptions`; its flag
+    is ``--`` + ``name`` with dashes. ``env`` and ``locust`` (the user class attribute) say
+    where else it may be given; ``scenario``/``cli`` false keep it out of those."""
+
+    name: str
+    rule: Rule
+    default: Any
+    help: str
+    env: str | None = None
+    locust: str | None = None
+    scenario: bool = True
+    cli: bool = True
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any, label: str, *, text: bool = False) -> Any:
+        """The value by the option's rule (None stays None for options without a default);
+        ``text``: the value was typed as text (a flag, an environment variable) and is read."""
+        if value is None and self.default is None:
+            return None
+        return self.rule(value, label, text)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("target", _url, None,
+           "ws:// or wss:// URL of the system; {session} is replaced by the session id",
+           env="PROBE_TARGET", locust="host"),
+    Option("dialect", _choice(DIALECTS), "probe", "wire dialect: probe or twilio",
+           env="PROBE_DIALECT", locust="dialect"),
+    Option("fixture", _text, "speech_en_us", "fixture name or WAV path", env="PROBE_FIXTURE",
+           locust="fixture"),
+    Option("rate", _integer(8000, 48000), 16000, "sample rate, Hz", env="PROBE_RATE",
+           locust="sample_rate"),
+    Option("encoding", _choice(ENCODINGS), "pcm_s16le",
+           "sample encoding on the wire: pcm_s16le, pcm_f32le, mulaw or alaw",
+           env="PROBE_ENCODING", locust="encoding"),
+    Option("frame_ms", _number(above=0.0, at_most=1000.0), 20.0, "milliseconds per frame",
+           env="PROBE_FRAME_MS", locust="frame_ms"),
+    Option("duration", _number(above=0.5), 10.0, "seconds per session",
+           env="PROBE_SESSION_S", locust="session_s"),
+    Option("every", _number(above=0.0), None, "seconds between markers (default 0.5)",
+           env="PROBE_EVERY", locust="every_s"),
+    Option("sessions", _integer(1), 1, "sessions in the run"),
+    Option("concurrency", _integer(1), 1, "sessions at once"),
+    Option("sink_listen", _listen, "127.0.0.1:0", "HOST:PORT for the sink",
+           env="PROBE_SINK_LISTEN"),
+    Option("sink_url", _url, None, "sink URL the hops should use (when not the bound one)",
+           env="PROBE_SINK_URL"),
+    Option("no_sink", _flag, False, "measure only the return direction", env="PROBE_NO_SINK"),
+    Option("hop_order", _hops, None, "comma-separated hop names", env="PROBE_HOP_ORDER"),
+    Option("marker_timeout", _number(above=0.0), 10.0,
+           "seconds after which a marker not found is missed", env="PROBE_MARKER_TIMEOUT"),
+    Option("reply", _flag, False,
+           "the system answers in its own voice: send utterances with gaps and time the reply",
+           env="PROBE_REPLY", locust="reply"),
+    Option("utterance", _number(above=0.0, least=0.5), 3.0, "seconds per utterance (reply)",
+           env="PROBE_UTTERANCE_S", locust="utterance_s"),
+    Option("gap", _number(above=0.0, least=0.2), 3.0, "seconds of silence after each (reply)",
+           env="PROBE_GAP_S", locust="gap_s"),
+    Option("reply_threshold", _number(above=-120.0, at_most=0.0), -40.0,
+           "dBFS a reply must exceed (reply)", env="PROBE_REPLY_THRESHOLD",
+           locust="reply_threshold_dbfs"),
+    Option("json", _text, None, "write the JSON report here", scenario=False),
+)
+OPTION: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Checked run options (see :data:`OPTIONS` for each one's meaning and default)."""
+
+    target: str
+    dialect: str = "probe"
+    fixture: str = "speech_en_us"
+    rate: int = 16000
+    encoding: Encoding = "pcm_s16le"
+    frame_ms: float = 20.0
+    duration: float = 10.0
+    every: float | None = None
+    sessions: int = 1
+    concurrency: int = 1
+    sink_listen: str = "127.0.0.1:0"
+    sink_url: str | None = None
+    no_sink: bool = False
+    hop_order: tuple[str, ...] | None = None
+    marker_timeout: float = 10.0
+    reply: bool = False
+    utterance: float = 3.0
+    gap: float = 3.0
+    reply_threshold: float = -40.0
+    json: str | None = None
+
+    @property
+    def sink_address(self) -> tuple[str, int]:
+        return parse_host_port(self.sink_listen, "sink_listen")
+
+
+def run_defaults() -> dict[str, Any]:
+    """Every option's default by name (``target`` has none)."""
+    return {o.name: o.default for o in OPTIONS if o.name != "target"}
+
+
+def env_options(env: Mapping[str, str]) -> dict[str, Any]:
+    """The options the environment sets (``PROBE_*``), checked, by option name. An empty
+    variable counts as unset."""
+    out: dict[str, Any] = {}
+    for o in OPTIONS:
+        if o.env and env.get(o.env, "").strip():
+            out[o.name] = o.check(env[o.env], o.env, text=True)
+    return out
+
+
+def run_options(options: Mapping[str, Any]) -> RunOptions:
+    """Checked :class:`RunOptions` from typed options by name (defaults fill the gaps); a bad
+    value is named by its flag (``--sessions``). Options from text (flags, variables) are read
+    and checked first, by :func:`given_options` and :func:`env_options`."""
+    unknown = [k for k in options if k not in OPTION]
+    if unknown:
+        raise ConfigError(f"Unknown option {unknown[0]!r}.")
+    merged = {**run_defaults(), **options}
+    if not merged.get("target"):
+        raise ConfigError("A target is needed: give --target URL, or set PROBE_TARGET.")
+    checked = {}
+    for o in OPTIONS:
+        checked[o.name] = o.check(merged.get(o.name), o.flag)
+    return RunOptions(**checked)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The run options as flags. A flag not given is left out of the namespace, so a scenario,
+    the environment or the default can supply it; :func:`run_options` checks the values."""
+    for o in OPTIONS:
+        if not o.cli:
+            continue
+        kw: dict[str, Any] = {"help": o.help, "default": argparse.SUPPRESS}
+        if o.rule is _flag:
+            kw["action"] = "store_true"
+        else:
+            kw["metavar"] = o.metavar or o.name.upper()
+        parser.add_argument(o.flag, dest=o.name, **kw)
+
+
+def given_options(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The run options a command line gave, read and checked, by name."""
+    return {
+        o.name: o.check(getattr(namespace, o.name), o.flag, text=True)
+        for o in OPTIONS
+        if hasattr(namespace, o.name)
+    }
+
+
+def locust_env(env: Mapping[str, str], attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """A Locust user's session options by option name: each ``PROBE_*`` variable set in ``env``
+    wins over the user class's attribute (``attributes``, by attribute name)."""
+    from_env = env_options(env)
+    out: dict[str, Any] = {}
+    for o in OPTIONS:
+        if o.locust is None or o.locust == "host":
+            continue
+        if o.name in from_env:
+            out[o.name] = from_env[o.name]
+        elif o.locust in attributes:
+            value = attributes[o.locust]
+            out[o.name] = o.check(value, f"The user class attribute {o.locust}")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """A Locust process's sink and settling: where the sink listens and what it advertises."""
+
+    sink_host: str = LOOPBACK
+    sink_port: int = 0
+    # The URL hops should fork to, when it differs from the bound one (another host, NAT, k8s).
+    sink_url: str | None = None
+    # The host name or address other hosts reach this worker by; the bound port is added.
+    advertise_host: str | None = None
+    use_sink: bool = True
+    marker_timeout_s: float = 10.0
+    hop_order: Sequence[str] = field(default_factory=tuple)
+    # OS niceness of the sink child's detection thread. Detection works on frames already
+    # stamped, so under CPU contention it yields to the paced sessions, the child's socket reads
+    # and the target (benchmarks/locust_capacity.py, 40 streams on 2 shared cores, 4 runs each:
+    # send lag p99 4.0-8.3 ms at 10 against 7.5-16.8 ms at 0).
+    detect_nice: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> EngineConfig:
+        """The run options ``PROBE_SINK_LISTEN`` (default 127.0.0.1:0, or 0.0.0.0:0 when
+        ``PROBE_SINK_HOST`` is set), ``PROBE_SINK_URL``, ``PROBE_NO_SINK``,
+        ``PROBE_MARKER_TIMEOUT``, ``PROBE_HOP_ORDER``, and the Locust-only ``PROBE_SINK_HOST``
+        (the address other hosts reach this worker by) and ``PROBE_DETECT_NICE`` (0-19)."""
+        opts = env_options(env)
+        advertise = env.get("PROBE_SINK_HOST", "").strip() or None
+        listen = opts.get("sink_listen") or ("0.0.0.0:0" if advertise else "127.0.0.1:0")
+        host, port = parse_host_port(listen, "PROBE_SINK_LISTEN")
+        raw_nice = env.get("PROBE_DETECT_NICE", "").strip() or "10"
+        nice = _integer(0, 19)(raw_nice, "PROBE_DETECT_NICE", True)
+        return cls(
+            sink_host=host,
+            sink_port=port,
+            sink_url=opts.get("sink_url"),
+            advertise_host=advertise,
+            use_sink=not opts.get("no_sink", False),
+            marker_timeout_s=opts.get("marker_timeout", OPTION["marker_timeout"].default),
+            hop_order=opts.get("hop_order") or (),
+            detect_nice=nice,
+        )
+
+
+def positive_env(env: Mapping[str, str], name: str, fallback: float) -> float:
+    """A Locust-only positive number from the environment (``PROBE_SESSION_RATE``)."""
+    raw = env.get(name, "").strip()
+    return fallback if not raw else float(_number(above=0.0)(raw, name, True))
+
+
+def count_env(env: Mapping[str, str], name: str, fallback: int) -> int:
+    """A Locust-only positive integer from the environment (``PROBE_MAX_IN_FLIGHT``)."""
+    raw = env.get(name, "").strip()
+    return fallback if not raw else int(_integer(1)(raw, name, True))
+
+
+
+def options_table() -> str:
+    """The run options as a Markdown table (docs/commands.md holds it verbatim)."""
+    rows = [
+        "| flag | scenario key | environment | Locust attribute | default | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in OPTIONS:
+        default = "" if o.default is None or o.rule is _flag else repr(o.default).strip("'")
+        rows.append(
+            f"| `{o.flag}` | {f'`{o.name}`' if o.scenario else ''} "
+            f"| {f'`{o.env}`' if o.env else ''} "
+            f"| {f'`{o.locust}`' if o.locust else ''} "
+            f"| {f'`{default}`' if default else ''} | {o.help} |"
+        )
+    return "\n".join(rows) + "\n"
