@@ -50,7 +50,11 @@ import soundfile as sf  # noqa: E402
 
 from probe.audio.fixtures import SPEECH_FIXTURES, load_fixture  # noqa: E402
 from probe.audio.resample import resample  # noqa: E402
-from probe.watermark.design import segment_samples, session_payload  # noqa: E402
+from probe.watermark.design import (  # noqa: E402
+    DEFAULT_LEVEL_DB,
+    segment_samples,
+    session_payload,
+)
 from probe.watermark.detect import MarkerDetector  # noqa: E402
 from probe.watermark.embed import embed  # noqa: E402
 from probe.watermark.informed import Expected, InformedDetector  # noqa: E402
@@ -159,13 +163,15 @@ def score(dets: list, truth: dict[bytes, list[float]], rate: int
     return len(found), wrong, [v * rate for v in found.values()]
 
 
-def material(seconds: float) -> list[tuple[str, np.ndarray, np.ndarray, list, int]]:
+def material(seconds: float, level_db: float = DEFAULT_LEVEL_DB
+             ) -> list[tuple[str, np.ndarray, np.ndarray, list, int]]:
     out = []
     for k, name in enumerate(SPEECH_FIXTURES):
         x, _ = load_fixture(name, rate=RATE)
         x = C.loop_to(x, int(seconds * RATE))
         token = 0x1000 + 7919 * (k + 1)
-        y, placements = embed(x, RATE, lambda i, t=token: session_payload(t, i))
+        y, placements = embed(x, RATE, lambda i, t=token: session_payload(t, i),
+                              level_db=level_db)
         out.append((name, x, y, placements, token))
     return out
 
@@ -274,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tight-threshold", type=float, default=None, help="tight-search threshold")
     ap.add_argument("--threshold", type=float, default=None, help="narrow-search threshold")
     ap.add_argument("--wide-threshold", type=float, default=None, help="wide-search threshold")
+    ap.add_argument("--level", type=float, default=DEFAULT_LEVEL_DB,
+                    help="marker level, dB relative to the speech")
+    ap.add_argument("--no-null", action="store_true", help="skip the null rows")
     args = ap.parse_args(argv)
     if args.tight_threshold is not None:
         THRESHOLDS["tight_threshold"] = args.tight_threshold
@@ -281,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         THRESHOLDS["threshold"] = args.threshold
     if args.wide_threshold is not None:
         THRESHOLDS["wide_threshold"] = args.wide_threshold
-    mats = material(args.seconds)
+    mats = material(args.seconds, args.level)
     rng = np.random.default_rng(1)
     names = [*CONDITIONS, *STRETCH]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    print(f"{len(mats)} voices x {args.seconds:.0f} s, markers every 0.5 s at -20 dB (format v2)")
+    print(f"{len(mats)} voices x {args.seconds:.0f} s, markers every 0.5 s at {args.level:g} dB "
+          "(format v2)")
     print(f"{'condition':18s} {'informed':>14s} {'wrong':>5s} {'err p99':>8s} {'err max':>8s} "
           f"{'blind':>14s} {'cpu inf':>8s} {'cpu blind':>9s}  (err in output-rate samples; "
           "cpu ms per stream-second)")
@@ -299,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cpu_informed']:8.3f} {r['cpu_blind']:9.3f}", flush=True)
         if r["found"] < r["total"]:
             print(f"{'':18s} per voice: {r['voices']}", flush=True)
+    if args.no_null:
+        return 0
     print("null rows (any detection is false):")
     for label, false, secs in null_rows(mats, args.hours):
         print(f"  {label:14s} {false} false detections in {secs / 3600:.2f} h", flush=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from probe.errors import ConfigError
+from probe.watermark.design import DEFAULT_LEVEL_DB
 
 if TYPE_CHECKING:
     from probe.audio.formats import Encoding
@@ -223,6 +224,9 @@ OPTIONS: tuple[Option, ...] = (
            env="PROBE_SESSION_S", locust="session_s"),
     Option("every", _number(above=0.0), None, "seconds between markers (default 0.5)",
            env="PROBE_EVERY", locust="every_s"),
+    Option("level", _number(above=-60.0, at_most=0.0), DEFAULT_LEVEL_DB,
+           "marker level, dB relative to the speech's active level", env="PROBE_LEVEL_DB",
+           locust="level_db"),
     Option("sessions", _integer(1), 1, "sessions in the run"),
     Option("concurrency", _integer(1), 1, "sessions at once"),
     Option("sink_listen", _listen, "127.0.0.1:0", "HOST:PORT for the sink",
@@ -260,6 +264,7 @@ class RunOptions:
     frame_ms: float = 20.0
     duration: float = 10.0
     every: float | None = None
+    level: float = DEFAULT_LEVEL_DB
     sessions: int = 1
     concurrency: int = 1
     sink_listen: str = "127.0.0.1:0"

@@ -67,6 +67,7 @@ def run_config(options: RunOptions | Mapping[str, Any]) -> RunConfig:
         gap_s=o.gap,
         reply_threshold_dbfs=o.reply_threshold,
         every_s=o.every or DEFAULT_EVERY_S,
+        level_db=o.level,
     )
     return RunConfig(
         source=src,

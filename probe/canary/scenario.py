@@ -1,32 +1,12 @@
 """Scenarios: a probe run and its thresholds, kept in a TOML file (``scenarios/*.toml``).
 
-Every key is optional except that a canary needs a target from somewhere (the file or
-``--target``). Keys and their meaning (the ``probe run`` option of the same name)::
+Every key is optional except that a canary needs a target from somewhere (the file, ``--target``
+or ``PROBE_TARGET``). Besides the run options (:data:`probe.config.OPTIONS`, by name: ``target``,
+``sessions``, ``hop_order``..., all but ``json``; a relative fixture path is relative to the file)
+a scenario has ``name`` (default: the file's stem), ``description`` (text, for people) and
+``thresholds`` (a list of threshold strings, see :mod:`probe.canary.thresholds`).
 
-    name            text; defaults to the file's stem
-    description     text, for people
-    target          ws:// or wss:// URL; {session} is replaced by the session id
-    dialect         "probe" | "twilio"
-    fixture         fixture name, or a WAV path (relative paths are relative to the file)
-    sessions        integer >= 1
-    concurrency     integer >= 1
-    duration        seconds per session, > 0.5
-    rate            sample rate, 8000 to 48000
-    encoding        "pcm_s16le" | "pcm_f32le" | "mulaw" | "alaw"
-    frame_ms        milliseconds per frame, > 0 and <= 1000
-    every           seconds between markers, > 0
-    hop_order       list of hop names (or one comma-separated string)
-    marker_timeout  seconds, > 0
-    sink_listen     "HOST:PORT"
-    sink_url        ws:// or wss:// URL the hops should fork to
-    no_sink         boolean
-    reply           boolean: the system answers in its own voice; time the reply
-    utterance       seconds per utterance (reply), >= 0.5
-    gap             seconds of silence after each utterance (reply), >= 0.2
-    reply_threshold dBFS a reply must exceed (reply), -120 to 0
-    thresholds      list of threshold strings (see probe.canary.thresholds)
-
-The keys are the run options of :mod:`probe.config`, checked by the same rules as the flags and
+The run options are checked by the same rules as the flags and
 ``PROBE_*`` variables. An unknown key, a wrong type or a bad value is a
 :class:`~probe.errors.ConfigError` whose one sentence names the file and the key. Loading is pure
 apart from reading the file.

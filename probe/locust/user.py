@@ -35,6 +35,7 @@ from probe.errors import ConfigError
 from probe.locust.plugin import engine_of
 from probe.locust.session import SessionOutcome, run_session
 from probe.session.core import SourceConfig
+from probe.watermark.design import DEFAULT_LEVEL_DB
 
 __all__ = ["AudioProbeUser", "OpenAudioProbeUser"]
 
@@ -60,7 +61,7 @@ class AudioProbeUser(User):
     frame_ms: ClassVar[float] = 20.0
     session_s: ClassVar[float] = 10.0
     every_s: ClassVar[float] = 0.5
-    level_db: ClassVar[float] = -20.0
+    level_db: ClassVar[float] = DEFAULT_LEVEL_DB
     # Reply mode: the system answers in its own voice (see probe run --reply).
     reply: ClassVar[bool] = False
     utterance_s: ClassVar[float] = 3.0
@@ -94,7 +95,7 @@ class AudioProbeUser(User):
                 frame_ms=o["frame_ms"],
                 duration_s=o["duration"],
                 every_s=o["every"],
-                level_db=self.level_db,
+                level_db=o["level"],
                 sink_url=engine.sink_url,
                 meta=dict(self.meta),
                 connect_timeout_s=self.connect_timeout_s,
