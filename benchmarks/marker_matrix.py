@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 from probe.audio.fixtures import SPEECH_FIXTURES, load_fixture  # noqa: E402
 from probe.audio.resample import resample  # noqa: E402
-from probe.watermark.design import MARKER_S, session_payload  # noqa: E402
+from probe.watermark.design import DEFAULT_LEVEL_DB, MARKER_S, session_payload  # noqa: E402
 from probe.watermark.detect import Detection, MarkerDetector, detect_all  # noqa: E402
 from probe.watermark.embed import Placement, embed, marker_positions  # noqa: E402
 
@@ -663,7 +663,8 @@ def report(rows: list[dict[str, Any]], streams: list[dict[str, Any]], args: argp
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10 s per file and 0.5 h of unmarked")
-    ap.add_argument("--level", type=float, default=-20.0, help="marker level, dB (default -20)")
+    ap.add_argument("--level", type=float, default=DEFAULT_LEVEL_DB,
+                    help="marker level, dB (default: the marker's default)")
     ap.add_argument("--hours", type=float, default=None, help="unmarked hours (default 10)")
     ap.add_argument("--json", type=Path, default=None, help="also write all results here")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
