@@ -9,7 +9,8 @@ Material: every speech fixture voice looped to --seconds (default 30) at 16 kHz,
 session_payload(token, i), a token per voice. Each condition is applied to the marked audio; the
 codec's constant delay is measured on the unmarked carrier and becomes the "latency" the stream
 carries. The informed detector is fed 20 ms frames with arrival = sample time + delay, and is
-told each marker's send time (its true start) and a 3 s deadline, as the live sink is. The blind decoder gets the same frames.
+told each marker's send time (its true start) and a 3 s deadline, as the live sink is. The blind
+decoder gets the same frames.
 
 A marker is *found* when a detection carries its payload within 5 ms of its true position. The
 stretch rows use a WSOLA written for this benchmark (``_conditions.wsola``: 20 ms frames, +-8 ms
