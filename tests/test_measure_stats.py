@@ -76,8 +76,13 @@ def test_microsecond_counts_agree_with_numpy_on_values_rounded_to_the_microsecon
     for q in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0):
         assert abs((c.quantile(q) or 0) - float(np.quantile(rounded, q))) < 1e-9
     assert c.summary_ms() == summarize_ms(rounded)
-    # Memory follows the spread, not the count: one counter per distinct microsecond.
-    assert len(c._counts) <= round((values.max() - values.min()) * 1e6) + 1
-    assert len(c._counts) < 0.5 * len(values)
+    # Memory follows the span the values cover, not their count: 4 bytes per microsecond of
+    # the blocks of 1024 us they fall in.
+    span_us = (values.max() - values.min()) * 1e6
+    assert c.nbytes <= 4 * 1024 * (span_us // 1024 + 2)
+    before = c.nbytes
+    lo, hi = np.quantile(values, [0.01, 0.99])  # where every block is already in use
+    c.extend(np.clip(0.120 + rng.gamma(2.0, 0.004, 200_000), lo, hi))
+    assert c.nbytes == before and c.count == 400_000
     empty = MicrosecondCounts()
     assert empty.summary_ms()["count"] == 0 and empty.quantile(0.5) is None
