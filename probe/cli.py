@@ -181,13 +181,19 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from probe.watermark.detect import detect_all
 
     if args.reference is None and args.expect is None:
+        from probe.watermark.informed import recover_missing
+
         x, rate = load_wav(args.input, min_seconds=0.0)
-        for d in detect_all(x, rate):
+        blind = detect_all(x, rate)
+        found = [(d, "blind") for d in blind]
+        found += [(d, "series") for d in recover_missing(x, rate, blind)]
+        for d, how in sorted(found, key=lambda f: f[0].position):
             row = {
                 "sample": d.sample,
                 "time_s": round(d.sample / rate, 6),
                 "payload": d.payload.hex(),
                 "score": round(d.score, 2),
+                "by": how,
             }
             print(json.dumps(row) if args.json else "\t".join(str(v) for v in row.values()))
         return EXIT_OK

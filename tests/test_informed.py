@@ -237,3 +237,54 @@ def test_informed_times_markers_through_a_wsola_stretch_by_where_they_landed() -
         # benchmarks/informed_matrix.py: 95-98 % within 5 ms over 6 voices; the rest is named
         # there. A regression guard, not the target.
         assert good >= 0.85 * len(placements), (stretch, good, len(placements))
+
+
+def _noisy(x: np.ndarray, rate: int) -> np.ndarray:
+    """``x`` under pink noise at the speech's own active level (blind decoding loses most
+    markers there; the whole known marker still stands out)."""
+    from probe.watermark.embed import active_rms
+
+    noise, _ = load_fixture("pink_noise", rate=rate)
+    noise = np.tile(noise, int(np.ceil(len(x) / len(noise))))[: len(x)]
+    noise = noise * (active_rms(x, rate) / active_rms(noise, rate))
+    return (x + noise).astype(np.float32)
+
+
+@pytest.mark.parametrize("series", ["session", "fixed"])
+def test_probe_detect_finds_what_blind_decoding_missed_by_the_series_it_did_find(
+    series: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import soundfile as sf
+
+    from probe.cli import main
+    from probe.watermark.detect import detect_all
+    from probe.watermark.informed import recover_missing
+
+    x, rate = load_fixture("speech_en_us", rate=16000)
+    x = np.tile(x, 3)[: 30 * rate]
+    def payload(i: int) -> bytes:
+        return session_payload(0x5EC7, i) if series == "session" else bytes.fromhex("0badf00d")
+
+    marked, placed = embed(x, rate, payload)
+    y = _noisy(marked, rate)
+    blind = detect_all(y, rate)
+    truth = {(p.payload, p.sample) for p in placed}
+    assert 2 <= len(blind) < 0.9 * len(placed)  # the blind pass alone misses many
+    more = recover_missing(y, rate, blind)
+    found = blind + more
+    assert len(found) == len(placed)
+    for d in found:  # each the right marker, at its sample
+        near = [s for p, s in truth if p == d.payload and abs(s - d.position) <= 1.0]
+        assert len(near) == 1, (d.payload.hex(), d.position)
+    # Unmarked noise and speech: nothing to start a series from, nothing found.
+    plain = _noisy(x, rate)
+    assert recover_missing(plain, rate, detect_all(plain, rate)) == []
+    # probe detect: one row per marker, saying how it was found.
+    rec = tmp_path / "rec.wav"
+    sf.write(rec, y, rate, subtype="FLOAT")
+    assert main(["detect", str(rec), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["sample"] for r in rows) == sorted(p.sample for p in placed)
+    assert {r["by"] for r in rows} == {"blind", "series"}

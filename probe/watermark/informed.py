@@ -50,6 +50,7 @@ import soxr
 from probe.watermark.design import (
     DATA_SEGMENTS,
     DETECT_RATE,
+    MARKER_S,
     marker_waveform,
     segment_samples,
     sync_segment,
@@ -77,6 +78,7 @@ __all__ = [
     "Sent",
     "follow_markers",
     "locate",
+    "recover_missing",
     "whiten_signal",
 ]
 
@@ -796,4 +798,87 @@ def follow_markers(
         )
         delay = position / rate - m.time
         after[m.payload] = int(hit.position) + _MARKER
+    return out
+
+
+def _cadence(gaps: F64) -> float | None:
+    """The spacing of a series of markers from the gaps between those found (each a whole
+    number of spacings, as markers went missing): the largest spacing of at least one marker's
+    length that every gap is a multiple of, to within 5 ms; None when there is none."""
+    if gaps.size == 0 or float(gaps.min()) < MARKER_S:
+        return None
+    for k in range(1, 9):
+        step = float(gaps.min()) / k
+        if step < MARKER_S:
+            break
+        if float(np.max(np.abs(gaps - step * np.round(gaps / step)))) <= 0.005:
+            return step
+    return None
+
+
+def recover_missing(
+    samples: npt.ArrayLike, rate: int, found: list[Detection]
+) -> list[Detection]:
+    """Markers a blind pass over a whole recording missed, looked for by what it did find.
+
+    Markers come in series: a session's carry its 24-bit token and consecutive marker numbers
+    (:func:`~probe.watermark.design.session_payload`), and ``probe mark`` repeats one payload.
+    Each series with two or more blind detections gives a time for every marker number (a line
+    through the detections: marker spacing and offset, medians of the pairs), so every marker of
+    the series that the recording holds and the blind pass missed has a known payload and a
+    predicted start. Each is looked for within +-2.5 ms of it, then +-60 ms, by informed
+    detection at the thresholds of those windows. Returns the new detections, in time order."""
+    duration = int(np.size(samples)) / rate
+    series: dict[int, list[Detection]] = {}
+    for d in sorted(found, key=lambda d: d.position):
+        series.setdefault(int.from_bytes(d.payload[:3], "big"), []).append(d)
+    wanted: list[tuple[bytes, float, bool]] = []
+    for ds in series.values():
+        if len(ds) < 2:
+            continue
+        t = np.array([d.position / rate for d in ds])
+        fixed = len({d.payload for d in ds}) == 1
+        if fixed:
+            step = _cadence(np.diff(t))
+            if step is None:
+                continue
+            n = np.round((t - t[0]) / step).astype(np.int64)
+        else:
+            raw = np.array([d.payload[3] for d in ds], dtype=np.int64)
+            n = raw + 256 * np.concatenate([[0], np.cumsum(np.diff(raw) < 0)])  # unwrap
+        dn, dt = np.diff(n), np.diff(t)
+        ok = dn > 0
+        if not ok.any():
+            continue
+        step = float(np.median(dt[ok] / dn[ok]))
+        if step <= MARKER_S:
+            continue
+        offset = float(np.median(t - step * n))
+        # Detections off the line mean the recording was stretched (a jitter buffer, a tempo
+        # change): then a splice may have moved a marker's opening, and its sync times it.
+        moved = bool(np.max(np.abs(t - offset - step * n)) > _DRIFT_S)
+        have = set(n.tolist())
+        first = int(np.ceil(-offset / step))
+        last = int(np.floor((duration - MARKER_S - offset) / step))
+        for k in range(first, last + 1):
+            if k in have:
+                continue
+            payload = ds[0].payload if fixed else ds[0].payload[:3] + bytes([k % 256])
+            wanted.append((payload, offset + step * k, moved))
+    if not wanted:
+        return []
+    w = whiten_signal(samples, rate)
+    out: list[Detection] = []
+    for payload, at, moved in sorted(wanted, key=lambda m: m[1]):
+        centre = int(round(at * DETECT_RATE))
+        hit = locate(w, payload, centre - _TIGHT, centre + _TIGHT, threshold=TIGHT_THRESHOLD,
+                     stretching=moved)
+        if hit is None:
+            hit = locate(w, payload, centre - _NARROW, centre + _NARROW, threshold=THRESHOLD,
+                         stretching=moved)
+        if hit is None:
+            continue
+        position = hit.position * rate / DETECT_RATE
+        out.append(Detection(sample=int(np.floor(position + 0.5)), position=float(position),
+                             time=position / rate, payload=payload, score=hit.score, stretch=0.0))
     return out
