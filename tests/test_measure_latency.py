@@ -46,3 +46,17 @@ def test_own_latency_keeps_sessions_apart() -> None:
     ms = [m("a", 0, 0.1, "s1"), m("b", 0, 0.5, "s2")]
     own = own_latencies(ms, ["a", "b"])
     assert own == {"a": [0.1], "b": [0.5]}
+
+
+def test_the_join_forgets_a_session_once_it_ended_long_enough_ago() -> None:
+    from probe.measure.latency import OwnLatencyJoin
+
+    join = OwnLatencyJoin(("a", "b"), linger_s=120.0)
+    for k in range(3600):  # an hour of sessions, one a second, each ending 20 s after its start
+        join.joined("a", f"s{k}")
+        join.joined("b", f"s{k}")
+        if k >= 20:
+            join.ended(f"s{k - 20}", float(k))
+    # Remembered: the 20 running and those that ended within the last 120 s.
+    assert len(join._joined) <= 20 + 121
+    assert "s3599" in join._joined and "s0" not in join._joined

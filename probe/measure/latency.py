@@ -75,16 +75,25 @@ class OwnLatencyJoin:
     as soon as they all have one; the registry declares every undelivered marker missed after the
     marker timeout, so nothing waits longer than that. :meth:`flush` passes on what is still held
     with the own latency known then. Order: ``declared`` hops first, then others by their running
-    mean cumulative latency, ``return`` last. Bounded: the latest ``max_markers`` markers and
-    ``max_sessions`` sessions are remembered, and a marker is forgotten once every hop that
-    joined its session has an outcome for it. Not thread-safe (callers lock)."""
+    mean cumulative latency, ``return`` last. Bounded: a marker is forgotten once every hop that
+    joined its session has an outcome for it, a session ``linger_s`` after it ended (by then the
+    registry has settled its markers), and at most the latest ``max_markers`` markers and
+    ``max_sessions`` sessions are remembered. Not thread-safe (callers lock)."""
 
     def __init__(
-        self, declared: Sequence[str] = (), *, max_markers: int = 100_000, max_sessions: int = 4096
+        self,
+        declared: Sequence[str] = (),
+        *,
+        max_markers: int = 100_000,
+        max_sessions: int = 4096,
+        linger_s: float = 120.0,
     ) -> None:
         self._declared = list(dict.fromkeys(declared))
         self._max = max_markers
         self._max_sessions = max_sessions
+        self._linger = linger_s
+        # session -> when it ended, oldest first.
+        self._ended: OrderedDict[str, float] = OrderedDict()
         # (session, seq) -> hop -> cumulative latency (None: missed), oldest first.
         self._markers: OrderedDict[tuple[str, int], dict[str, float | None]] = OrderedDict()
         self._sums: dict[str, list[float]] = {}
@@ -107,6 +116,18 @@ class OwnLatencyJoin:
         self._joined.move_to_end(session)
         while len(self._joined) > self._max_sessions:
             self._joined.popitem(last=False)
+
+    def ended(self, session: str, at: float) -> None:
+        """``session`` ended at ``at``; sessions that ended ``linger_s`` before that are
+        forgotten (their markers settled long ago)."""
+        self._ended[session] = at
+        self._ended.move_to_end(session)
+        while self._ended:
+            old, when = next(iter(self._ended.items()))
+            if at - when < self._linger:
+                break
+            del self._ended[old]
+            self._joined.pop(old, None)
 
     def detected(self, m: Measurement) -> list[tuple[Measurement, float]]:
         """Record a detection; return the detections (this one included, or not yet) whose own

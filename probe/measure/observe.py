@@ -107,6 +107,8 @@ class Observers(RunObserver):
         return found[0] if found else None
 
     def session_ended(self, session: str, at: float, error: str | None) -> None:
+        with self._lock:
+            self._join.ended(session, at)
         self._each("session_ended", session, at, error)
 
     def hop_joined(self, hop: str, session: str | None, trace: TraceContext | None) -> None:
