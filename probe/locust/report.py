@@ -27,9 +27,22 @@ from probe.locust.hopstats import HopsStats
 from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
 
-__all__ = ["ForkFailed", "LocustReporter", "MarkerMissed", "NoReply", "SendLagWindow"]
+__all__ = ["ForkFailed", "LocustReporter", "MarkerMissed", "NoReply", "SendLagWindow", "fire"]
 
 LAG_WINDOW_FRAMES = 50
+
+
+def fire(events: Any, kind: str, name: str, ms: float, exc: Exception | None) -> None:
+    """One Locust request entry: ``kind`` / ``name``, ``ms`` as its response time, a failure
+    when ``exc`` is given."""
+    events.request.fire(
+        request_type=kind,
+        name=name,
+        response_time=ms,
+        response_length=0,
+        exception=exc,
+        context={},
+    )
 
 
 class MarkerMissed(Exception):
@@ -72,14 +85,7 @@ class LocustReporter(RunObserver):
         self._lag: dict[str, SendLagWindow] = {}
 
     def _fire(self, kind: str, name: str, ms: float, exc: Exception | None) -> None:
-        self.events.request.fire(
-            request_type=kind,
-            name=name,
-            response_time=ms,
-            response_length=0,
-            exception=exc,
-            context={},
-        )
+        fire(self.events, kind, name, ms, exc)
 
     def detected(self, m: Measurement, own_s: float | None) -> None:
         self.stats.add_detection(m.hop, m.latency_s, m.latency_s if own_s is None else own_s)

@@ -33,6 +33,7 @@ from locust.exception import StopUser
 from probe.config import OPTIONS, count_env, locust_env, positive_env
 from probe.errors import ConfigError
 from probe.locust.plugin import engine_of
+from probe.locust.report import fire
 from probe.locust.session import SessionOutcome, run_session
 from probe.session.core import SourceConfig
 from probe.watermark.design import DEFAULT_LEVEL_DB
@@ -114,14 +115,7 @@ class AudioProbeUser(User):
             raise StopUser() from exc
 
     def _fire(self, kind: str, name: str, ms: float, exc: Exception | None) -> None:
-        self.environment.events.request.fire(
-            request_type=kind,
-            name=name,
-            response_time=ms,
-            response_length=0,
-            exception=exc,
-            context={},
-        )
+        fire(self.environment.events, kind, name, ms, exc)
 
     def probe_session(
         self, *, intended_start: float | None = None, from_intended: bool = False
