@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -173,10 +174,12 @@ class DetectionWorker:
     where a ``ThreadPoolExecutor`` made a ``Future`` with a lock and a done callback per frame
     (about 30 us, paid by the event loop for every received frame)."""
 
-    def __init__(self) -> None:
-        self._queue: SimpleQueue[tuple[Callable[..., None], tuple[object, ...]] | None] = (
-            SimpleQueue()
-        )
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._queue: SimpleQueue[
+            tuple[Callable[..., None], tuple[object, ...], float] | None
+        ] = SimpleQueue()
+        self._clock = clock
+        self._max_wait = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="probe-detect", daemon=True)
         self._thread.start()
@@ -185,14 +188,23 @@ class DetectionWorker:
         """Queue ``fn(*args)``; failures are logged, never raised into the I/O loop."""
         if self._closed:
             raise RuntimeError("the detection worker is closed")
-        self._queue.put((fn, args))
+        self._queue.put((fn, args, self._clock()))
+
+    def take_max_wait(self) -> float:
+        """The longest any work waited in the queue since the last call (seconds): how far
+        detection lags behind the audio handed to it."""
+        out, self._max_wait = self._max_wait, 0.0
+        return out
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            fn, args = item
+            fn, args, queued = item
+            wait = self._clock() - queued
+            if wait > self._max_wait:
+                self._max_wait = wait
             try:
                 fn(*args)
             except Exception as exc:
@@ -204,7 +216,7 @@ class DetectionWorker:
             self._thread.join(timeout)
             return
         done = threading.Event()
-        self._queue.put((done.set, ()))
+        self._queue.put((done.set, (), self._clock()))
         if not done.wait(timeout):
             raise TimeoutError(f"detection work not drained within {timeout} s")
 

@@ -20,6 +20,7 @@ from probe.aio.sinkproc import SinkProcess
 from probe.aio.source import SourceConfig, run_session
 from probe.config import RunOptions, run_options
 from probe.measure.expect import ExpectationBook
+from probe.measure.health import GeneratorHealth
 from probe.measure.observe import RunObserver
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
@@ -121,6 +122,7 @@ async def run_probe(
         expected_hops=tuple(cfg.hop_order or ()),
         observer=observer,
         lock=threading.Lock(),  # the event loop and the detection thread both record
+        health=GeneratorHealth(),
     )
     worker = DetectionWorker()
     # Informed detection: every marker sent is expected on every stream of its session. The
@@ -165,8 +167,12 @@ async def run_probe(
                 f"{time.monotonic() - t0:.0f} s"
             )
 
-        await asyncio.gather(*(one(i) for i in range(cfg.sessions)))
-        await _settle(registry, worker, cfg.marker_timeout_s, sink)
+        watch = asyncio.create_task(_watch(registry, worker))
+        try:
+            await asyncio.gather(*(one(i) for i in range(cfg.sessions)))
+            await _settle(registry, worker, cfg.marker_timeout_s, sink)
+        finally:
+            watch.cancel()
     finally:
         if sink is not None:
             await sink.stop()
@@ -183,6 +189,19 @@ async def run_probe(
     if observer is not None:
         observer.run_finished(report)
     return report
+
+
+async def _watch(registry: SessionRegistry, worker: DetectionWorker) -> None:
+    """Every second: this process's CPU and its detection thread's backlog to the generator's
+    health, and markers past their timeout declared (the health is judged then)."""
+    cpu, wall = time.process_time(), time.monotonic()
+    while True:
+        await asyncio.sleep(1.0)
+        cpu_now, wall_now = time.process_time(), time.monotonic()
+        registry.record_cpu("worker", (cpu_now - cpu) / max(1e-6, wall_now - wall))
+        cpu, wall = cpu_now, wall_now
+        registry.record_detection_delay(worker.take_max_wait())
+        registry.expire()
 
 
 async def _settle(

@@ -166,6 +166,16 @@ def _child(
         finally:
             loop.call_soon_threadsafe(done.set)
 
+    async def report_health(worker: DetectionWorker) -> None:
+        """Every second: how long detection work waited, and this process's share of a core."""
+        cpu, wall = time.process_time(), time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            cpu_now, wall_now = time.process_time(), time.monotonic()
+            share = (cpu_now - cpu) / max(1e-6, wall_now - wall)
+            cpu, wall = cpu_now, wall_now
+            forward.send(wire.Health(worker.take_max_wait(), share))
+
     async def main() -> None:
         worker = DetectionWorker()
         if detect_nice:
@@ -182,6 +192,7 @@ def _child(
                 forward.send(wire.Failed(str(exc)))
                 return
         forward.send(wire.Ready(url))
+        health = asyncio.create_task(report_health(worker))
         done = asyncio.Event()
         reader = threading.Thread(
             target=read, args=(worker, asyncio.get_running_loop(), done), daemon=True
@@ -190,6 +201,7 @@ def _child(
         try:
             await done.wait()
         finally:
+            health.cancel()
             await sink.stop()
             worker.submit(close_all)
             await asyncio.to_thread(worker.close)
@@ -302,6 +314,9 @@ class SinkChild:
                 reg.hop_connected(msg.hop, msg.session, msg.trace)
             elif isinstance(msg, wire.HopFailed):
                 reg.hop_error(msg.hop, msg.session, msg.error)
+            elif isinstance(msg, wire.Health):
+                reg.record_detection_delay(msg.delay_s)
+                reg.record_cpu("sink", msg.cpu)
         except Exception as exc:  # one bad message must not stop the reader
             log.error("sink message %s failed: %s", type(msg).__name__, exc)
 

@@ -8,6 +8,8 @@ by the engine's registry). Entries, by request type and name:
   the timeout as its response time (a miss is at least that late);
 - ``fork`` / *hop name*: a hop's fork that broke (garbage, stall, dropped connection), a failure;
 - ``send`` / ``lag``: each session's largest frame send lag over each second of audio (ms);
+- ``generator`` / ``overloaded``: a marker that came due while the worker or its sink child was
+  overloaded (probe.measure.health): unmeasured, not the hop's failure;
 - ``reply`` / ``voice`` (reply mode): one per utterance, response time = the voice-to-voice reply
   latency in ms (end of the utterance to the onset of the reply); an utterance with no reply
   within the marker timeout is a failure.
@@ -27,7 +29,15 @@ from probe.locust.hopstats import HopsStats
 from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
 
-__all__ = ["ForkFailed", "LocustReporter", "MarkerMissed", "NoReply", "SendLagWindow", "fire"]
+__all__ = [
+    "ForkFailed",
+    "GeneratorOverloaded",
+    "LocustReporter",
+    "MarkerMissed",
+    "NoReply",
+    "SendLagWindow",
+    "fire",
+]
 
 LAG_WINDOW_FRAMES = 50
 
@@ -51,6 +61,10 @@ class MarkerMissed(Exception):
 
 class ForkFailed(Exception):
     """A hop's fork broke."""
+
+
+class GeneratorOverloaded(Exception):
+    """The probe itself could not keep up while a marker was owed (probe.measure.health)."""
 
 
 class NoReply(Exception):
@@ -92,6 +106,11 @@ class LocustReporter(RunObserver):
         self._fire("hop", m.hop, m.latency_s * 1000.0, None)
 
     def missed(self, m: Missed) -> None:
+        if m.unmeasured:
+            # Not the target's failure: the probe could not keep up while the marker was owed.
+            self._fire("generator", "overloaded", 0.0, GeneratorOverloaded(
+                "marker unmeasured: the probe itself was overloaded"))
+            return
         self._fire(
             "hop",
             m.hop,

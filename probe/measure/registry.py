@@ -35,6 +35,7 @@ from probe.measure.stats import LatencyStats
 from probe.watermark.design import PAYLOAD_BYTES, session_payload, split_session_payload
 
 if TYPE_CHECKING:
+    from probe.measure.health import GeneratorHealth
     from probe.measure.observe import RunObserver
     from probe.protocol import TraceContext
 
@@ -91,6 +92,9 @@ class Missed:
     session: str
     seq: int
     send_time: float
+    # The generator was overloaded while the marker was owed (probe.measure.health): whether the
+    # target lost it is unknown, so it is counted as unmeasured, not missed.
+    unmeasured: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +110,8 @@ class ErrorNote:
 
 @dataclass(frozen=True, slots=True)
 class HopCounts:
-    """Marker accounting of one hop; ``sent == detected + missed + pending`` always."""
+    """Marker accounting of one hop; ``sent == detected + missed + unmeasured + pending``
+    always (unmeasured: owed while the generator was overloaded, see probe.measure.health)."""
 
     sent: int
     detected: int
@@ -115,6 +120,7 @@ class HopCounts:
     duplicates: int
     unmatched: int
     late: int = 0
+    unmeasured: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,7 @@ class _HopTally:
     duplicates: int = 0
     unmatched: int = 0
     late: int = 0
+    unmeasured: int = 0
 
 
 class _Session:
@@ -186,6 +193,7 @@ class SessionRegistry:
         observer: RunObserver | None = None,
         lock: AbstractContextManager[Any] | None = None,
         history: bool = True,
+        health: GeneratorHealth | None = None,
     ) -> None:
         """``lock`` guards every method: a shell that calls the registry from several threads
         (the event loop and a detection thread) passes one (``threading.Lock()``).
@@ -193,7 +201,11 @@ class SessionRegistry:
         ``history`` keeps what a finished run's report lists (every measurement and miss, every
         send lag and reply latency, every error). A long-running load test (Locust) passes
         False: observers still hear everything as it happens and the counts stay exact, but
-        nothing grows with the run's length (errors keep the latest ``MAX_ERRORS``)."""
+        nothing grows with the run's length (errors keep the latest ``MAX_ERRORS``).
+
+        ``health`` watches the generator itself: it hears every frame's send lag (and what the
+        shell reports of detection delay and CPU), is judged at every :meth:`expire`, and a
+        marker owed while it said "overloaded" is counted unmeasured instead of missed."""
         if not marker_timeout > 0:
             raise ConfigError(f"marker_timeout must be positive seconds, got {marker_timeout}.")
         if not session_ttl > 0:
@@ -223,6 +235,7 @@ class SessionRegistry:
         self._reply_missed = 0
         self._series: list[Measurement | Missed] = []
         self._send_listeners: list[Callable[[str, bytes, float, float], None]] = []
+        self.health = health
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -350,8 +363,28 @@ class SessionRegistry:
                 s.last_activity = self._clock()
             if self.history:
                 self._send_lag.add(lag_s)
+            if self.health is not None:
+                self.health.frame_lag(self._clock(), lag_s)
         if self.observer is not None:
             self.observer.send_lag(session_id, lag_s)
+
+    def record_detection_delay(self, delay_s: float) -> None:
+        """The sink searched audio that had waited ``delay_s`` since it arrived."""
+        if self.health is not None:
+            with self._lock:
+                self.health.detection_delay(self._clock(), delay_s)
+
+    def record_cpu(self, who: str, share: float) -> None:
+        """Process ``who`` (``worker``, ``sink``) used ``share`` of a core lately."""
+        if self.health is not None:
+            with self._lock:
+                self.health.cpu(self._clock(), who, share)
+
+    def generator(self) -> dict[str, Any] | None:
+        """What :class:`~probe.measure.health.GeneratorHealth` says of the run, or None when
+        nothing watched the generator."""
+        with self._lock:
+            return None if self.health is None else self.health.summary()
 
     def record_reply(self, session_id: str, utterance_end: float, latency_s: float | None) -> None:
         """An utterance of a session got a reply after ``latency_s`` (onset minus utterance end),
@@ -489,6 +522,8 @@ class SessionRegistry:
         closed (or idle) longer than ``session_ttl`` once settled. Returns the new misses."""
         with self._lock:
             now = self._clock()
+            if self.health is not None:
+                self.health.update(now)
             cutoff = now - self.marker_timeout
             out: list[Missed] = []
             for s in self._sessions.values():
@@ -501,7 +536,7 @@ class SessionRegistry:
                             break
                         due.append(seq)
                     for seq in due:
-                        out.append(self._miss(s, hop, seq, pending.pop(seq)))
+                        out.append(self._miss(s, hop, seq, pending.pop(seq), now))
             self._drop_stale(now)
         self._tell_missed(out)
         return out
@@ -509,11 +544,14 @@ class SessionRegistry:
     def settle_all(self) -> list[Missed]:
         """The run is over and the timeout was waited out: every pending marker is missed."""
         with self._lock:
+            now = self._clock()
+            if self.health is not None:
+                self.health.update(now)
             out: list[Missed] = []
             for s in self._sessions.values():
                 for hop, pending in s.pending.items():
                     for seq, t in pending.items():
-                        out.append(self._miss(s, hop, seq, t))
+                        out.append(self._miss(s, hop, seq, t, now))
                     pending.clear()
         self._tell_missed(out)
         return out
@@ -523,9 +561,13 @@ class SessionRegistry:
             for m in misses:
                 self.observer.missed(m)
 
-    def _miss(self, s: _Session, hop: str, seq: int, send_time: float) -> Missed:
-        self._tally[hop].missed += 1
-        m = Missed(hop=hop, session=s.id, seq=seq, send_time=send_time)
+    def _miss(self, s: _Session, hop: str, seq: int, send_time: float, now: float) -> Missed:
+        unmeasured = self.health is not None and self.health.overlapped(send_time, now)
+        if unmeasured:
+            self._tally[hop].unmeasured += 1
+        else:
+            self._tally[hop].missed += 1
+        m = Missed(hop=hop, session=s.id, seq=seq, send_time=send_time, unmeasured=unmeasured)
         if self.history:
             self._series.append(m)
         return m
@@ -568,8 +610,9 @@ class SessionRegistry:
                     duplicates=t.duplicates,
                     unmatched=t.unmatched,
                     late=t.late,
+                    unmeasured=t.unmeasured,
                 )
-                if c.sent != c.detected + c.missed + c.pending:
+                if c.sent != c.detected + c.missed + c.unmeasured + c.pending:
                     raise AssertionError(f"marker accounting broken for hop {hop!r}: {c}")
                 out[hop] = c
             return out

@@ -27,6 +27,7 @@ __all__ = [
     "build_report",
     "format_table",
     "load_report",
+    "overload_warning",
     "write_report",
 ]
 
@@ -34,7 +35,7 @@ SCHEMA = "probe.report/v1"
 DEFAULT_CLOCKS = "one clock on one host for send and arrival times"
 
 _TOP_KEYS = ("schema", "target", "started_at", "duration_s", "clocks", "sessions", "hops", "series")
-_MARKER_KEYS = ("sent", "detected", "missed", "duplicates", "unmatched", "late")
+_MARKER_KEYS = ("sent", "detected", "missed", "unmeasured", "duplicates", "unmatched", "late")
 
 
 def _ms(seconds: float) -> float:
@@ -102,6 +103,9 @@ def build_report(
         "hops": hops,
         "send_lag_ms": registry.send_lag().summary_ms(),
     }
+    generator = registry.generator()
+    if generator is not None:
+        report["generator"] = generator
     if not reply and reply_missed is None:
         reply, reply_missed = registry.replies()
         if not reply and not reply_missed:
@@ -117,7 +121,11 @@ def build_report(
             "marker": r.seq,
             "send_time": r.send_time,
             "latency_ms": _ms(r.latency_s) if isinstance(r, Measurement) else None,
-            "outcome": "detected" if isinstance(r, Measurement) else "missed",
+            "outcome": (
+                "detected"
+                if isinstance(r, Measurement)
+                else "unmeasured" if r.unmeasured else "missed"
+            ),
         }
         for r in rows
     ]
@@ -237,4 +245,23 @@ def format_table(report: Mapping[str, Any]) -> str:
         if "reply_missed" in report:
             line += f", {report['reply_missed']} missed"
         lines.append(line)
+    warning = overload_warning(report)
+    if warning:
+        lines[:0] = [warning, ""]
     return "\n".join(lines)
+
+
+def overload_warning(report: Mapping[str, Any]) -> str | None:
+    """One sentence when the generator was overloaded during the run, else None."""
+    gen = report.get("generator") or {}
+    if not gen.get("overloaded"):
+        return None
+    why = sorted(
+        {e["signal"] for p in gen.get("periods", []) for e in p.get("evidence", [])}
+    )
+    unmeasured = sum(int(h["markers"].get("unmeasured", 0)) for h in report.get("hops", []))
+    return (
+        f"WARNING: the probe itself was overloaded ({', '.join(why) or 'no detail'} past its "
+        f"bounds): its latencies measure the probe, not the target, and {unmeasured} markers "
+        "owed meanwhile are counted unmeasured, not missed."
+    )

@@ -7,7 +7,8 @@ Parent to child: :class:`OpenStream`, :class:`StreamAudio`, :class:`StreamFormat
 
 Child to parent: :class:`Ready` or :class:`Failed` once, then :class:`Detected`,
 :class:`HopJoined`, :class:`HopFailed` (what the child's sink and streams tell the registry),
-:class:`Drained` and :class:`Stopped`.
+:class:`Health` every second (how far detection lags and the child's CPU, for the generator's
+health, :mod:`probe.measure.health`), :class:`Drained` and :class:`Stopped`.
 
 On the wire each message is a plain tuple ``(tag, *fields)`` (:func:`to_wire`, :func:`from_wire`):
 pickling a tuple costs a fraction of a dataclass instance, and there are thousands a second. A
@@ -33,6 +34,7 @@ __all__ = [
     "Drained",
     "Expect",
     "Failed",
+    "Health",
     "HopFailed",
     "HopJoined",
     "Message",
@@ -189,9 +191,19 @@ class Stopped(Message):
     TAG: ClassVar[str] = "stopped"
 
 
+@dataclass(frozen=True, slots=True)
+class Health(Message):
+    """The longest any detection work waited in the child's queue over the last second, and
+    the share of a core the child used over it."""
+
+    TAG: ClassVar[str] = "health"
+    delay_s: float
+    cpu: float
+
+
 _KINDS: tuple[type[Message], ...] = (
     OpenStream, StreamAudio, StreamFormat, CloseStream, Expect, Drain, Stop, Batch,
-    Ready, Failed, Detected, HopJoined, HopFailed, Drained, Stopped,
+    Ready, Failed, Detected, HopJoined, HopFailed, Drained, Stopped, Health,
 )
 _BY_TAG: dict[str, type[Message]] = {k.TAG: k for k in _KINDS}
 _FIELDS: dict[type[Message], tuple[str, ...]] = {

@@ -5,7 +5,8 @@ metric                             type       labels
 =================================  =========  ==============================================
 ``probe_hop_latency_seconds``      histogram  hop, target, scenario (exemplar: trace_id)
 ``probe_hop_own_latency_seconds``  histogram  hop, target, scenario (exemplar: trace_id)
-``probe_markers_total``            counter    hop, outcome (detected, missed)
+``probe_markers_total``            counter    hop, outcome (detected, missed, unmeasured: owed
+                                              while the probe itself was overloaded)
 ``probe_send_lag_seconds``         histogram  -
 ``probe_reply_latency_seconds``    histogram  target, scenario (exemplar: trace_id)
 ``probe_sessions_total``           counter    outcome (completed, failed)
@@ -99,7 +100,8 @@ def _families_of(registry: CollectorRegistry) -> _Families:
                 ),
                 markers=Counter(
                     "probe_markers",
-                    "Markers owed to a hop, by outcome (detected or missed).",
+                    "Markers owed to a hop, by outcome (detected, missed, or unmeasured: owed "
+                    "while the probe itself was overloaded).",
                     ["hop", "outcome"],
                     registry=registry,
                 ),
@@ -168,7 +170,7 @@ class MetricsObserver(RunObserver):
             label = self._hop(hop)
             self._m.latency.labels(label, target, scenario)
             self._m.own.labels(label, target, scenario)
-            for outcome in ("detected", "missed"):
+            for outcome in ("detected", "missed", "unmeasured"):
                 self._m.markers.labels(label, outcome)
         for outcome in ("completed", "failed"):
             self._m.sessions.labels(outcome)
@@ -233,7 +235,7 @@ class MetricsObserver(RunObserver):
         self._m.markers.labels(hop, "detected").inc()
 
     def missed(self, m: Missed) -> None:
-        self._m.markers.labels(self._hop(m.hop), "missed").inc()
+        self._m.markers.labels(self._hop(m.hop), "unmeasured" if m.unmeasured else "missed").inc()
 
     def send_lag(self, session: str, lag_s: float) -> None:
         self._m.send_lag.observe(max(0.0, lag_s))

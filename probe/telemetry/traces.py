@@ -242,11 +242,15 @@ class TraceObserver(RunObserver):
                 "probe.hop": m.hop,
                 "probe.session": m.session,
                 "probe.marker": m.seq,
-                "probe.outcome": "missed",
+                "probe.outcome": "unmeasured" if m.unmeasured else "missed",
             },
             start_time=to_ns(m.send_time),
         )
-        span.set_status(Status(StatusCode.ERROR, f"hop {m.hop} did not deliver marker {m.seq}"))
+        if m.unmeasured:
+            why = f"marker {m.seq} unmeasured on hop {m.hop}: the probe itself was overloaded"
+        else:
+            why = f"hop {m.hop} did not deliver marker {m.seq}"
+        span.set_status(Status(StatusCode.ERROR, why))
         span.end(end_time=to_ns(max(self._clock(), m.send_time)))
 
     def hop_failed(self, hop: str, session: str | None, error: str) -> None:

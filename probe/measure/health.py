@@ -1,0 +1,185 @@
+"""The load generator's own health: is it keeping up, or would its figures blame the target?
+
+A probe that cannot send its frames on time, or whose sink cannot search what arrives, measures
+itself, not the system under test: late frames read as latency, unsearched audio as lost markers.
+:class:`GeneratorHealth` is fed the generator's own signals, each with its time on the run's
+clock, and says when they pass the stated bounds (:class:`Bounds`):
+
+- **send lag**: more than 1 % of the frames of the last ``window_s`` were handed to the socket more
+  than ``send_lag_s`` after they were due (the p99 is past the bound);
+- **detection delay**: audio waited longer than ``detection_delay_s`` between its arrival and its
+  search (the sink's backlog);
+- **CPU**: a process (the worker, the sink child) used at least ``cpu_share`` of a core over the
+  window; one Python process cannot use more than one, so it is saturated.
+
+The generator is *overloaded* from the first breach until every signal has stayed within its bound
+for a whole window. The overloaded periods are kept (with their evidence), so a marker whose
+wait for detection overlapped one counts as *unmeasured*, not missed: nobody can say whether the
+target lost it. Pure and clock-free: callers pass times; not thread-safe (callers lock).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Bounds", "Breach", "GeneratorHealth"]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What the generator must stay within; see the module docstring."""
+
+    send_lag_s: float = 0.020
+    lag_share: float = 0.01
+    detection_delay_s: float = 2.0
+    cpu_share: float = 0.95
+    window_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Breach:
+    """A signal past its bound: what, how far, the bound, and when it was first seen."""
+
+    signal: str
+    value: float
+    bound: float
+    at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "signal": self.signal,
+            "value": round(self.value, 4),
+            "bound": self.bound,
+            "at": round(self.at, 3),
+        }
+
+
+@dataclass
+class _Period:
+    start: float
+    end: float | None = None
+    evidence: dict[str, Breach] = field(default_factory=dict)
+
+
+class GeneratorHealth:
+    """Watches the generator's signals against :class:`Bounds` (module docstring)."""
+
+    def __init__(self, bounds: Bounds | None = None) -> None:
+        self.bounds = bounds or Bounds()
+        # Send lag per whole second of the run's clock: second -> [frames, frames late].
+        self._lag: deque[tuple[int, list[int]]] = deque()
+        self._delay: deque[tuple[float, float]] = deque()  # (time, delay) past the bound
+        self._cpu: dict[str, tuple[float, float]] = {}  # who -> (time, share), the latest
+        self._periods: list[_Period] = []
+        self._calm_since: float | None = None
+        self.frames = 0
+        self.late_frames = 0
+
+    # -- signals --------------------------------------------------------------------------------
+
+    def frame_lag(self, at: float, lag_s: float) -> None:
+        """A frame was handed to its socket ``lag_s`` after it was due, at ``at``."""
+        second = int(at)
+        if not self._lag or self._lag[-1][0] != second:
+            self._lag.append((second, [0, 0]))
+        bucket = self._lag[-1][1]
+        bucket[0] += 1
+        self.frames += 1
+        if lag_s > self.bounds.send_lag_s:
+            bucket[1] += 1
+            self.late_frames += 1
+
+    def detection_delay(self, at: float, delay_s: float) -> None:
+        """The sink searched audio that had waited ``delay_s`` since it arrived."""
+        if delay_s > self.bounds.detection_delay_s:
+            self._delay.append((at, delay_s))
+
+    def cpu(self, at: float, who: str, share: float) -> None:
+        """Process ``who`` used ``share`` of a core over the window ending at ``at``."""
+        self._cpu[who] = (at, share)
+
+    # -- verdict --------------------------------------------------------------------------------
+
+    def update(self, now: float) -> bool:
+        """Judge the window ending at ``now``; True while the generator is overloaded."""
+        breaches = self._breaches(now)
+        current = self._periods[-1] if self._periods and self._periods[-1].end is None else None
+        if breaches:
+            self._calm_since = None
+            if current is None:
+                current = _Period(start=min(b.at for b in breaches))
+                self._periods.append(current)
+            for b in breaches:
+                current.evidence.setdefault(b.signal, b)
+                if b.value > current.evidence[b.signal].value:
+                    current.evidence[b.signal] = Breach(
+                        b.signal, b.value, b.bound, current.evidence[b.signal].at
+                    )
+        elif current is not None:
+            if self._calm_since is None:
+                self._calm_since = now
+            if now - self._calm_since >= self.bounds.window_s:
+                current.end = now
+                self._calm_since = None
+        return self.overloaded
+
+    @property
+    def overloaded(self) -> bool:
+        return bool(self._periods) and self._periods[-1].end is None
+
+    def overlapped(self, t0: float, t1: float) -> bool:
+        """Whether the generator was overloaded at any time in ``[t0, t1]``."""
+        for p in reversed(self._periods):
+            if p.start <= t1 and (p.end is None or p.end >= t0):
+                return True
+            if p.end is not None and p.end < t0:
+                return False
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        """What the report says of the generator: overloaded at all, when, and why."""
+        return {
+            "overloaded": bool(self._periods),
+            "periods": [
+                {
+                    "start": round(p.start, 3),
+                    "end": None if p.end is None else round(p.end, 3),
+                    "evidence": [b.as_dict() for b in p.evidence.values()],
+                }
+                for p in self._periods
+            ],
+            "frames": self.frames,
+            "late_frames": self.late_frames,
+            "bounds": {
+                "send_lag_p99_ms": self.bounds.send_lag_s * 1000.0,
+                "detection_delay_s": self.bounds.detection_delay_s,
+                "cpu_share": self.bounds.cpu_share,
+                "window_s": self.bounds.window_s,
+            },
+        }
+
+    def _breaches(self, now: float) -> list[Breach]:
+        b = self.bounds
+        start = now - b.window_s
+        while self._lag and self._lag[0][0] < int(start):
+            self._lag.popleft()
+        while self._delay and self._delay[0][0] < start:
+            self._delay.popleft()
+        out: list[Breach] = []
+        frames = sum(v[0] for _, v in self._lag)
+        late = sum(v[1] for _, v in self._lag)
+        if frames and late > b.lag_share * frames:
+            # Since the first second of the window that was late by itself.
+            first = next((sec for sec, (n, k) in self._lag if k > b.lag_share * n), int(now))
+            out.append(Breach("send_lag", late / frames, b.lag_share, float(first)))
+        if self._delay:
+            out.append(
+                Breach("detection_delay", max(d for _, d in self._delay), b.detection_delay_s,
+                       self._delay[0][0])
+            )
+        for who, (at, share) in self._cpu.items():
+            if at >= start and share >= b.cpu_share:
+                out.append(Breach(f"cpu_{who}", share, b.cpu_share, at))
+        return out

@@ -1,0 +1,81 @@
+"""The generator's own health: when the probe cannot keep up, it says so and blames nobody."""
+
+from __future__ import annotations
+
+from probe.measure.health import Bounds, GeneratorHealth
+from probe.measure.registry import SessionRegistry
+from probe.measure.report import build_report, format_table
+
+
+def _frames(h: GeneratorHealth, t0: float, t1: float, late_every: int | None) -> None:
+    """50 frames a second from t0 to t1; every ``late_every``-th 30 ms late, the rest on time."""
+    n = 0
+    t = t0
+    while t < t1:
+        late = late_every is not None and n % late_every == 0
+        h.frame_lag(t, 0.030 if late else 0.001)
+        n += 1
+        t += 0.02
+
+
+def test_healthy_load_is_never_flagged() -> None:
+    h = GeneratorHealth()
+    _frames(h, 0.0, 60.0, late_every=200)  # 0.5 % late: p99 within 20 ms
+    for s in range(60):
+        h.cpu(float(s), "worker", 0.6)
+        h.detection_delay(float(s), 0.3)
+        assert not h.update(float(s) + 0.99)
+    assert h.summary()["overloaded"] is False and not h.overlapped(0.0, 60.0)
+
+
+def test_late_frames_open_a_period_that_closes_after_a_calm_window() -> None:
+    h = GeneratorHealth(Bounds(window_s=10.0))
+    _frames(h, 0.0, 20.0, late_every=200)
+    assert not h.update(20.0)
+    _frames(h, 20.0, 30.0, late_every=10)  # 10 % late
+    assert h.update(30.0)
+    _frames(h, 30.0, 50.0, late_every=None)
+    for t in range(31, 51):
+        h.update(float(t))
+    assert not h.overloaded
+    period = h.summary()["periods"][0]
+    assert period["evidence"][0]["signal"] == "send_lag"
+    assert 20.0 <= period["start"] <= 30.0 and period["end"] is not None
+    assert h.overlapped(25.0, 26.0) and not h.overlapped(period["end"] + 1, 60.0)
+    assert not h.overlapped(0.0, 15.0)
+
+
+def test_a_saturated_process_or_a_detection_backlog_is_overload() -> None:
+    h = GeneratorHealth()
+    h.cpu(5.0, "sink", 0.99)
+    assert h.update(5.5)
+    assert h.summary()["periods"][0]["evidence"][0]["signal"] == "cpu_sink"
+    h2 = GeneratorHealth()
+    h2.detection_delay(3.0, 4.5)
+    assert h2.update(3.2)
+    assert h2.summary()["periods"][0]["evidence"][0]["value"] == 4.5
+
+
+def test_markers_owed_while_overloaded_are_unmeasured_not_missed() -> None:
+    now = [0.0]
+    health = GeneratorHealth()
+    reg = SessionRegistry(clock=lambda: now[0], marker_timeout=3.0, health=health)
+    reg.open_session("s")
+    reg.hop_connected("a", "s", None)
+    reg.record_send("s", 0, 0.0)  # before the overload: a plain miss
+    now[0] = 10.0
+    reg.expire()
+    reg.record_cpu("worker", 1.0)  # saturated from t = 10
+    reg.record_send("s", 1, 10.0)
+    now[0] = 14.0
+    misses = reg.expire()
+    assert [m.unmeasured for m in misses] == [True]
+    c = reg.hop_counts()["a"]
+    assert (c.sent, c.detected, c.missed, c.unmeasured, c.pending) == (2, 0, 1, 1, 0)
+    report = build_report(reg, target="ws://x/", started_at=0.0, duration_s=14.0)
+    assert report["generator"]["overloaded"] is True
+    assert report["hops"][0]["markers"]["unmeasured"] == 1
+    assert [r["outcome"] for r in report["series"]] == ["missed", "unmeasured"]
+    table = format_table(report)
+    assert table.startswith("WARNING: the probe itself was overloaded (cpu_worker past its bounds)")
+    assert "1 markers owed meanwhile are counted unmeasured" in table
