@@ -1,7 +1,8 @@
 """The ``probe`` command.
 
 Exit codes: 0 done; 1 the work ran but failed (for commands that judge); 2 usage or
-configuration error (one sentence on stderr, never a traceback).
+configuration error (one sentence on stderr, never a traceback), or, for ``probe canary``, a run
+whose verdict is unknown because the probe itself was overloaded.
 """
 
 from __future__ import annotations
@@ -377,6 +378,8 @@ def _cmd_canary(args: argparse.Namespace) -> int:
         return _telemetry(args, target=target, scenario=scenario, hop_order=hop_order)
 
     ok = canary(args, os.environ, telemetry=telemetry)
+    if ok is None:  # the probe was overloaded: the verdict is unknown, not a breach
+        return EXIT_USAGE
     return EXIT_OK if ok else EXIT_FAILED
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from probe.measure.health import Bounds, GeneratorHealth
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report, format_table
@@ -79,3 +81,56 @@ def test_markers_owed_while_overloaded_are_unmeasured_not_missed() -> None:
     table = format_table(report)
     assert table.startswith("WARNING: the probe itself was overloaded (cpu_worker past its bounds)")
     assert "1 markers owed meanwhile are counted unmeasured" in table
+
+
+def _overloaded_report() -> dict[str, object]:
+    now = [0.0]
+    health = GeneratorHealth()
+    reg = SessionRegistry(clock=lambda: now[0], marker_timeout=1.0, health=health,
+                          expected_hops=("a",))
+    reg.open_session("s")
+    reg.record_cpu("sink", 0.99)
+    reg.record_send("s", 0, 0.0)
+    now[0] = 2.0
+    reg.expire()
+    return build_report(reg, target="ws://127.0.0.1:9/", started_at=0.0, duration_s=2.0)
+
+
+def test_an_overloaded_canary_exits_2_and_pushes_no_success(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import probe.aio.runner as runner
+    from probe.canary.metrics import probe_registry
+    from probe.canary.thresholds import judge
+    from probe.cli import main
+
+    report = _overloaded_report()
+
+    async def fake_run(*_a: object, **_k: object) -> dict[str, object]:
+        return report
+
+    monkeypatch.setattr(runner, "run_probe", fake_run)
+    assert main(["canary", "--target", "ws://127.0.0.1:9/", "--threshold", "markers>=0%"]) == 2
+    out = capsys.readouterr().out
+    assert "canary: UNKNOWN (WARNING: the probe itself was overloaded (cpu_sink" in out
+    reg = probe_registry(report, judge(report, []), duration_s=2.0, success=False)
+    assert reg.get_sample_value("probe_generator_overloaded") == 1.0
+    assert reg.get_sample_value("probe_success") == 0.0
+
+
+def test_the_exporter_answers_an_overloaded_probe_with_success_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import probe.canary.exporter as exporter
+    from probe.aio.runner import run_config
+    from probe.config import run_defaults
+
+    report = _overloaded_report()
+
+    async def fake_run(*_a: object, **_k: object) -> dict[str, object]:
+        return report
+
+    monkeypatch.setattr(exporter, "run_probe", fake_run)
+    exp = exporter.ProbeExporter({}, run_config, defaults=run_defaults())
+    body = exp.probe("target=ws://127.0.0.1:9/").body.decode()
+    assert "probe_success 0.0" in body and "probe_generator_overloaded 1.0" in body

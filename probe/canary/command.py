@@ -16,14 +16,14 @@ from typing import Any, Protocol
 from probe.aio.runner import run_config
 from probe.canary.html import render_html
 from probe.canary.junit import junit_xml
-from probe.canary.metrics import probe_registry
+from probe.canary.metrics import generator_overloaded, probe_registry
 from probe.canary.pushgateway import DEFAULT_JOB, push
 from probe.canary.scenario import Scenario, load_scenario, load_scenario_dir
 from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse_thresholds
 from probe.config import env_options, given_options, parse_host_port, run_defaults
 from probe.errors import ConfigError, ProbeError
 from probe.measure.observe import RunObserver
-from probe.measure.report import write_report
+from probe.measure.report import overload_warning, write_report
 
 __all__ = ["canary", "exporter"]
 
@@ -73,8 +73,10 @@ def canary(
     environ: Mapping[str, str],
     *,
     telemetry: StartTelemetry | None = None,
-) -> bool:
-    """Run ``probe canary``; True when every threshold held. ConfigError for usage errors.
+) -> bool | None:
+    """Run ``probe canary``; True when every threshold held, False when one did not, None when
+    the probe itself was overloaded (its figures measure the probe: no verdict). ConfigError for
+    usage errors.
     ``environ`` supplies ``PROBE_*`` options; ``telemetry(target, scenario, hop_order)`` starts
     the run's traces and metrics."""
     from probe.aio.runner import default_progress, run_probe
@@ -126,6 +128,9 @@ def canary(
     else:
         verdict = judge(report, thresholds)
         print(format_verdict(report, verdict))
+        warning = overload_warning(report)
+        if warning:
+            print(f"canary: UNKNOWN ({warning})")
         if opts.get("json"):
             try:
                 write_report(report, opts["json"])
@@ -142,14 +147,18 @@ def canary(
             report,
             verdict,
             duration_s=float(report["duration_s"]) if report else elapsed,
-            success=verdict.ok,
-            last_success=time.time() if verdict.ok else None,
+            success=verdict.ok and not generator_overloaded(report),
+            last_success=(
+                time.time() if verdict.ok and not generator_overloaded(report) else None
+            ),
         )
         warning = push(args.pushgateway, reg, job=job, target=target)
         if warning:
             print(f"probe: warning: {warning}", file=sys.stderr)
     if problems:
         raise ConfigError(problems[0])
+    if generator_overloaded(report):
+        return None
     return verdict.ok
 
 

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from probe.aio.runner import RunConfig, run_probe
-from probe.canary.metrics import probe_registry
+from probe.canary.metrics import generator_overloaded, probe_registry
 from probe.canary.scenario import Scenario
 from probe.canary.thresholds import Threshold, Verdict, judge
 from probe.errors import ConfigError, ProbeError
@@ -151,9 +151,12 @@ class ProbeExporter:
                 report, verdict, elapsed = self._run(cfg, thresholds)
         finally:
             self._slots.release()
-        success = verdict is not None and verdict.ok
+        # An overloaded probe measured itself: no verdict, so no success either.
+        success = verdict is not None and verdict.ok and not generator_overloaded(report)
         self._probes.labels("success" if success else "failure").inc()
         self._seconds.observe(elapsed)
+        if generator_overloaded(report):
+            log.warning("probe of %s: the probe itself was overloaded; no verdict", target)
         if verdict is not None:
             for c in verdict.breaches:
                 log.info("probe of %s: %s: %s", target, c.threshold, c.detail)

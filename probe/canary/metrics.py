@@ -19,6 +19,11 @@ __all__ = ["QUANTILES", "probe_registry"]
 QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"), ("0.999", "p999"))
 
 
+def generator_overloaded(report: Mapping[str, Any] | None) -> bool:
+    """Whether the report says the probe itself was overloaded during the run."""
+    return bool(report and (report.get("generator") or {}).get("overloaded"))
+
+
 def probe_registry(
     report: Mapping[str, Any] | None,
     verdict: Verdict | None,
@@ -43,6 +48,11 @@ def probe_registry(
         ).set(last_success)
     if report is None:
         return reg
+    Gauge(
+        "probe_generator_overloaded",
+        "1 when the probe itself could not keep up during the run (its figures are unknown)",
+        registry=reg,
+    ).set(1 if generator_overloaded(report) else 0)
     lat = Gauge(
         "probe_hop_latency_seconds",
         "Cumulative latency from send to the hop, by quantile over the run's markers",
