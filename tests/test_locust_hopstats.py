@@ -123,7 +123,22 @@ def test_csv_has_a_row_per_hop_and_the_send_lag_and_sessions_rows() -> None:
     rows = list(csv.reader(io.StringIO(s.csv())))
     assert rows[0][:3] == ["Hop", "Markers sent", "Detected"]
     assert [r[0] for r in rows[1:]] == ["a", "send lag", "sessions"]
-    assert float(rows[1][5]) == pytest.approx(21.3)
+    assert float(rows[1][rows[0].index("p50 ms")]) == pytest.approx(21.3)
+
+
+def test_an_overloaded_worker_puts_a_warning_row_first() -> None:
+    s = HopsStats(["a"])
+    s.add_detection("a", 0.0213, 0.0213)
+    s.set_totals("w1", Totals({"a": {"sent": 10, "detected": 7, "unmeasured": 3}},
+                              {"started": 1, "overloaded": 1}))
+    s.set_totals("w2", Totals({"a": {"sent": 10, "detected": 10}}, {"started": 1}))
+    rows = s.rows()
+    assert rows[0]["name"] == "WARNING"
+    assert "overloaded now on 1 process" in rows[0]["note"]
+    assert "3 markers owed meanwhile are unmeasured" in rows[0]["note"]
+    assert rows[1]["unmeasured"] == 3 and rows[1]["missed"] == 0
+    s.set_totals("w1", Totals({"a": {"sent": 10, "detected": 10}}, {"started": 1}))
+    assert s.rows()[0]["name"] == "a"
 
 
 def test_engine_config_from_env() -> None:

@@ -18,6 +18,7 @@ stamps arrivals with the wall clock, so the engine's clock must be ``time.time``
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,10 +27,13 @@ import gevent
 
 from probe.config import EngineConfig
 from probe.locust.sinkproc import GeventSinkProcess
+from probe.measure.health import GeneratorHealth
 from probe.measure.observe import Observers, RunObserver
 from probe.measure.registry import SessionRegistry
 
 __all__ = ["EngineConfig", "ProbeEngine"]
+
+log = logging.getLogger(__name__)
 
 
 class ProbeEngine:
@@ -55,6 +59,7 @@ class ProbeEngine:
             # A load test runs for hours: the Hops tab and telemetry hear every measurement as
             # it happens; the registry keeps counts only, so memory stays flat.
             history=False,
+            health=GeneratorHealth(),
         )
         self.sink = GeventSinkProcess(self.registry, detect_nice=cfg.detect_nice)
         # Informed detection in the sink child: it hears of every marker sent.
@@ -86,10 +91,37 @@ class ProbeEngine:
         no pumping: the sink's reader greenlet applies them as they arrive."""
         self.registry.expire()
 
+    @property
+    def overloaded(self) -> bool:
+        """Whether this process (or its sink child) cannot keep up right now."""
+        health = self.registry.health
+        return health is not None and health.overloaded
+
     def _pump_loop(self) -> None:
+        cpu, wall = time.process_time(), time.monotonic()
+        was = False
         while not self._closed:
             gevent.sleep(self._pump_interval)
+            cpu_now, wall_now = time.process_time(), time.monotonic()
+            if wall_now - wall >= 1.0:
+                self.registry.record_cpu("worker", (cpu_now - cpu) / (wall_now - wall))
+                cpu, wall = cpu_now, wall_now
             self.registry.expire()
+            now = self.overloaded
+            if now and not was:
+                log.warning(
+                    "probe: WARNING: this Locust process is overloaded (%s): its latencies "
+                    "measure the probe, not the target; markers owed meanwhile are unmeasured",
+                    ", ".join(self._signals()) or "no detail",
+                )
+            elif was and not now:
+                log.warning("probe: this Locust process keeps up again")
+            was = now
+
+    def _signals(self) -> list[str]:
+        gen = self.registry.generator() or {}
+        periods = gen.get("periods") or [{}]
+        return [str(e["signal"]) for e in periods[-1].get("evidence", [])]
 
     def settle(self, timeout_s: float | None = None, *, give_up: bool = True) -> None:
         """Wait (cooperatively) until every marker owed is detected or missed; after

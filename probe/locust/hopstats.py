@@ -43,6 +43,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("sent", "Markers sent"),
     ("detected", "Detected"),
     ("missed", "Missed"),
+    ("unmeasured", "Unmeasured"),
     ("pending", "Pending"),
     ("p50", "p50 ms"),
     ("p90", "p90 ms"),
@@ -59,7 +60,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("note", "Note"),
 )
 _PCTS = ("p50", "p90", "p95", "p99", "p999", "max")
-_COUNTS = ("sent", "detected", "missed", "pending")
+_COUNTS = ("sent", "detected", "missed", "unmeasured", "pending")
 _SESSION_KEYS = ("started", "completed", "failed", "active", "late_starts")
 
 
@@ -216,9 +217,15 @@ class HopsStats:
         return declared + rest
 
     def rows(self) -> list[dict[str, Any]]:
-        """The Hops table: a row per hop, then send lag and sessions."""
+        """The Hops table: a warning row while any process is overloaded (or markers went
+        unmeasured), a row per hop, then send lag and sessions."""
         totals = self.summed()
         rows: list[dict[str, Any]] = []
+        warning = overload_note(totals)
+        if warning:
+            warn: dict[str, Any] = {k: "" for k, _ in COLUMNS}
+            warn.update(name="WARNING", note=warning)
+            rows.append(warn)
         for hop in self.hops():
             row: dict[str, Any] = {"name": hop}
             counts = totals.markers.get(hop, {})
@@ -253,6 +260,23 @@ class HopsStats:
         for row in self.rows() if rows is None else rows:
             w.writerow([row.get(k, "") for k, _ in COLUMNS])
         return buf.getvalue()
+
+
+def overload_note(totals: Totals) -> str | None:
+    """The Hops tab's warning when the probe itself is (or was) overloaded, else None."""
+    now = totals.sessions.get("overloaded", 0)
+    unmeasured = sum(c.get("unmeasured", 0) for c in totals.markers.values())
+    if not now and not unmeasured:
+        return None
+    state = (
+        f"the probe is overloaded now on {now} process(es)"
+        if now
+        else "the probe was overloaded earlier in this run"
+    )
+    return (
+        f"{state}: its latencies measure the probe, not the target; {unmeasured} markers owed "
+        "meanwhile are unmeasured, not missed (add workers or lower the load)"
+    )
 
 
 def _cell(v: object) -> float | str:

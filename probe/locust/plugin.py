@@ -71,6 +71,7 @@ def totals_of(engine: ProbeEngine, baseline: Totals | None = None) -> Totals:
             "sent": c.sent - base.get("sent", 0),
             "detected": c.detected - base.get("detected", 0),
             "missed": c.missed - base.get("missed", 0),
+            "unmeasured": c.unmeasured - base.get("unmeasured", 0),
             "pending": c.pending,
         }
     sc = engine.registry.session_counts()
@@ -81,6 +82,7 @@ def totals_of(engine: ProbeEngine, baseline: Totals | None = None) -> Totals:
         "failed": sc.failed - b.get("failed", 0),
         "active": sc.open,
         "late_starts": engine.late_starts - b.get("late_starts", 0),
+        "overloaded": int(engine.overloaded),
     }
     return Totals(markers, sessions)
 
