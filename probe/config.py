@@ -371,13 +371,21 @@ class EngineConfig:
     # and the target (benchmarks/locust_capacity.py, 40 streams on 2 shared cores, 4 runs each:
     # send lag p99 4.0-8.3 ms at 10 against 7.5-16.8 ms at 0).
     detect_nice: int = 10
+    # When this process counts as overloaded (probe.measure.health.Bounds): a frame send lag p99,
+    # a detection backlog, a process's share of a core.
+    overload_lag_ms: float = 20.0
+    overload_delay_s: float = 2.0
+    overload_cpu: float = 0.95
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EngineConfig:
         """The run options ``PROBE_SINK_LISTEN`` (default 127.0.0.1:0, or 0.0.0.0:0 when
         ``PROBE_SINK_HOST`` is set), ``PROBE_SINK_URL``, ``PROBE_NO_SINK``,
         ``PROBE_MARKER_TIMEOUT``, ``PROBE_HOP_ORDER``, and the Locust-only ``PROBE_SINK_HOST``
-        (the address other hosts reach this worker by) and ``PROBE_DETECT_NICE`` (0-19)."""
+        (the address other hosts reach this worker by), ``PROBE_DETECT_NICE`` (0-19) and the
+        overload bounds ``PROBE_OVERLOAD_LAG_MS`` (send lag p99, default 20),
+        ``PROBE_OVERLOAD_DELAY_S`` (detection backlog, default 2) and ``PROBE_OVERLOAD_CPU``
+        (share of a core, default 0.95)."""
         opts = env_options(env)
         advertise = env.get("PROBE_SINK_HOST", "").strip() or None
         listen = opts.get("sink_listen") or ("0.0.0.0:0" if advertise else "127.0.0.1:0")
@@ -393,6 +401,9 @@ class EngineConfig:
             marker_timeout_s=opts.get("marker_timeout", OPTION["marker_timeout"].default),
             hop_order=opts.get("hop_order") or (),
             detect_nice=nice,
+            overload_lag_ms=positive_env(env, "PROBE_OVERLOAD_LAG_MS", cls.overload_lag_ms),
+            overload_delay_s=positive_env(env, "PROBE_OVERLOAD_DELAY_S", cls.overload_delay_s),
+            overload_cpu=positive_env(env, "PROBE_OVERLOAD_CPU", cls.overload_cpu),
         )
 
 

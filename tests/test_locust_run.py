@@ -399,3 +399,24 @@ def test_a_bad_environment_value_is_one_sentence_and_exit_code_2() -> None:
     last = res.stderr.strip().splitlines()[-1]
     assert last == "PROBE_RATE must be an integer from 8000 to 48000, got '8k'.", res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_an_overloaded_worker_says_so_and_blames_no_hop(tmp_path: Path) -> None:
+    """With its CPU bound set absurdly low the worker counts as overloaded from its first second:
+    the log says so, the Hops tab leads with a WARNING row, and the markers a stalled hop owes
+    are unmeasured, not the hop's failures."""
+    with pipeline("a:20ms:stall@1") as (url, _):
+        res = run_locust(
+            ["-f", REFERENCE, "--headless", "-u", "2", "-r", "2", "-t", "8s", "--host", url,
+             "--csv", str(tmp_path / "run"), "--exit-code-on-error", "0"],
+            locust_env(PROBE_HOP_ORDER="a,return", PROBE_OVERLOAD_CPU="0.001"),
+        )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "probe: WARNING: this Locust process is overloaded (" in res.stderr, res.stderr
+    hops = {r["Hop"]: r for r in read_csv(tmp_path / "run_hops.csv")}
+    assert "WARNING" in hops and "unmeasured, not missed" in hops["WARNING"]["Note"]
+    a = hops["a"]
+    assert int(a["Unmeasured"]) > 0 and int(a["Missed"]) == 0, a
+    stats = read_csv(tmp_path / "run_stats.csv")
+    assert int(stat(stats, "hop", "a")["Failure Count"]) == 0
+    assert int(stat(stats, "generator", "overloaded")["Failure Count"]) > 0

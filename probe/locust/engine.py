@@ -27,7 +27,7 @@ import gevent
 
 from probe.config import EngineConfig
 from probe.locust.sinkproc import GeventSinkProcess
-from probe.measure.health import GeneratorHealth
+from probe.measure.health import Bounds, GeneratorHealth
 from probe.measure.observe import Observers, RunObserver
 from probe.measure.registry import SessionRegistry
 
@@ -59,7 +59,13 @@ class ProbeEngine:
             # A load test runs for hours: the Hops tab and telemetry hear every measurement as
             # it happens; the registry keeps counts only, so memory stays flat.
             history=False,
-            health=GeneratorHealth(),
+            health=GeneratorHealth(
+                Bounds(
+                    send_lag_s=cfg.overload_lag_ms / 1000.0,
+                    detection_delay_s=cfg.overload_delay_s,
+                    cpu_share=cfg.overload_cpu,
+                )
+            ),
         )
         self.sink = GeventSinkProcess(self.registry, detect_nice=cfg.detect_nice)
         # Informed detection in the sink child: it hears of every marker sent.
