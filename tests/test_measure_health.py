@@ -134,3 +134,21 @@ def test_the_exporter_answers_an_overloaded_probe_with_success_0(
     exp = exporter.ProbeExporter({}, run_config, defaults=run_defaults())
     body = exp.probe("target=ws://127.0.0.1:9/").body.decode()
     assert "probe_success 0.0" in body and "probe_generator_overloaded 1.0" in body
+
+
+def test_the_detection_worker_reports_how_long_work_waited() -> None:
+    import threading
+
+    from probe.aio.hopstream import DetectionWorker
+
+    now = [0.0]
+    worker = DetectionWorker(clock=lambda: now[0])
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    worker.submit(lambda: None)  # queued at t = 0 behind the blocked item
+    now[0] = 2.5
+    gate.set()
+    worker.drain(5.0)
+    assert worker.take_max_wait() == 2.5
+    assert worker.take_max_wait() == 0.0  # reset by the read
+    worker.close()

@@ -29,7 +29,9 @@ def test_a_taken_port_is_one_clear_error() -> None:
 def test_a_fork_start_reaches_the_parent_registry_and_stop_is_clean() -> None:
     from websockets.asyncio.client import connect
 
-    registry = SessionRegistry(clock=time.time)
+    from probe.measure.health import GeneratorHealth
+
+    registry = SessionRegistry(clock=time.time, health=GeneratorHealth())
     registry.open_session("s1")
 
     async def go() -> None:
@@ -41,12 +43,17 @@ def test_a_fork_start_reaches_the_parent_registry_and_stop_is_clean() -> None:
                           '"channels": 1}}')
             await ws.send(b"\x00\x00" * 320)
             await ws.send('{"type": "stop"}')
+        await asyncio.sleep(1.5)  # the child reports its health every second
         await asyncio.to_thread(sink.drain, 10.0)
         await sink.stop()
         assert sink._proc is not None and sink._proc.returncode == 0
 
     asyncio.run(go())
     assert "asr" in registry.hops()
+    # The child's health reached the registry: its CPU share, far from saturated.
+    assert registry.health is not None
+    cpu = registry.health._cpu.get("sink")
+    assert cpu is not None and 0.0 <= cpu[1] < 0.95
 
 
 def test_typed_messages_frame_as_a_connection_does_whatever_the_chunking() -> None:
@@ -61,6 +68,7 @@ def test_typed_messages_frame_as_a_connection_does_whatever_the_chunking() -> No
         w.HopJoined("b", "s1", TraceContext("a" * 32, "b" * 16, 1)),
         w.OpenStream(3, "return", AudioFormat("mulaw", 8000, 1), "s1"),
         w.Drained(7),
+        w.Health(0.25, 0.4),
         w.Ready(""),
     ]
     mine, theirs = socket.socketpair()
