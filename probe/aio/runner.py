@@ -19,6 +19,7 @@ from probe.aio.sink import Sink
 from probe.aio.sinkproc import SinkProcess
 from probe.aio.source import SourceConfig, run_session
 from probe.config import RunOptions, run_options
+from probe.cpushare import CpuShare
 from probe.measure.expect import ExpectationBook
 from probe.measure.health import GeneratorHealth
 from probe.measure.observe import RunObserver
@@ -194,12 +195,10 @@ async def run_probe(
 async def _watch(registry: SessionRegistry, worker: DetectionWorker) -> None:
     """Every second: this process's CPU and its detection thread's backlog to the generator's
     health, and markers past their timeout declared (the health is judged then)."""
-    cpu, wall = time.process_time(), time.monotonic()
+    meter = CpuShare()
     while True:
         await asyncio.sleep(1.0)
-        cpu_now, wall_now = time.process_time(), time.monotonic()
-        registry.record_cpu("worker", (cpu_now - cpu) / max(1e-6, wall_now - wall))
-        cpu, wall = cpu_now, wall_now
+        registry.record_cpu("worker", meter.read())
         registry.record_detection_delay(worker.take_max_wait())
         registry.expire()
 

@@ -31,6 +31,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from probe.cpushare import CpuShare
 from probe.errors import ConfigError
 from probe.measure import sinkwire as wire
 from probe.measure.registry import SessionRegistry
@@ -168,13 +169,10 @@ def _child(
 
     async def report_health(worker: DetectionWorker) -> None:
         """Every second: how long detection work waited, and this process's share of a core."""
-        cpu, wall = time.process_time(), time.monotonic()
+        meter = CpuShare()
         while True:
             await asyncio.sleep(1.0)
-            cpu_now, wall_now = time.process_time(), time.monotonic()
-            share = (cpu_now - cpu) / max(1e-6, wall_now - wall)
-            cpu, wall = cpu_now, wall_now
-            forward.send(wire.Health(worker.take_max_wait(), share))
+            forward.send(wire.Health(worker.take_max_wait(), meter.read()))
 
     async def main() -> None:
         worker = DetectionWorker()

@@ -27,6 +27,7 @@ from typing import Any
 import gevent
 
 from probe.config import EngineConfig
+from probe.cpushare import CpuShare
 from probe.locust.sinkproc import GeventSinkProcess
 from probe.measure.health import Bounds, GeneratorHealth
 from probe.measure.observe import Observers, RunObserver
@@ -126,18 +127,16 @@ class ProbeEngine:
         return health is not None and health.overloaded
 
     def _pump_loop(self) -> None:
-        cpu, wall = time.process_time(), time.monotonic()
-        trimmed = wall
+        meter = CpuShare()
+        trimmed = time.monotonic()
         was = False
         while not self._closed:
             gevent.sleep(self._pump_interval)
-            cpu_now, wall_now = time.process_time(), time.monotonic()
-            if wall_now - wall >= 1.0:
-                self.registry.record_cpu("worker", (cpu_now - cpu) / (wall_now - wall))
-                cpu, wall = cpu_now, wall_now
-            if wall_now - trimmed >= _TRIM_EVERY_S:
+            if meter.elapsed() >= 1.0:
+                self.registry.record_cpu("worker", meter.read())
+            if time.monotonic() - trimmed >= _TRIM_EVERY_S:
                 _trim_heap()
-                trimmed = wall_now
+                trimmed = time.monotonic()
             self.registry.expire()
             now = self.overloaded
             if now and not was:
