@@ -120,6 +120,10 @@ _SYNC_GAP = 3.0
 # none; at 3.5, 2 and 1, and G.723.1 1 (a speech peak taken for the sync); at 3.0, 0 and 2, and
 # G.723.1 3 and GSM 2.
 _SYNC_MOVED_Z = 3.5
+# Until a stream has shown drift (its first hits, held as stretching in case it is), the higher
+# bar: a constant-latency stream's sync is rarely weak, and a speech peak must not move it.
+# Measured (same matrix): G.723.1 1 -> 0 mistimed, WSOLA +-3 % unchanged (2 and 1).
+_SYNC_MOVED_Z_UNSURE = 4.5
 # A whole-template hit is checked for a splice when its correlation has a second peak within
 # _WANDER of at least _SPLIT_Z noise units and _SPLIT_SHARE of the main peak, and taken as
 # spliced when the piecewise path gains _GAIN z units over the single lag.
@@ -252,6 +256,7 @@ def locate(
     threshold: float = THRESHOLD,
     dp_threshold: float | None = None,
     stretching: bool = True,
+    moved_z: float = _SYNC_MOVED_Z,
 ) -> Hit | None:
     """Find the marker carrying ``payload`` starting anywhere in ``[lo, hi]`` of the whitened
     8 kHz signal ``w`` (indices into ``w``); None when it is not there.
@@ -293,7 +298,7 @@ def locate(
     if score >= threshold:
         position = a + peak + _frac(cn, peak)
         moved = (
-            _moved_sync(w, a + peak, sigma, float(np.mean(np.minimum(z, CAP))))
+            _moved_sync(w, a + peak, sigma, float(np.mean(np.minimum(z, CAP))), moved_z)
             if stretching
             else None
         )
@@ -387,7 +392,9 @@ def _sync_scan(w: F64, lo: int, hi: int, sigma: float) -> tuple[int, F64]:
     return lo, out
 
 
-def _moved_sync(w: F64, t0: int, sigma: float, data_z: float) -> float | None:
+def _moved_sync(
+    w: F64, t0: int, sigma: float, data_z: float, moved_z: float = _SYNC_MOVED_Z
+) -> float | None:
     """Where a marker whose data part matched at ``t0`` really started when a splice inside it
     moved its opening (a jitter buffer or tempo change: a repeat leaves the opening's first copy
     earlier, a drop leaves it later than the data implies): the earliest clear sync peak within
@@ -404,7 +411,7 @@ def _moved_sync(w: F64, t0: int, sigma: float, data_z: float) -> float | None:
         away = z.copy()
         away[max(0, here - 2) : here + 3] = -np.inf
         m = int(np.argmax(away))
-        if away[m] >= _SYNC_MOVED_Z:
+        if away[m] >= moved_z:
             return lo + m + _frac(z, m)
     strong = np.flatnonzero((z >= _SYNC_FAR_Z) & (z >= at_t0 + _SYNC_MARGIN))
     if strong.size == 0:
@@ -575,6 +582,7 @@ class InformedDetector:
         self._last: tuple[float, float] | None = None  # (8 kHz position, send time) of a hit
         # Hits left during which the stream counts as stretching; a new stream may be.
         self._drifting = _DRIFT_HOLD
+        self._drift_seen = False
         self.searches = 0
 
     @property
@@ -684,6 +692,7 @@ class InformedDetector:
             threshold=threshold,
             dp_threshold=self.dp_threshold,
             stretching=self._drifting > 0,
+            moved_z=_SYNC_MOVED_Z if self._drift_seen else _SYNC_MOVED_Z_UNSURE,
         )
         if found is None:
             return None
@@ -692,6 +701,7 @@ class InformedDetector:
     def _detection(self, e: Expected, hit: Hit) -> Detection:
         if _drifted(self._last, hit.position, e.send_time):
             self._drifting = _DRIFT_HOLD
+            self._drift_seen = True
         elif self._drifting:
             self._drifting -= 1
         self._last = (hit.position, e.send_time)
