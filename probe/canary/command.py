@@ -85,7 +85,8 @@ def canary(
     opts = _options(args, environ, scenario)
     if not opts.get("target"):
         raise ConfigError(
-            "probe canary needs a target: give --target URL or a --scenario that sets target."
+            "probe canary needs a target: give --target URL, a --scenario that sets target, "
+            "or PROBE_TARGET."
         )
     thresholds = [*(scenario.thresholds if scenario else ()), *parse_thresholds(args.threshold)]
     cfg = run_config(opts)
