@@ -1,4 +1,5 @@
-"""The Hops tab's statistics: exact values, own latency join, worker-to-master merge, CSV."""
+"""The Hops tab's statistics: exact values, own latency join, worker-to-master merge, CSV,
+own p95 over time."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import pytest
 
 from probe.config import EngineConfig
 from probe.errors import ConfigError
-from probe.locust.hopstats import HopsStats, LagHistogram, Totals
+from probe.locust.hopstats import HopsStats, LagHistogram, OwnP95Series, Totals
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
 
 
 def _row(rows: list[dict[str, object]], name: str) -> dict[str, object]:
@@ -139,6 +148,50 @@ def test_an_overloaded_worker_puts_a_warning_row_first() -> None:
     assert rows[1]["unmeasured"] == 3 and rows[1]["missed"] == 0
     s.set_totals("w1", Totals({"a": {"sent": 10, "detected": 10}}, {"started": 1}))
     assert s.rows()[0]["name"] == "a"
+
+
+def test_own_p95_per_clock_aligned_window_with_gaps_and_a_bounded_memory() -> None:
+    clock = Clock(1000.0)
+    series = OwnP95Series(clock=clock, every_s=5.0, keep_s=60.0)
+    rng = np.random.default_rng(3)
+    values = rng.uniform(0.010, 0.030, 200)
+    for v in values:
+        series.add("a", float(v))
+    series.add("b", 0.040)
+    clock.t = 1004.9
+    assert series.snapshot() == (1004.9, [])  # the window 1000-1005 is still open
+    clock.t = 1005.0
+    now, points = series.snapshot()
+    assert [t for t, _ in points] == [1005.0]
+    assert points[0][1]["a"] == pytest.approx(np.quantile(values, 0.95) * 1000, abs=0.001)
+    assert points[0][1]["b"] == pytest.approx(40.0)
+    # Nothing for 20 s, then a value: no empty points in between.
+    clock.t = 1027.0
+    series.add("a", 0.012)
+    clock.t = 1031.0
+    assert [t for t, _ in series.snapshot()[1]] == [1005.0, 1030.0]
+    # A long run keeps only the last keep_s.
+    for _ in range(100):
+        clock.t += 5.0
+        series.add("a", 0.015)
+    now, points = series.snapshot()
+    assert len(points) <= 12 and points[0][0] >= now - 60.0
+    series.clear()
+    assert series.snapshot()[1] == []
+
+
+def test_the_series_follows_local_detections_merged_reports_and_resets() -> None:
+    clock = Clock(0.0)
+    master = HopsStats(["a"], series=OwnP95Series(clock=clock))
+    worker = HopsStats(["a"], for_master=True)
+    worker.add_detection("a", 0.050, 0.020)
+    master.merge_report("w1", worker.take_report(Totals()))
+    master.add_detection("a", 0.050, 0.030)
+    clock.t = 6.0
+    assert master.series is not None
+    assert master.series.snapshot()[1] == [(5.0, {"a": pytest.approx(29.5)})]
+    master.reset()
+    assert master.series.snapshot()[1] == []
 
 
 def test_engine_config_from_env() -> None:

@@ -12,6 +12,9 @@ sessions); the master merges them (:meth:`HopsStats.merge_report`), summing the 
 every worker it has heard from. Frame send lags are many (50 a second per stream), so they are
 kept as counts per 10 microseconds, exact to that resolution.
 
+The process with the web UI also keeps each hop's own p95 over time (:class:`OwnP95Series`, for
+the Hops tab's picture): where the own latencies arrive, with no thread or timer of its own.
+
 The report is plain lists, dicts and numbers: it travels in Locust's msgpack messages.
 """
 
@@ -20,7 +23,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +37,7 @@ __all__ = [
     "LAG_RESOLUTION_S",
     "HopsStats",
     "LagHistogram",
+    "OwnP95Series",
     "Totals",
 ]
 
@@ -101,6 +107,61 @@ class LagHistogram:
         return out
 
 
+class OwnP95Series:
+    """Each hop's own p95 over time: one point per clock-aligned window of ``every_s`` seconds.
+
+    A window's values close into a point (stamped at the window's end: the p95 per hop, ms) when
+    a later value or a look (:meth:`snapshot`) comes after that end; a window without values
+    leaves no point, so a pause shows as a gap. Points older than ``keep_s`` are dropped, so
+    memory is bounded whatever the run's length. On a master the values come with the workers'
+    reports (every 3 s), so a point there counts values by when the master heard of them."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        every_s: float = 5.0,
+        keep_s: float = 1800.0,
+    ) -> None:
+        self.clock = clock
+        self.every_s = every_s
+        self.keep_s = keep_s
+        self._points: deque[tuple[float, dict[str, float]]] = deque(
+            maxlen=max(1, int(keep_s / every_s))
+        )
+        self._window = -1
+        self._open: dict[str, MicrosecondCounts] = {}
+
+    def add(self, hop: str, own_s: float) -> None:
+        self.extend(hop, (own_s,))
+
+    def extend(self, hop: str, own_s: Iterable[float]) -> None:
+        self._roll(self.clock())
+        self._open.setdefault(hop, MicrosecondCounts()).extend(own_s)
+
+    def snapshot(self) -> tuple[float, list[tuple[float, dict[str, float]]]]:
+        """The time now and the points of the last ``keep_s``, oldest first."""
+        now = self.clock()
+        self._roll(now)
+        while self._points and self._points[0][0] < now - self.keep_s:
+            self._points.popleft()
+        return now, list(self._points)
+
+    def clear(self) -> None:
+        self._points.clear()
+        self._open = {}
+
+    def _roll(self, now: float) -> None:
+        window = int(now // self.every_s)
+        if window == self._window:
+            return
+        if self._open:
+            p95 = {h: round(1000.0 * (c.quantile(0.95) or 0.0), 3) for h, c in self._open.items()}
+            self._points.append(((self._window + 1) * self.every_s, p95))
+            self._open = {}
+        self._window = window
+
+
 @dataclass
 class Totals:
     """Running totals one process reports: marker accounting per hop and sessions."""
@@ -126,13 +187,21 @@ class HopsStats:
     Own latency (a hop's cumulative latency minus that of the hop before it, for the same
     marker) comes with each detection from :class:`~probe.measure.observe.Observers`, joined by
     the one rule the report and telemetry use (:class:`~probe.measure.latency.OwnLatencyJoin`).
+    With a ``series``, own latencies also go into it (on the process with the web UI).
     Not thread-safe: the Locust integration uses it from the gevent hub only."""
 
-    def __init__(self, hop_order: Sequence[str] = (), *, for_master: bool = False) -> None:
+    def __init__(
+        self,
+        hop_order: Sequence[str] = (),
+        *,
+        for_master: bool = False,
+        series: OwnP95Series | None = None,
+    ) -> None:
         self.hop_order = list(hop_order)
         # A worker keeps what it measured since its last report for its master; a master or a
         # local run keeps nothing twice.
         self.for_master = for_master
+        self.series = series
         self.reset()
 
     def reset(self) -> None:
@@ -145,6 +214,8 @@ class HopsStats:
         self._new_cum: dict[str, list[float]] = {}
         self._new_own: dict[str, list[float]] = {}
         self._new_lag: dict[int, int] = {}
+        if self.series is not None:
+            self.series.clear()
 
     # -- one process ----------------------------------------------------------------------------
 
@@ -152,6 +223,8 @@ class HopsStats:
         """A marker seen on ``hop``: its cumulative and its own latency (seconds)."""
         self.cumulative.setdefault(hop, MicrosecondCounts()).add(latency_s)
         self.own.setdefault(hop, MicrosecondCounts()).add(own_s)
+        if self.series is not None:
+            self.series.add(hop, own_s)
         if self.for_master:
             self._new_cum.setdefault(hop, []).append(latency_s)
             self._new_own.setdefault(hop, []).append(own_s)
@@ -183,6 +256,8 @@ class HopsStats:
             self.cumulative.setdefault(str(hop), MicrosecondCounts()).extend(values)
         for hop, values in dict(report.get("own", {})).items():
             self.own.setdefault(str(hop), MicrosecondCounts()).extend(values)
+            if self.series is not None:
+                self.series.extend(str(hop), values)
         self.lag.merge(dict(report.get("lag", {})))
         if "totals" in report:
             self.totals[source] = Totals.from_dict(report["totals"])
