@@ -11,6 +11,7 @@ Locust (which monkey-patches the standard library for gevent) and registers the 
   (:mod:`probe.aio.sinkproc`), talked to from greenlets;
 - `engine`: registry, sink child process and pump of one process;
 - `report`: Locust request events; `hopstats`: exact per-hop statistics across workers;
+- `hopchart`: the Hops tab's picture (SVG);
 - `user`: the closed-loop and open-model users; `plugin`: the event wiring and the Hops tab.
 """
 

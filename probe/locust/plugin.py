@@ -5,8 +5,8 @@ Importing :mod:`probe.locust` registers these listeners on ``locust.events``:
 - ``init``: on every process that runs users (a worker, or a local run) start a
   :class:`~probe.locust.engine.ProbeEngine` (its own sink: a port that is taken ends the process
   with one sentence and exit code 2); with OTel or ``PROBE_METRICS_LISTEN`` configured, add the
-  telemetry observer; on the process with the web UI, add the **Hops** tab, its CSV download and
-  ``/hops/json``;
+  telemetry observer; on the process with the web UI, add the **Hops** tab, its CSV download,
+  ``/hops/json``, and the tab's picture (``/hops/chart.svg``, :mod:`~probe.locust.hopchart`);
 - ``report_to_master`` / ``worker_report``: workers ship new latency values and their totals;
   the master merges them (:class:`~probe.locust.hopstats.HopsStats`);
 - ``test_stop``: let markers in flight settle (bounded) so the last report counts them;
@@ -29,7 +29,8 @@ from locust.runners import STATE_MISSING, MasterRunner, WorkerRunner
 from probe.config import EngineConfig
 from probe.errors import ConfigError
 from probe.locust.engine import ProbeEngine
-from probe.locust.hopstats import COLUMNS, HopsStats, Totals
+from probe.locust.hopchart import chart_svg, with_page_script
+from probe.locust.hopstats import COLUMNS, HopsStats, OwnP95Series, Totals
 from probe.locust.report import LocustReporter
 from probe.measure.observe import RunObserver
 
@@ -276,6 +277,7 @@ def _extend_web_ui(environment: Any) -> None:
     from flask import Response, jsonify, request
 
     web_ui = environment.web_ui
+    hops_stats_of(environment).series = OwnP95Series()
     web_ui.template_args["extended_tabs"] = [{"title": "Hops", "key": "hops"}]
     web_ui.template_args["extended_tables"] = [
         {"key": "hops", "structure": [{"key": k, "title": t} for k, t in COLUMNS]}
@@ -285,8 +287,10 @@ def _extend_web_ui(environment: Any) -> None:
     ]
 
     @web_ui.app.after_request  # type: ignore[untyped-decorator,unused-ignore]
-    def _extend_stats(response: Any) -> Any:
-        if request.path.rstrip("/").endswith("/stats/requests") and response.is_json:
+    def _extend_responses(response: Any) -> Any:
+        if request.endpoint == "locust.index" and response.status_code == 200:
+            response.set_data(with_page_script(response.get_data(as_text=True)))
+        elif request.path.rstrip("/").endswith("/stats/requests") and response.is_json:
             body = response.get_json()
             body["extended_stats"] = [{"key": "hops", "data": hops_rows(environment)}]
             response.set_data(json.dumps(body))
@@ -305,6 +309,15 @@ def _extend_web_ui(environment: Any) -> None:
     @web_ui.auth_required_if_enabled  # type: ignore[untyped-decorator,unused-ignore]
     def _hops_json() -> Any:
         return jsonify(hops_json(environment))
+
+    @web_ui.app.route("/hops/chart.svg")  # type: ignore[untyped-decorator,unused-ignore]
+    @web_ui.auth_required_if_enabled  # type: ignore[untyped-decorator,unused-ignore]
+    def _hops_chart() -> Any:
+        return Response(
+            chart_svg(_refresh(environment)),
+            mimetype="image/svg+xml",
+            headers={"Cache-Control": "no-store"},
+        )
 
 
 def _listen(event: str, handler: Callable[..., None]) -> None:
