@@ -174,11 +174,19 @@ class DetectionWorker:
     where a ``ThreadPoolExecutor`` made a ``Future`` with a lock and a done callback per frame
     (about 30 us, paid by the event loop for every received frame)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """``after`` runs on the worker's thread after each piece of work (e.g. to send what it
+        found in one message)."""
         self._queue: SimpleQueue[
             tuple[Callable[..., None], tuple[object, ...], float] | None
         ] = SimpleQueue()
         self._clock = clock
+        self._after = after
         self._max_wait = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="probe-detect", daemon=True)
@@ -209,6 +217,11 @@ class DetectionWorker:
                 fn(*args)
             except Exception as exc:
                 log.error("detection failed: %s", exc, exc_info=exc)
+            if self._after is not None:
+                try:
+                    self._after()
+                except Exception as exc:
+                    log.error("after detection work: %s", exc, exc_info=exc)
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until all queued work has run (TimeoutError after ``timeout`` seconds)."""

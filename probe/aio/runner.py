@@ -212,6 +212,8 @@ async def _settle(
     """Wait until every marker is detected or past its timeout, then settle the rest."""
     deadline = time.monotonic() + timeout_s + 1.0
     while time.monotonic() < deadline:
+        if isinstance(sink, Sink):
+            sink.flush()  # fork frames waiting for their batch
         await asyncio.to_thread(worker.drain)
         if isinstance(sink, SinkProcess):
             await asyncio.to_thread(sink.drain)
@@ -219,6 +221,8 @@ async def _settle(
         if sum(c.pending for c in registry.hop_counts().values()) == 0:
             return
         await asyncio.sleep(0.2)
+    if isinstance(sink, Sink):
+        sink.flush()
     await asyncio.to_thread(worker.drain)
     if isinstance(sink, SinkProcess):
         await asyncio.to_thread(sink.drain)

@@ -4,6 +4,16 @@ A thin asyncio shell: it stamps each frame with its arrival time the moment it i
 hands it to the detection worker; the protocol receiver judges the frames, the registry does the
 bookkeeping. A fork that breaks the protocol is closed with the violation's code and reason and
 noted as a hop error; the run goes on.
+
+Per frame the loop does as little as it can, since a sink receives one frame per hop for every
+frame the source sends:
+
+- frames are handed to the detection worker in batches, every ``batch_s`` (one queue hand-over
+  and one wake-up of the worker thread for all the frames of all forks received meanwhile, not
+  one per frame); the arrival stamp is taken at receipt, so batching delays detection, never
+  the time measured; :meth:`Sink.flush` hands over what is waiting at once;
+- a fork that sends nothing for ``idle_timeout`` is found by one watchdog task for the whole
+  sink, not by a timeout around every receive (``asyncio.wait_for`` makes a task per call).
 """
 
 from __future__ import annotations
@@ -27,6 +37,20 @@ log = logging.getLogger(__name__)
 
 # A fork that sends nothing for this long is treated as stalled and closed.
 FORK_IDLE_S = 30.0
+# Frames received within this long reach the detection worker in one hand-over.
+BATCH_S = 0.01
+
+
+class _Fork:
+    """What the idle watchdog knows of one fork connection."""
+
+    __slots__ = ("hop", "last", "session", "ws")
+
+    def __init__(self, ws: ServerConnection, last: float) -> None:
+        self.ws = ws
+        self.hop = "unknown"
+        self.session: str | None = None
+        self.last = last
 
 
 class Sink:
@@ -40,6 +64,7 @@ class Sink:
         clock: Callable[[], float],
         idle_timeout: float = FORK_IDLE_S,
         book: ExpectationBook | None = None,
+        batch_s: float = BATCH_S,
     ) -> None:
         """``book`` (touched only on the worker's thread) makes forks of known sessions use
         informed detection."""
@@ -48,9 +73,15 @@ class Sink:
         self.worker = worker
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.batch_s = batch_s
         self._server: Server | None = None
         self.url = ""
         self.connections = 0
+        self._forks: set[_Fork] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._batch: list[tuple[Callable[..., None], tuple[object, ...]]] = []
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen; return the ws:// URL of the sink as bound."""
@@ -71,64 +102,111 @@ class Sink:
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"ws://{shown}:{bound_port}/sink"
+        self._watchdog = asyncio.create_task(self._watch_idle())
         return self.url
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand the frames waiting for their batch to the detection worker now (loop thread)."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self.worker.submit(_run_all, batch)
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> None:
+        self._batch.append((fn, args))
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(self.batch_s, self.flush)
+
+    async def _watch_idle(self) -> None:
+        """Close forks that sent nothing for ``idle_timeout``, as stalled hops."""
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            now = self.clock()
+            for fork in [f for f in self._forks if now - f.last >= self.idle_timeout]:
+                self._forks.discard(fork)
+                self.registry.hop_error(
+                    fork.hop,
+                    fork.session,
+                    f"fork sent nothing for {self.idle_timeout:.0f} s (stalled)",
+                )
+                # The handler sees the close as the end of its connection; it does not report
+                # it again.
+                task = asyncio.create_task(fork.ws.close(1008, "idle fork"))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
         receiver = ForkReceiver()
         stream: HopStream | None = None
-        hop = "unknown"
-        session: str | None = None
+        fork = _Fork(ws, self.clock())
+        self._forks.add(fork)
+        stamped = isinstance(ws, StampedServerConnection)
         try:
             while True:
-                try:
-                    frame = await asyncio.wait_for(ws.recv(), timeout=self.idle_timeout)
-                except TimeoutError:
-                    self.registry.hop_error(
-                        hop, session, f"fork sent nothing for {self.idle_timeout:.0f} s (stalled)"
-                    )
-                    await ws.close(1008, "idle fork")
-                    break
-                arrival = ws.arrival() if isinstance(ws, StampedServerConnection) else self.clock()
+                frame = await ws.recv()
+                arrival = ws.arrival() if stamped else self.clock()  # type: ignore[attr-defined]
+                fork.last = arrival
                 events = (
                     receiver.receive_binary(frame)
                     if isinstance(frame, bytes)
                     else receiver.receive_text(frame)
                 )
                 for ev in events:
-                    if isinstance(ev, Started) and isinstance(ev.msg, ForkStart):
+                    if isinstance(ev, Audio) and stream is not None:
+                        self._submit(stream.on_audio, ev.data, arrival)
+                    elif isinstance(ev, Started) and isinstance(ev.msg, ForkStart):
                         msg = ev.msg
                         if stream is None:
-                            hop, session = msg.hop, msg.session
-                            self.registry.hop_connected(hop, session, msg.traceparent)
+                            fork.hop, fork.session = msg.hop, msg.session
+                            self.registry.hop_connected(msg.hop, msg.session, msg.traceparent)
                             stream = HopStream(
-                                self.registry, hop, msg.audio, session_hint=session,
+                                self.registry, msg.hop, msg.audio, session_hint=msg.session,
                                 book=self.book,
                             )
                         else:
-                            self.worker.submit(stream.set_format, msg.audio)
-                    elif isinstance(ev, Audio) and stream is not None:
-                        self.worker.submit(stream.on_audio, ev.data, arrival)
+                            self._submit(stream.set_format, msg.audio)
                     elif isinstance(ev, Stopped):
                         break
                 if receiver.stopped:
                     break
         except ProtocolViolation as exc:
-            self.registry.hop_error(hop, session, f"fork broke the protocol: {exc.reason}")
+            self.registry.hop_error(
+                fork.hop, fork.session, f"fork broke the protocol: {exc.reason}"
+            )
             await ws.close(exc.close_code, exc.reason)
         except ConnectionClosed as exc:
-            if stream is None or not receiver.stopped:
+            # A fork the watchdog closed as idle is reported already.
+            if fork in self._forks and (stream is None or not receiver.stopped):
                 code = exc.rcvd.code if exc.rcvd is not None else 1006
                 if code not in (1000, 1001):
                     self.registry.hop_error(
-                        hop, session, f"fork connection closed without stop (code {code})"
+                        fork.hop,
+                        fork.session,
+                        f"fork connection closed without stop (code {code})",
                     )
         finally:
+            self._forks.discard(fork)
             if stream is not None:
-                self.worker.submit(stream.close)
+                self._submit(stream.close)
+
+
+def _run_all(batch: list[tuple[Callable[..., None], tuple[object, ...]]]) -> None:
+    """Run a batch of detection work in order; one failure does not drop the rest."""
+    for fn, args in batch:
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.error("detection failed: %s", exc, exc_info=exc)

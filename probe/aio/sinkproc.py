@@ -51,23 +51,39 @@ _START_TIMEOUT_S = 30.0
 
 
 class _Forwarder:
-    """The registry events of the child's sink and hop streams, sent to the parent."""
+    """The registry events of the child's sink and hop streams, sent to the parent.
+
+    Detections are found on the detection worker's thread, several per piece of work at load:
+    they wait in a list and :meth:`flush` (which the worker calls after each piece of work)
+    writes them as one :class:`~probe.measure.sinkwire.Batch`. Everything else goes at once."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
         self._gone = False
+        self._detections: list[tuple[object, ...]] = []
 
     def send(self, msg: wire.Message) -> None:
         with self._lock:
-            if self._gone:
-                return
-            try:
-                self._conn.send(wire.to_wire(msg))
-            except OSError:
-                # The parent is gone (killed, crashed): nobody to tell, so drop quietly and let
-                # the reader's EOF end this process.
-                self._gone = True
+            self._write(wire.to_wire(msg))
+
+    def flush(self) -> None:
+        """Send the detections found since the last flush (detection worker's thread)."""
+        if not self._detections:
+            return
+        with self._lock:
+            found, self._detections = self._detections, []
+            self._write(found[0] if len(found) == 1 else wire.to_wire(wire.Batch(tuple(found))))
+
+    def _write(self, item: tuple[object, ...]) -> None:
+        if self._gone:
+            return
+        try:
+            self._conn.send(item)
+        except OSError:
+            # The parent is gone (killed, crashed): nobody to tell, so drop quietly and let
+            # the reader's EOF end this process.
+            self._gone = True
 
     def hop_connected(
         self, hop: str, session_id: str | None, trace: TraceContext | None = None
@@ -86,7 +102,9 @@ class _Forwarder:
         score: float,
         session_hint: str | None = None,
     ) -> None:
-        self.send(wire.Detected(hop, payload, arrival_time, score, session_hint))
+        self._detections.append(
+            wire.to_wire(wire.Detected(hop, payload, arrival_time, score, session_hint))
+        )
 
 
 def _renice_this_thread(nice: int) -> None:
@@ -139,7 +157,20 @@ def _child(
             st.close()
         streams.clear()
 
-    def read(worker: DetectionWorker, loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
+    def read(
+        worker: DetectionWorker, sink: Sink, loop: asyncio.AbstractEventLoop, done: asyncio.Event
+    ) -> None:
+        def flush_sink() -> None:
+            # Fork frames still waiting for their batch go to the worker before a drain mark.
+            flushed = threading.Event()
+
+            def flush() -> None:
+                sink.flush()
+                flushed.set()
+
+            loop.call_soon_threadsafe(flush)
+            flushed.wait(5.0)
+
         try:
             while True:
                 batch = wire.from_wire(conn.recv())
@@ -149,6 +180,7 @@ def _child(
                 for item in batch.messages:
                     msg = wire.from_wire(item)
                     if isinstance(msg, wire.Drain):
+                        flush_sink()
                         if work:
                             worker.submit(apply, work)
                             work = []
@@ -175,7 +207,7 @@ def _child(
             forward.send(wire.Health(worker.take_max_wait(), meter.read()))
 
     async def main() -> None:
-        worker = DetectionWorker()
+        worker = DetectionWorker(after=forward.flush)
         if detect_nice:
             # Detection is throughput work on stamped frames: below the pacing process, the
             # target and this process's own socket reads (which stamp arrivals) in the scheduler.
@@ -193,7 +225,7 @@ def _child(
         health = asyncio.create_task(report_health(worker))
         done = asyncio.Event()
         reader = threading.Thread(
-            target=read, args=(worker, asyncio.get_running_loop(), done), daemon=True
+            target=read, args=(worker, sink, asyncio.get_running_loop(), done), daemon=True
         )
         reader.start()
         try:
@@ -206,7 +238,9 @@ def _child(
             with contextlib.suppress(OSError):
                 forward.send(wire.Stopped())
 
-    asyncio.run(main())
+    from probe.aio.loop import run
+
+    run(main())
 
 
 def _import_root() -> str:
@@ -303,6 +337,15 @@ class SinkChild:
         """Apply a registry message from the child (``Drained`` and ``Stopped`` are the
         shell's to handle)."""
         reg = self.registry
+        if isinstance(msg, wire.Batch):
+            for item in msg.messages:
+                try:
+                    part = wire.from_wire(item)
+                except ValueError as exc:
+                    log.error("%s", exc)
+                    continue
+                self._apply(part)
+            return
         try:
             if isinstance(msg, wire.Detected):
                 reg.record_detection(

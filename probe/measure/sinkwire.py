@@ -8,7 +8,8 @@ Parent to child: :class:`OpenStream`, :class:`StreamAudio`, :class:`StreamFormat
 Child to parent: :class:`Ready` or :class:`Failed` once, then :class:`Detected`,
 :class:`HopJoined`, :class:`HopFailed` (what the child's sink and streams tell the registry),
 :class:`Health` every second (how far detection lags and the child's CPU, for the generator's
-health, :mod:`probe.measure.health`), :class:`Drained` and :class:`Stopped`.
+health, :mod:`probe.measure.health`), :class:`Drained` and :class:`Stopped`; detections come in
+a :class:`Batch` when one piece of detection work found several.
 
 On the wire each message is a plain tuple ``(tag, *fields)`` (:func:`to_wire`, :func:`from_wire`):
 pickling a tuple costs a fraction of a dataclass instance, and there are thousands a second. A
@@ -134,7 +135,8 @@ class Stop(Message):
 
 @dataclass(frozen=True, slots=True)
 class Batch(Message):
-    """Parent-to-child messages written together (one pickle, one hand-over in the child)."""
+    """Messages written together: parent to child (one pickle, one hand-over in the child), and
+    the child's detections of one piece of detection work (one pickle, one write)."""
 
     TAG: ClassVar[str] = "batch"
     messages: tuple[tuple[Any, ...], ...]  # wire tuples

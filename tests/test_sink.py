@@ -1,0 +1,133 @@
+"""The in-process sink: batched hand-over to detection, and the one idle watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from probe.aio.hopstream import DetectionWorker
+from probe.aio.sink import Sink
+from probe.audio.formats import encode
+from probe.protocol import TraceContext
+from probe.session.frames import carrier
+from probe.watermark.design import session_payload
+from probe.watermark.embed import embed
+
+START = json.dumps({
+    "type": "start", "hop": "asr", "session": "s1",
+    "audio": {"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1},
+})
+
+
+class Recorder:
+    """The registry calls a sink makes, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def hop_connected(
+        self, hop: str, session_id: str | None, trace: TraceContext | None = None
+    ) -> None:
+        self.calls.append(("connected", hop, session_id))
+
+    def hop_error(self, hop: str, session_id: str | None, error: str) -> None:
+        self.calls.append(("error", hop, session_id, error))
+
+    def record_detection(
+        self,
+        hop: str,
+        payload: bytes,
+        arrival_time: float,
+        *,
+        score: float,
+        session_hint: str | None = None,
+    ) -> None:
+        self.calls.append(("detected", hop, payload, arrival_time))
+
+
+def test_frames_of_many_forks_reach_detection_in_batches_with_their_arrival_stamps() -> None:
+    speech, _ = carrier("speech_en_scotland", 16000, 3.0)
+    marked, placements = embed(
+        speech, 16000, lambda i: session_payload(0x123456, i), every_s=0.6
+    )
+    assert len(placements) >= 4
+    pcm = encode(marked, "pcm_s16le")
+    reg = Recorder()
+    worker = DetectionWorker(time.monotonic)
+    submits: list[int] = []
+    real_submit = worker.submit
+
+    def counting_submit(fn: Any, *args: object) -> None:
+        submits.append(1)
+        real_submit(fn, *args)
+
+    worker.submit = counting_submit  # type: ignore[method-assign]
+    forks = 3
+
+    async def go() -> None:
+        sink = Sink(reg, worker, clock=time.time, batch_s=0.05)
+        url = await sink.start("127.0.0.1", 0)
+
+        async def fork() -> None:
+            async with connect(url) as ws:
+                await ws.send(START)
+                for i in range(0, len(pcm), 640):
+                    await ws.send(pcm[i : i + 640])
+                    if i % (640 * 25) == 0:
+                        await asyncio.sleep(0)
+                await ws.send('{"type": "stop"}')
+
+        await asyncio.gather(*(fork() for _ in range(forks)))
+        await asyncio.sleep(0.1)
+        sink.flush()
+        await asyncio.to_thread(worker.drain, 10.0)
+        await sink.stop()
+
+    asyncio.run(go())
+    worker.close()
+    frames = forks * -(-len(pcm) // 640)
+    found = [c for c in reg.calls if c[0] == "detected"]
+    assert sorted(c[2] for c in found) == sorted([p.payload for p in placements] * forks)
+    # Far fewer hand-overs to the detection thread than frames received.
+    assert 0 < len(submits) < frames / 5
+    # Arrival stamps are when each frame was read, not when its batch ran.
+    assert all(abs(c[3] - time.time()) < 60 for c in found)
+    assert not [c for c in reg.calls if c[0] == "error"]
+
+
+def test_a_fork_that_goes_silent_is_closed_once_as_stalled() -> None:
+    reg = Recorder()
+    worker = DetectionWorker(time.monotonic)
+    codes: list[tuple[int | None, str | None]] = []
+
+    async def go() -> None:
+        sink = Sink(reg, worker, clock=time.time, idle_timeout=0.4)
+        url = await sink.start("127.0.0.1", 0)
+        async with connect(url) as ws:
+            await ws.send(START)
+            await ws.send(b"\x00\x00" * 320)
+            try:
+                await asyncio.wait_for(ws.recv(), 5.0)
+            except ConnectionClosed as exc:
+                rcvd = exc.rcvd
+                codes.append((rcvd.code, rcvd.reason) if rcvd else (None, None))
+        # A connection that never sends start is closed the same way.
+        async with connect(url) as ws2:
+            try:
+                await asyncio.wait_for(ws2.recv(), 5.0)
+            except ConnectionClosed as exc:
+                codes.append((exc.rcvd.code if exc.rcvd else None, None))
+        await asyncio.sleep(0.2)
+        await sink.stop()
+
+    asyncio.run(go())
+    worker.close()
+    assert codes == [(1008, "idle fork"), (1008, None)]
+    errors = [c for c in reg.calls if c[0] == "error"]
+    assert [(e[1], e[2]) for e in errors] == [("asr", "s1"), ("unknown", None)]
+    assert all("stalled" in e[3] for e in errors)
