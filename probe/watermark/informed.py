@@ -145,6 +145,8 @@ _HISTORY_S = 3.0
 # blocks, 0.57 and 0.54 with 0.5 s). A detection is reported at most one block after its audio;
 # its time is the arrival stamp of its own samples, so latency does not change.
 _BLOCK_S = 0.5
+# Input fed to the resampler per call (see _resample_in_steps).
+_RESAMPLE_STEP_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +479,21 @@ def _stretched(
     return Hit(position=fallback_at, score=score, stretched=True)
 
 
+def _resample_in_steps(
+    resampler: soxr.ResampleStream, x: npt.NDArray[np.float32], step: int, *, last: bool
+) -> npt.NDArray[np.float32]:
+    """``resampler.resample_chunk(x)`` fed ``step`` samples at a time: libsoxr sizes a stream's
+    buffers to the largest chunk it was given (measured: 144 KiB per stream fed 0.5 s chunks at
+    16 kHz, 89 KiB fed 0.1 s ones), and a sink child holds two streams per session."""
+    if len(x) <= step:
+        return np.asarray(resampler.resample_chunk(x, last=last), np.float32)
+    parts = [
+        resampler.resample_chunk(x[i : i + step], last=last and i + step >= len(x))
+        for i in range(0, len(x), step)
+    ]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
 class Whitener:
     """Phase-transform whitening (as :func:`probe.watermark.detect.whiten`) of an endless 8 kHz
     stream, block by block: each pushed block returns the whitened samples now final, which
@@ -507,8 +524,9 @@ class Whitener:
         out[self._HOP :] += halves[:, 1, :].reshape(-1)
         out[: self._HOP] += self._carry
         span = frames * self._HOP
-        self._carry = out[span:]
-        self._raw = raw[span:]
+        # Copies: views would keep this block's whole arrays alive until the next one.
+        self._carry = out[span:].copy()
+        self._raw = raw[span:].copy()
         self.done += span
         return out[:span]
 
@@ -574,8 +592,13 @@ class InformedDetector:
         self._pending_raw: list[npt.ArrayLike] = []
         self._pending_n = 0
         self._block = max(1, int(_BLOCK_S * rate))
+        self._step = max(1, int(_RESAMPLE_STEP_S * rate))
         self._whitener = Whitener()
-        self._w = np.zeros(0)
+        # The whitened 8 kHz history, kept as float32 in one buffer that is reused (half the
+        # memory of float64, and no new array per block); searched as float64 (:meth:`_w64`).
+        self._buf = np.zeros(self._history + 2 * int(_BLOCK_S * DETECT_RATE), np.float32)
+        self._n = 0
+        self._w64_cache: F64 | None = None
         self._w_start = 0  # 8 kHz index of _w[0]
         self._expected: deque[_Pending] = deque()
         self._latency = latency
@@ -609,7 +632,7 @@ class InformedDetector:
         """End of stream: search what is buffered."""
         out = self._advance(last=True)
         # Whatever is still expected can only be searched up to the end of the audio.
-        self._w = np.concatenate([self._w, np.zeros(_MARKER + 256)])
+        self._append(np.zeros(_MARKER + 256))
         out.extend(self._search(final=True))
         self._expected.clear()
         return out
@@ -621,19 +644,43 @@ class InformedDetector:
         self._pending_raw = []
         self._pending_n = 0
         if self._resampler is not None:
-            x = self._resampler.resample_chunk(x, last=last)
+            x = _resample_in_steps(self._resampler, x, self._step, last=last)
         if last:
             x = np.concatenate([np.asarray(x, np.float64), np.zeros(256)])
         fresh = self._whitener.push(np.asarray(x, np.float64))
         if fresh.size:
-            self._w = np.concatenate([self._w, fresh])
+            self._append(fresh)
         out = self._search(final=False)
-        drop = len(self._w) - self._history
+        drop = self._n - self._history
         if drop > 0:
-            self._w = self._w[drop:]
-            self._w_start += drop
+            self._drop(drop)
             self._clock.forget_before((self._w_start - DETECT_RATE) * self.rate / DETECT_RATE)
         return out
+
+    def _append(self, x: npt.ArrayLike) -> None:
+        x = np.asarray(x)
+        need = self._n + len(x)
+        if need > len(self._buf):
+            grown = np.zeros(max(need, 2 * len(self._buf)), np.float32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : need] = x
+        self._n = need
+        self._w64_cache = None
+
+    def _drop(self, k: int) -> None:
+        """Forget the oldest ``k`` whitened samples."""
+        keep = self._n - k
+        self._buf[:keep] = self._buf[k : self._n]
+        self._n = keep
+        self._w_start += k
+        self._w64_cache = None
+
+    def _w64(self) -> F64:
+        """The whitened history as float64, for one block's search (made at most once)."""
+        if self._w64_cache is None:
+            self._w64_cache = self._buf[: self._n].astype(np.float64)
+        return self._w64_cache
 
     def _index_of(self, t: float) -> float:
         """The 8 kHz stream index of arrival time ``t`` (the inverse of the arrival clock)."""
@@ -645,7 +692,7 @@ class InformedDetector:
         return (chosen[0] + (t - chosen[1]) * self.rate) * DETECT_RATE / self.rate
 
     def _search(self, *, final: bool) -> list[Detection]:
-        end = self._w_start + len(self._w)  # 8 kHz index after the last whitened sample
+        end = self._w_start + self._n  # 8 kHz index after the last whitened sample
         last_start = end - _MARKER  # latest candidate start wholly available
         out: list[Detection] = []
         keep: deque[_Pending] = deque()
@@ -678,6 +725,7 @@ class InformedDetector:
             if not expired and not final:
                 keep.append(p)
         self._expected = keep
+        self._w64_cache = None  # made again for the next block's search; not kept meanwhile
         return out
 
     def _locate(self, payload: bytes, lo: int, hi: int, threshold: float) -> Hit | None:
@@ -685,7 +733,7 @@ class InformedDetector:
         # Candidates need a little context before them in the buffer (whitening is causal
         # enough; the correlation only reads the marker's own span).
         found = locate(
-            self._w,
+            self._w64(),
             payload,
             lo - self._w_start,
             hi - self._w_start,
