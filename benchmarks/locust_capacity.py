@@ -14,7 +14,14 @@ boundary falls in a measured window). Memory per stream is the growth of the res
 this process plus its sink child over the probe ramp's passing steps divided by the streams added;
 CPU is shown for the worker, its sink child and the pipeline (% of one core).
 
-    python benchmarks/locust_capacity.py [--steps 25,50,100,150,200,250,300] [--hold 10]
+With ``--pin`` (a machine with 2 or more cores) the load generator runs alone on core 0 (this
+process: the worker, or the bare loop) and everything else on the other cores (the sink child and
+the pipeline; ``os.sched_setaffinity``, what ``taskset`` does), so the worker's own CPU per
+stream-second is not shared with anything: the per-worker-core figure is clean. On a 2-core
+machine the other core then carries both the pipeline and the sink child, and the ramp ends where
+that core runs out; the line "worker core" says how busy core 0 was at each step.
+
+    python benchmarks/locust_capacity.py [--steps 25,50,75,100,...] [--hold 10] [--pin]
 """
 
 from __future__ import annotations
@@ -93,12 +100,22 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# Cores for this process and for the rest (--pin); None: no pinning.
+PIN: tuple[set[int], set[int]] | None = None
+
+
+def _pin(pid: int, mine: bool) -> None:
+    if PIN is not None:
+        os.sched_setaffinity(pid, PIN[0] if mine else PIN[1])
+
+
 class Pipeline:
     def __init__(self, hops: str) -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", PIPELINE, str(self.port), hops], stdout=subprocess.PIPE
         )
+        _pin(self.proc.pid, mine=False)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != b"ready":
             raise SystemExit("the reference pipeline did not start")
@@ -176,6 +193,7 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
     events.init.fire(environment=env, runner=runner, web_ui=None)
     engine = engine_of(env)
     sink_pid = int(engine.sink.proc.pid)
+    _pin(sink_pid, mine=False)
 
     def rss() -> float:
         return _rss_mib() + _rss_mib(sink_pid)
@@ -294,16 +312,27 @@ def bare_ramp(steps: list[int], hold_s: float, settle_s: float) -> list[Step]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", default="25,50,100,150,200,250,300,350,400")
+    ap.add_argument("--steps", default="25,50,75,100,125,150,175,200,225,250,275,300,350,400")
     ap.add_argument("--hold", type=float, default=10.0, help="seconds measured per step")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds before measuring")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--pin", action="store_true",
+                    help="this process alone on core 0, the sink child and pipeline on the rest")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval (s) for this process; the engine's default 1 ms")
     args = ap.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     steps = [int(s) for s in args.steps.split(",")]
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            raise SystemExit("--pin needs at least 2 cores")
+        global PIN
+        PIN = ({cores[0]}, set(cores[1:]))
+        _pin(os.getpid(), mine=True)
+        print(f"pinned: this process on core {cores[0]}; sink child and pipeline on "
+              f"{', '.join(map(str, cores[1:]))}")
     print(f"one worker process, 16 kHz pcm_s16le, 20 ms frames, {SESSION_S:g} s sessions; "
           f"pipeline 'a:20ms' (lossless, fork + return) in a separate process; "
           f"{os.cpu_count()} cores on the machine, shared")
