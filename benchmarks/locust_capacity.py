@@ -69,14 +69,13 @@ FIXTURE = "speech_en_scotland"
 
 PIPELINE = """
 import asyncio, sys
-from probe.aio.loop import run
 from probe.pipeline import ReferencePipeline
 async def main():
     p = ReferencePipeline(sys.argv[2], spin=0.0)
     await p.start("127.0.0.1", int(sys.argv[1]))
     print("ready", flush=True)
     await asyncio.Future()
-run(main())
+asyncio.run(main())
 """
 
 
