@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from probe.config import add_run_options, env_options, given_options, parse_host_port
+from probe.config import (
+    OPTION,
+    add_run_options,
+    env_options,
+    flag_type,
+    given_options,
+    integer_rule,
+    number_rule,
+    parse_host_port,
+)
 from probe.errors import ConfigError, ProbeError
 
 if TYPE_CHECKING:
@@ -49,8 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("input")
     m.add_argument("output")
     m.add_argument("--payload", required=True, help="32-bit payload, 8 hex digits")
-    m.add_argument("--every", type=float, default=None, help="seconds between marker starts")
-    m.add_argument("--level", type=float, default=None, help="dB relative to the speech")
+    m.add_argument("--every", type=flag_type("--every", OPTION["every"].rule), default=None,
+                   help="seconds between marker starts (at least 0.24, default 0.5)")
+    m.add_argument("--level", type=flag_type("--level", OPTION["level"].rule), default=None,
+                   help="dB relative to the speech (-60 to 0, default -14)")
     m.add_argument("--json", action="store_true", help="one JSON object per marker")
 
     d = sub.add_parser("detect", help="find markers in a recording")
@@ -66,13 +77,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the markers that were sent, as `probe mark --json` prints them",
     )
     d.add_argument(
-        "--max-delay", type=float, default=5.0,
-        help="with --reference/--expect: longest delay to search, seconds (default 5)",
+        "--max-delay", type=flag_type("--max-delay", number_rule(above=0.0, at_most=600.0)),
+        default=5.0,
+        help="with --reference/--expect: longest delay to search, seconds (default 5, at most 600)",
     )
 
     demo = sub.add_parser("demo", help="run the reference pipeline and a probe, print the table")
-    demo.add_argument("--sessions", type=int, default=4)
-    demo.add_argument("--duration", type=float, default=6.0)
+    demo.add_argument("--sessions", type=flag_type("--sessions", OPTION["sessions"].rule),
+                      default=4)
+    demo.add_argument("--duration", type=flag_type("--duration", OPTION["duration"].rule),
+                      default=6.0)
     demo.add_argument("--hops", default=DEMO_HOPS)
     demo.add_argument("--json", default="probe-report.json", help="where to write the report")
     add_telemetry_options(demo)
@@ -89,13 +103,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exporter", help="serve /probe?target=&scenario= for Prometheus")
     ex.add_argument("--listen", default="127.0.0.1:9116", help="HOST:PORT")
     ex.add_argument("--scenarios", default=None, help="directory of *.toml scenarios")
-    ex.add_argument("--max-probes", type=int, default=2, help="probes allowed at once")
-    ex.add_argument("--queue-timeout", type=float, default=5.0,
-                    help="seconds a request waits for a free slot before HTTP 503")
-    ex.add_argument("--sessions", type=int, default=1, help="default when no scenario sets it")
-    ex.add_argument("--duration", type=float, default=3.0, help="default when no scenario sets it")
-    ex.add_argument("--marker-timeout", type=float, default=3.0,
-                    help="default when no scenario sets it")
+    ex.add_argument("--max-probes", type=flag_type("--max-probes", integer_rule(1, 1000)),
+                    default=2, help="probes allowed at once")
+    ex.add_argument("--queue-timeout",
+                    type=flag_type("--queue-timeout", number_rule(above=-1.0, least=0.0,
+                                                                  at_most=3600.0)),
+                    default=5.0, help="seconds a request waits for a free slot before HTTP 503")
+    for name, default in (("sessions", 1), ("duration", 3.0), ("marker_timeout", 3.0)):
+        flag = OPTION[name].flag
+        ex.add_argument(flag, type=flag_type(flag, OPTION[name].rule), default=default,
+                        help="default when no scenario sets it")
 
     pl = sub.add_parser("pipeline", help="serve the reference multi-hop pipeline")
     pl.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT")
@@ -158,6 +175,7 @@ def _cmd_mark(args: argparse.Namespace) -> int:
     from probe.watermark.embed import embed
 
     payload = parse_payload_hex(args.payload)
+    fmt = _sound_format(args.output)
     x, rate = load_wav(args.input, min_seconds=0.3)
     every = DEFAULT_EVERY_S if args.every is None else args.every
     level = DEFAULT_LEVEL_DB if args.level is None else args.level
@@ -166,7 +184,7 @@ def _cmd_mark(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.input} is too short to hold one marker")
     peak = float(np.max(np.abs(marked))) if len(marked) else 0.0
     try:
-        sf.write(args.output, np.clip(marked, -1.0, 1.0), rate, subtype="PCM_16")
+        sf.write(args.output, np.clip(marked, -1.0, 1.0), rate, subtype="PCM_16", format=fmt)
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"cannot write {args.output}: {exc}") from exc
     for p in placed:
@@ -175,6 +193,20 @@ def _cmd_mark(args: argparse.Namespace) -> int:
     if peak > 1.0:
         print(f"probe: warning: the marked audio clipped (peak {peak:.2f})", file=sys.stderr)
     return EXIT_OK
+
+
+def _sound_format(path: str) -> str:
+    """The sound file format ``probe mark`` writes to ``path``, named by its extension (16-bit
+    PCM: WAV, FLAC, AIFF, ...); ConfigError when the extension names none."""
+    import soundfile as sf
+
+    ext = Path(path).suffix.lstrip(".").upper()
+    if ext != "RAW" and ext in sf.available_formats() and sf.check_format(ext, "PCM_16"):
+        return ext
+    raise ConfigError(
+        f"probe mark writes a sound file whose extension names its format (.wav, .flac, "
+        f".aiff, ...), got {path!r}."
+    )
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -236,8 +268,6 @@ def _detect_informed(args: argparse.Namespace) -> int:
     from probe.watermark.detect import detect_all
     from probe.watermark.informed import Sent, follow_markers
 
-    if not (math.isfinite(args.max_delay) and 0 < args.max_delay <= 600):
-        raise ConfigError(f"--max-delay must be 0-600 seconds, got {args.max_delay}")
     if args.reference is not None:
         ref, ref_rate = load_wav(args.reference, min_seconds=0.0)
         sent = [Sent(d.payload, d.position / ref_rate) for d in detect_all(ref, ref_rate)]

@@ -22,9 +22,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from probe.errors import ConfigError
-from probe.watermark.design import DEFAULT_LEVEL_DB
+from probe.watermark.design import DEFAULT_LEVEL_DB, MARKER_S, SUPPORTED_RATES
 
 if TYPE_CHECKING:
     from probe.audio.formats import Encoding
@@ -37,9 +38,13 @@ __all__ = [
     "Option",
     "RunOptions",
     "add_run_options",
+    "check_url",
     "env_options",
+    "flag_type",
     "given_options",
+    "integer_rule",
     "locust_env",
+    "number_rule",
     "parse_host_port",
     "run_defaults",
     "run_options",
@@ -92,11 +97,40 @@ def _text(v: Any, label: str, text: bool = False) -> str:
     return v.strip()
 
 
-def _url(v: Any, label: str, text: bool = False) -> str:
-    s = _text(v, label)
-    if not s.startswith(("ws://", "wss://")):
-        raise _fail(label, "a ws:// or wss:// URL", s)
+def check_url(text: str, label: str, schemes: tuple[str, ...] = ("ws", "wss")) -> str:
+    """``text`` (stripped) when it is a URL of one of ``schemes`` that a client can connect to:
+    a host (a name, an IPv4 address or a bracketed IPv6 one), an optional port from 1 to 65535,
+    no spaces or control characters, no fragment. ``{session}`` (replaced per session in a
+    target) counts as an ordinary path or host part. Else a ConfigError naming ``label``."""
+    s = text.strip()
+    kinds = " or ".join(f"{k}://" for k in schemes)
+    article = "an" if kinds[0] in "aehiosu" else "a"
+    problem = (
+        f"{article} {kinds} URL naming a host, with a port from 1 to 65535 if any "
+        f"(e.g. {schemes[0]}://127.0.0.1:8765/ or {schemes[0]}://[::1]:8765/)"
+    )
+    try:
+        parts = urlsplit(s.replace("{session}", "0" * 32))
+        port = parts.port
+    except ValueError:  # an unclosed or invalid IPv6 bracket, a port that is no number
+        raise _fail(label, problem, text) from None
+    netloc = parts.netloc.rpartition("@")[2]
+    if (
+        parts.scheme not in schemes
+        or not s.lower().startswith(f"{parts.scheme}://")
+        or not parts.hostname
+        or port == 0
+        or parts.fragment
+        or netloc.count("[") != netloc.count("]")
+        or netloc.count("[") > 1
+        or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in s)
+    ):
+        raise _fail(label, problem, text)
     return s
+
+
+def _url(v: Any, label: str, text: bool = False) -> str:
+    return check_url(_text(v, label), label)
 
 
 def _choice(choices: tuple[str, ...]) -> Rule:
@@ -147,6 +181,14 @@ def _number(*, above: float, at_most: float | None = None, least: float | None =
     return rule
 
 
+def _rate(v: Any, label: str, text: bool = False) -> int:
+    n: int = _integer(8000, 48000)(v, label, text)
+    if n not in SUPPORTED_RATES:
+        rates = ", ".join(str(r) for r in SUPPORTED_RATES[:-1])
+        raise _fail(label, f"one of {rates} or {SUPPORTED_RATES[-1]} (Hz, the marker's rates)", v)
+    return n
+
+
 def _flag(v: Any, label: str, text: bool = False) -> bool:
     if isinstance(v, bool):
         return v
@@ -175,6 +217,27 @@ def _hops(v: Any, label: str, text: bool = False) -> tuple[str, ...]:
             f"{label} holds {bad[0]!r}, not a hop name (1-64 of A-Z a-z 0-9 . _ -)."
         )
     return tuple(names)
+
+
+def number_rule(*, above: float, at_most: float | None = None, least: float | None = None) -> Rule:
+    """A finite number in a range, for the flags of other commands (:func:`flag_type`)."""
+    return _number(above=above, at_most=at_most, least=least)
+
+
+def integer_rule(lo: int, hi: int | None = None) -> Rule:
+    """The rule of an integer from ``lo`` (to ``hi``), for :func:`flag_type`."""
+    return _integer(lo, hi)
+
+
+def flag_type(flag: str, rule: Rule) -> Callable[[str], Any]:
+    """An argparse ``type=`` reading a flag's text by ``rule``: a bad value is the rule's one
+    sentence naming the flag (``--every must be a number at least 0.24, got 'nan'.``), a
+    ConfigError that argparse lets through (where ``type=float`` would take nan and inf)."""
+
+    def read(text: str) -> Any:
+        return rule(text, flag, True)
+
+    return read
 
 
 @dataclass(frozen=True)
@@ -213,21 +276,24 @@ OPTIONS: tuple[Option, ...] = (
            env="PROBE_DIALECT", locust="dialect"),
     Option("fixture", _text, "speech_en_us", "fixture name or WAV path", env="PROBE_FIXTURE",
            locust="fixture"),
-    Option("rate", _integer(8000, 48000), 16000, "sample rate, Hz", env="PROBE_RATE",
-           locust="sample_rate"),
+    Option("rate", _rate, 16000, "sample rate on the wire, Hz: 8000, 16000, 24000, 32000 or 48000",
+           env="PROBE_RATE", locust="sample_rate"),
     Option("encoding", _choice(ENCODINGS), "pcm_s16le",
            "sample encoding on the wire: pcm_s16le, pcm_f32le, mulaw or alaw",
            env="PROBE_ENCODING", locust="encoding"),
-    Option("frame_ms", _number(above=0.0, at_most=1000.0), 20.0, "milliseconds per frame",
+    Option("frame_ms", _number(above=0.0, least=1.0, at_most=1000.0), 20.0,
+           "milliseconds per frame, 1 to 1000",
            env="PROBE_FRAME_MS", locust="frame_ms"),
-    Option("duration", _number(above=0.5), 10.0, "seconds per session",
+    Option("duration", _number(above=0.5, at_most=3600.0), 10.0,
+           "seconds per session, at most 3600",
            env="PROBE_SESSION_S", locust="session_s"),
-    Option("every", _number(above=0.0), None, "seconds between markers (default 0.5)",
+    Option("every", _number(above=0.0, least=MARKER_S), None,
+           f"seconds between markers, at least {MARKER_S:g} (default 0.5)",
            env="PROBE_EVERY", locust="every_s"),
     Option("level", _number(above=-60.0, at_most=0.0), DEFAULT_LEVEL_DB,
            "marker level, dB relative to the speech's active level", env="PROBE_LEVEL_DB",
            locust="level_db"),
-    Option("sessions", _integer(1), 1, "sessions in the run"),
+    Option("sessions", _integer(1, 100_000), 1, "sessions in the run"),
     Option("concurrency", _integer(1), 1, "sessions at once"),
     Option("sink_listen", _listen, "127.0.0.1:0", "HOST:PORT for the sink",
            env="PROBE_SINK_LISTEN"),
@@ -235,8 +301,9 @@ OPTIONS: tuple[Option, ...] = (
            env="PROBE_SINK_URL"),
     Option("no_sink", _flag, False, "measure only the return direction", env="PROBE_NO_SINK"),
     Option("hop_order", _hops, None, "comma-separated hop names", env="PROBE_HOP_ORDER"),
-    Option("marker_timeout", _number(above=0.0), 10.0,
-           "seconds after which a marker not found is missed", env="PROBE_MARKER_TIMEOUT"),
+    Option("marker_timeout", _number(above=0.0, at_most=600.0), 10.0,
+           "seconds after which a marker not found is missed, at most 600",
+           env="PROBE_MARKER_TIMEOUT"),
     Option("reply", _flag, False,
            "the system answers in its own voice: send utterances with gaps and time the reply",
            env="PROBE_REPLY", locust="reply"),

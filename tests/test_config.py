@@ -75,9 +75,17 @@ def test_every_option_is_a_field_a_flag_and_a_documented_row() -> None:
 
 
 BAD = [
-    ("sessions", "0", 0, "must be an integer of 1 or more"),
+    ("sessions", "0", 0, "must be an integer from 1 to 100000"),
     ("duration", "0.2", 0.2, "must be a number more than 0.5"),
     ("rate", "4000", 4000, "must be an integer from 8000 to 48000"),
+    ("rate", "11025", 11025, "must be one of 8000, 16000, 24000, 32000 or 48000"),
+    ("frame_ms", "0", 0.0, "must be a number at least 1 and at most 1000"),
+    ("duration", "nan", float("nan"), "must be a number more than 0.5 and at most 3600"),
+    ("duration", "inf", float("inf"), "must be a number more than 0.5 and at most 3600"),
+    ("duration", "-1", -1.0, "must be a number more than 0.5"),
+    ("every", "0.1", 0.1, "must be a number at least 0.24"),
+    ("marker_timeout", "601", 601.0, "must be a number more than 0 and at most 600"),
+    ("target", "ws://[::1", "ws://[::1", "must be a ws:// or wss:// URL naming a host"),
     ("target", "http://x/", "http://x/", "must be a ws:// or wss:// URL"),
     ("dialect", "sip", "sip", "must be one of probe, twilio"),
     ("sink_listen", "localhost", "localhost", "must be HOST:PORT"),
@@ -159,3 +167,88 @@ def test_locust_users_take_the_environment_over_their_attributes() -> None:
         "0.0.0.0", 7000, False, 4.0, 5)
     with pytest.raises(ConfigError, match="PROBE_DETECT_NICE must be an integer from 0 to 19"):
         EngineConfig.from_env({"PROBE_DETECT_NICE": "20"})
+
+
+# -- every bad class of every numeric and URL option, as the user types it.
+
+NOT_NUMBERS = ("nan", "inf", "-inf", "1e400", "abc", "")
+
+
+# Values each option's range excludes beyond NOT_NUMBERS: zero and negatives where they mean
+# nothing (a level and a threshold are dB under a reference: 0 and -1 are fine there).
+OUT_OF_RANGE = {
+    "rate": ("0", "-1", "11025", "44100", "96000"),
+    "frame_ms": ("0", "-1", "0.5", "1001"),
+    "duration": ("0", "-1", "0.5", "3601"),
+    "every": ("0", "-1", "0.2"),
+    "level": ("-60", "1", "-1000"),
+    "sessions": ("0", "-1", "1.5", "100001"),
+    "concurrency": ("0", "-1", "2.5"),
+    "marker_timeout": ("0", "-1", "601"),
+    "utterance": ("0", "-1", "0.4"),
+    "gap": ("0", "-1", "0.1"),
+    "reply_threshold": ("1", "-120", "-inf"),
+}
+
+
+NUMERIC = [o for o in OPTIONS if o.name in OUT_OF_RANGE]
+
+
+def test_the_numeric_options_are_all_covered() -> None:
+    numbers = {o.name for o in OPTIONS
+               if type(o.default) in (int, float) or o.name == "every"}  # every: default None
+    assert numbers == set(OUT_OF_RANGE)
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [(o.name, v) for o in NUMERIC for v in (*NOT_NUMBERS, *OUT_OF_RANGE[o.name])],
+)
+def test_every_numeric_option_refuses_each_bad_class_in_one_sentence(name: str, text: str) -> None:
+    o = OPTION[name]
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    with pytest.raises(ConfigError) as e:
+        given_options(parser.parse_args([f"{o.flag}={text}"]))  # "-inf" would look like a flag
+    msg = str(e.value)
+    assert msg.startswith(f"{o.flag} must be ") and msg.endswith(f"got {text!r}.")
+    assert "\n" not in msg
+
+
+BAD_URLS = [
+    "ws://[::1", "ws://[::1]:x/", "ws://", "ws:///x", "ws://:80/", "ws://h:99999/", "ws://h:-1/",
+    "ws:// h/", "ws://[zz]/", "ws://h:80:90/", "wss://[::1]]/", "ws://h:0/", "ws://h/#frag",
+    "ws://h/a b", "ws://h\t/", "http://h/", "h:80", "ws:/h/", "ws://::1/",
+]
+GOOD_URLS = [
+    "ws://h/", "ws://[::1]/", "wss://[::1]:8765/x?q=1", "ws://127.0.0.1:8765/ws/{session}",
+    "ws://u:p@h:1/", "WS://H:65535/", "ws://h", "ws://[fe80::1%25eth0]:80/",
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_a_malformed_url_is_one_sentence_for_target_and_sink_url(url: str) -> None:
+    for name in ("target", "sink_url"):
+        o = OPTION[name]
+        with pytest.raises(ConfigError) as e:
+            run_options({"target": "ws://h/", name: url})
+        msg = str(e.value)
+        assert msg.startswith(f"{o.flag} must be a ws:// or wss:// URL naming a host"), msg
+        assert msg.endswith(f"got {url!r}.") and "\n" not in msg
+
+
+@pytest.mark.parametrize("url", GOOD_URLS)
+def test_a_url_the_rule_takes_is_one_the_websocket_client_can_open(url: str) -> None:
+    from websockets.uri import parse_uri
+
+    assert run_options({"target": url}).target == url.strip()
+    parse_uri(url.replace("{session}", "abc"))  # raises if the client could not use it
+
+
+def test_the_pushgateway_url_has_the_same_rule_with_http() -> None:
+    from probe.config import check_url
+
+    assert check_url("http://[::1]:9091/", "--pushgateway", ("http", "https"))
+    for bad in ("http://[::1", "http://", "http://h:x/", "ws://h/"):
+        with pytest.raises(ConfigError, match="--pushgateway must be an http:// or https:// URL"):
+            check_url(bad, "--pushgateway", ("http", "https"))

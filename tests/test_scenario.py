@@ -55,7 +55,7 @@ def _parse(data: dict[str, Any]) -> str:
     ("data", "needle"),
     [
         ({"sesions": 2}, "unknown key 'sesions'"),
-        ({"sessions": "two"}, "key 'sessions' must be an integer of 1 or more, got 'two'"),
+        ({"sessions": "two"}, "key 'sessions' must be an integer from 1 to 100000, got 'two'"),
         ({"sessions": 0}, "key 'sessions'"),
         ({"sessions": True}, "key 'sessions'"),
         ({"duration": 0.2}, "key 'duration' must be a number more than 0.5"),
@@ -114,7 +114,7 @@ def test_files(tmp_path: Path) -> None:
         ("target = 'ws://h/'\n", ["--threshold", "markers>=99.9"], "percentage"),
         ("target = 'ws://h/'\n", ["--threshold", "hop=x own.p101<3ms"], "unknown statistic"),
         ("sessions = 1\n", [], "needs a target"),
-        ("target = 'ws://h/'\n", ["--sessions", "0"], "--sessions must be an integer of 1"),
+        ("target = 'ws://h/'\n", ["--sessions", "0"], "--sessions must be an integer from 1"),
         ("target = 'ws://h/'\n", ["--pushgateway", "gw:9091"], "http://"),
         ("target = 'ws://h/'\n", ["--junit", "/nonexistent/dir/j.xml"], "does not exist"),
     ],

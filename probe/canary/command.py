@@ -20,7 +20,7 @@ from probe.canary.metrics import generator_overloaded, probe_registry
 from probe.canary.pushgateway import DEFAULT_JOB, push
 from probe.canary.scenario import Scenario, load_scenario, load_scenario_dir
 from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse_thresholds
-from probe.config import env_options, given_options, parse_host_port, run_defaults
+from probe.config import check_url, env_options, given_options, parse_host_port, run_defaults
 from probe.errors import ConfigError, ProbeError
 from probe.measure.observe import RunObserver
 from probe.measure.report import overload_warning, write_report
@@ -96,10 +96,8 @@ def canary(
         ("--html", args.html),
     ):
         _check_out(option, path)
-    if args.pushgateway is not None and not args.pushgateway.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"--pushgateway must be an http:// or https:// URL, got {args.pushgateway!r}."
-        )
+    if args.pushgateway is not None:
+        check_url(args.pushgateway, "--pushgateway", ("http", "https"))
     job = args.job or DEFAULT_JOB
     if not job.strip() or "/" in job:
         raise ConfigError(f"--job must be a non-empty name without '/', got {job!r}.")
