@@ -31,6 +31,7 @@ from probe.config import (
     parse_host_port,
 )
 from probe.errors import ConfigError, ProbeError
+from probe.outfiles import check_output
 
 if TYPE_CHECKING:
     from probe.telemetry.setup import Telemetry
@@ -318,6 +319,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from probe.config import run_options
 
     opts = run_options({**env_options(os.environ), **given_options(args)})
+    check_output("--json", opts.json)  # before the run, not after it
     cfg = run_config(opts)
     telemetry = _telemetry(args, target=opts.target, scenario="run", hop_order=cfg.hop_order)
     try:
@@ -355,6 +357,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from probe.telemetry.setup import start_pipeline_tracing
 
     hops = parse_hops(args.hops)
+    check_output("--json", args.json)
     order = [h.name for h in hops] + ["return"]
     telemetry = _telemetry(args, target="demo", scenario="demo", hop_order=order)
     try:

@@ -24,6 +24,7 @@ from probe.config import check_url, env_options, given_options, parse_host_port,
 from probe.errors import ConfigError, ProbeError
 from probe.measure.observe import RunObserver
 from probe.measure.report import overload_warning, write_report
+from probe.outfiles import check_output
 
 __all__ = ["canary", "exporter"]
 
@@ -38,16 +39,6 @@ class _Telemetry(Protocol):
 
 
 StartTelemetry = Callable[[str, str, Sequence[str] | None], _Telemetry]
-
-
-def _check_out(option: str, path: str | None) -> None:
-    if path is None:
-        return
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise ConfigError(f"{option} {path!r}: the directory {str(parent)!r} does not exist.")
-    if Path(path).is_dir():
-        raise ConfigError(f"{option} {path!r} is a directory; give a file name.")
 
 
 def _write(option: str, path: str, text: str, problems: list[str]) -> None:
@@ -95,7 +86,7 @@ def canary(
         ("--junit", args.junit),
         ("--html", args.html),
     ):
-        _check_out(option, path)
+        check_output(option, path)  # before the run: a report it could not write is lost
     if args.pushgateway is not None:
         check_url(args.pushgateway, "--pushgateway", ("http", "https"))
     job = args.job or DEFAULT_JOB
