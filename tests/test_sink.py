@@ -131,3 +131,52 @@ def test_a_fork_that_goes_silent_is_closed_once_as_stalled() -> None:
     errors = [c for c in reg.calls if c[0] == "error"]
     assert [(e[1], e[2]) for e in errors] == [("asr", "s1"), ("unknown", None)]
     assert all("stalled" in e[3] for e in errors)
+
+
+def test_an_overloaded_sink_sheds_audio_that_waited_past_the_marker_timeout() -> None:
+    """Audio whose batch waited longer than shed_after_s is dropped unsearched and counted;
+    the stream's close still runs (nothing found in it could count any more)."""
+    import threading
+
+    from probe.measure.health import GeneratorHealth
+    from probe.measure.registry import SessionRegistry
+
+    reg = Recorder()
+    worker = DetectionWorker(time.monotonic)
+    worker.shed_after_s = 0.2
+    gate = threading.Event()
+    fed: list[int] = []
+    closed: list[bool] = []
+
+    class Stream:
+        def on_audio(self, data: bytes, arrival: float) -> None:
+            fed.append(len(data))
+
+        def close(self) -> None:
+            closed.append(True)
+
+    async def go() -> None:
+        sink = Sink(reg, worker, clock=time.time, batch_s=0.01)
+        st = Stream()
+        worker.submit(gate.wait)  # the worker is busy: what follows waits in the queue
+        sink._submit(st.on_audio, b"\x00" * 640, 1.0, audio=True)
+        sink._submit(st.on_audio, b"\x00" * 640, 1.02, audio=True)
+        sink._submit(st.close)
+        sink.flush()
+        await asyncio.sleep(0.4)  # past shed_after_s
+        gate.set()
+        await asyncio.to_thread(worker.drain, 5.0)
+        # Fresh audio is searched again.
+        sink._submit(st.on_audio, b"\x00" * 640, 2.0, audio=True)
+        sink.flush()
+        await asyncio.to_thread(worker.drain, 5.0)
+
+    asyncio.run(go())
+    worker.close()
+    assert fed == [640] and closed == [True]
+    assert worker.take_shed() == 2 and worker.take_shed() == 0
+    # The registry's generator summary carries what the child reports.
+    registry = SessionRegistry(clock=time.time, health=GeneratorHealth())
+    registry.record_shed(2)
+    gen = registry.generator()
+    assert gen is not None and gen["frames_shed"] == 2

@@ -188,6 +188,11 @@ class DetectionWorker:
         self._clock = clock
         self._after = after
         self._max_wait = 0.0
+        # How long the work running now waited in the queue; audio that waited longer than
+        # shed_after_s is not searched (see stale()).
+        self.waited = 0.0
+        self.shed_after_s: float | None = None
+        self.shed = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="probe-detect", daemon=True)
         self._thread.start()
@@ -197,6 +202,18 @@ class DetectionWorker:
         if self._closed:
             raise RuntimeError("the detection worker is closed")
         self._queue.put((fn, args, self._clock()))
+
+    def stale(self) -> bool:
+        """Whether the audio of the work running now should be dropped unsearched: it waited
+        longer than ``shed_after_s`` (set it to the marker timeout: nothing found in it could
+        count any more); the caller counts each frame it drops in ``shed``. An overloaded sink
+        so catches up instead of falling further behind (and holding ever more audio)."""
+        return self.shed_after_s is not None and self.waited > self.shed_after_s
+
+    def take_shed(self) -> int:
+        """Frames shed since the last call."""
+        out, self.shed = self.shed, 0
+        return out
 
     def take_max_wait(self) -> float:
         """The longest any work waited in the queue since the last call (seconds): how far
@@ -211,6 +228,7 @@ class DetectionWorker:
                 return
             fn, args, queued = item
             wait = self._clock() - queued
+            self.waited = wait
             if wait > self._max_wait:
                 self._max_wait = wait
             try:

@@ -79,7 +79,8 @@ class Sink:
         self.connections = 0
         self._forks: set[_Fork] = set()
         self._watchdog: asyncio.Task[None] | None = None
-        self._batch: list[tuple[Callable[..., None], tuple[object, ...]]] = []
+        # (function, arguments, whether it is audio the worker may shed)
+        self._batch: list[tuple[Callable[..., None], tuple[object, ...], bool]] = []
         self._flush_at: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -122,12 +123,25 @@ class Sink:
             self._flush_at = None
         if self._batch:
             batch, self._batch = self._batch, []
-            self.worker.submit(_run_all, batch)
+            self.worker.submit(self._run_batch, batch)
 
-    def _submit(self, fn: Callable[..., None], *args: object) -> None:
-        self._batch.append((fn, args))
+    def _submit(self, fn: Callable[..., None], *args: object, audio: bool = False) -> None:
+        self._batch.append((fn, args, audio))
         if self._flush_at is None:
             self._flush_at = asyncio.get_running_loop().call_later(self.batch_s, self.flush)
+
+    def _run_batch(self, batch: list[tuple[Callable[..., None], tuple[object, ...], bool]]) -> None:
+        """Run a batch of detection work in order (on the worker's thread), shedding its audio
+        when it waited too long; one failure does not drop the rest."""
+        stale = self.worker.stale()
+        for fn, args, audio in batch:
+            if audio and stale:
+                self.worker.shed += 1
+                continue
+            try:
+                fn(*args)
+            except Exception as exc:
+                log.error("detection failed: %s", exc, exc_info=exc)
 
     async def _watch_idle(self) -> None:
         """Close forks that sent nothing for ``idle_timeout``, as stalled hops."""
@@ -166,7 +180,7 @@ class Sink:
                 )
                 for ev in events:
                     if isinstance(ev, Audio) and stream is not None:
-                        self._submit(stream.on_audio, ev.data, arrival)
+                        self._submit(stream.on_audio, ev.data, arrival, audio=True)
                     elif isinstance(ev, Started) and isinstance(ev.msg, ForkStart):
                         msg = ev.msg
                         if stream is None:
@@ -203,10 +217,3 @@ class Sink:
                 self._submit(stream.close)
 
 
-def _run_all(batch: list[tuple[Callable[..., None], tuple[object, ...]]]) -> None:
-    """Run a batch of detection work in order; one failure does not drop the rest."""
-    for fn, args in batch:
-        try:
-            fn(*args)
-        except Exception as exc:
-            log.error("detection failed: %s", exc, exc_info=exc)

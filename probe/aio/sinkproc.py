@@ -131,14 +131,21 @@ def _child(
     streams: dict[int, HopStream] = {}  # touched only on the detection worker's thread
     book = ExpectationBook()  # likewise
 
-    def apply(work: list[wire.Message]) -> None:
+    def apply(work: list[wire.Message], worker: DetectionWorker) -> None:
+        stale = worker.stale()
         for msg in work:
             if isinstance(msg, wire.StreamAudio):
                 st = streams.get(msg.sid)
-                if st is not None:
+                if stale:
+                    worker.shed += 1
+                elif st is not None:
                     st.on_audio(msg.data, msg.arrival)
             elif isinstance(msg, wire.Expect):
                 book.add(msg.session, msg.payload, msg.send_time, msg.deadline)
+                # Audio waiting longer than the marker timeout can no longer count: shed it.
+                timeout = msg.deadline - msg.send_time
+                if worker.shed_after_s is None or timeout > worker.shed_after_s:
+                    worker.shed_after_s = timeout
             elif isinstance(msg, wire.OpenStream):
                 streams[msg.sid] = HopStream(
                     forward, msg.hop, msg.audio, session_hint=msg.session, book=book
@@ -182,18 +189,18 @@ def _child(
                     if isinstance(msg, wire.Drain):
                         flush_sink()
                         if work:
-                            worker.submit(apply, work)
+                            worker.submit(apply, work, worker)
                             work = []
                         worker.drain()
                         forward.send(wire.Drained(msg.seq))
                     elif isinstance(msg, wire.Stop):
                         if work:
-                            worker.submit(apply, work)
+                            worker.submit(apply, work, worker)
                         return
                     else:
                         work.append(msg)
                 if work:
-                    worker.submit(apply, work)
+                    worker.submit(apply, work, worker)
         except (EOFError, OSError, ValueError):
             pass
         finally:
@@ -204,7 +211,7 @@ def _child(
         meter = CpuShare()
         while True:
             await asyncio.sleep(1.0)
-            forward.send(wire.Health(worker.take_max_wait(), meter.read()))
+            forward.send(wire.Health(worker.take_max_wait(), meter.read(), worker.take_shed()))
 
     async def main() -> None:
         worker = DetectionWorker(after=forward.flush)
@@ -357,6 +364,7 @@ class SinkChild:
                 reg.hop_error(msg.hop, msg.session, msg.error)
             elif isinstance(msg, wire.Health):
                 reg.record_detection_delay(msg.delay_s)
+                reg.record_shed(msg.shed)
                 reg.record_cpu("sink", msg.cpu)
         except Exception as exc:  # one bad message must not stop the reader
             log.error("sink message %s failed: %s", type(msg).__name__, exc)

@@ -76,6 +76,7 @@ class GeneratorHealth:
         self._calm_since: float | None = None
         self.frames = 0
         self.late_frames = 0
+        self.frames_shed = 0
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -99,6 +100,11 @@ class GeneratorHealth:
     def cpu(self, at: float, who: str, share: float) -> None:
         """Process ``who`` used ``share`` of a core over the window ending at ``at``."""
         self._cpu[who] = (at, share)
+
+    def shed(self, frames: int) -> None:
+        """The sink dropped ``frames`` frames unsearched: they waited past the marker timeout,
+        so nothing found in them could have counted (overload sheds them to catch up)."""
+        self.frames_shed += frames
 
     # -- verdict --------------------------------------------------------------------------------
 
@@ -152,6 +158,7 @@ class GeneratorHealth:
             ],
             "frames": self.frames,
             "late_frames": self.late_frames,
+            "frames_shed": self.frames_shed,
             "bounds": {
                 "send_lag_p99_ms": self.bounds.send_lag_s * 1000.0,
                 "detection_delay_s": self.bounds.detection_delay_s,

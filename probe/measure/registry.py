@@ -374,6 +374,12 @@ class SessionRegistry:
             with self._lock:
                 self.health.detection_delay(self._clock(), delay_s)
 
+    def record_shed(self, frames: int) -> None:
+        """The sink dropped ``frames`` frames unsearched, past the marker timeout (overload)."""
+        if self.health is not None and frames:
+            with self._lock:
+                self.health.shed(frames)
+
     def record_cpu(self, who: str, share: float) -> None:
         """Process ``who`` (``worker``, ``sink``) used ``share`` of a core lately."""
         if self.health is not None:
@@ -541,8 +547,10 @@ class SessionRegistry:
         self._tell_missed(out)
         return out
 
-    def settle_all(self) -> list[Missed]:
-        """The run is over and the timeout was waited out: every pending marker is missed."""
+    def settle_all(self, *, unmeasured: bool = False) -> list[Missed]:
+        """The run is over and the timeout was waited out: every pending marker is missed. With
+        ``unmeasured`` the run was cut short (interrupted) before the timeout: every pending
+        marker is unmeasured instead, as nobody waited to see whether the target lost it."""
         with self._lock:
             now = self._clock()
             if self.health is not None:
@@ -551,7 +559,7 @@ class SessionRegistry:
             for s in self._sessions.values():
                 for hop, pending in s.pending.items():
                     for seq, t in pending.items():
-                        out.append(self._miss(s, hop, seq, t, now))
+                        out.append(self._miss(s, hop, seq, t, now, unmeasured=unmeasured))
                     pending.clear()
         self._tell_missed(out)
         return out
@@ -561,8 +569,13 @@ class SessionRegistry:
             for m in misses:
                 self.observer.missed(m)
 
-    def _miss(self, s: _Session, hop: str, seq: int, send_time: float, now: float) -> Missed:
-        unmeasured = self.health is not None and self.health.overlapped(send_time, now)
+    def _miss(
+        self, s: _Session, hop: str, seq: int, send_time: float, now: float,
+        *, unmeasured: bool = False,
+    ) -> Missed:
+        unmeasured = unmeasured or (
+            self.health is not None and self.health.overlapped(send_time, now)
+        )
         if unmeasured:
             self._tally[hop].unmeasured += 1
         else:

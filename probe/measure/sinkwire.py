@@ -195,12 +195,14 @@ class Stopped(Message):
 
 @dataclass(frozen=True, slots=True)
 class Health(Message):
-    """The longest any detection work waited in the child's queue over the last second, and
-    the share of a core the child used over it."""
+    """The longest any detection work waited in the child's queue over the last second, the
+    share of a core the child used over it, and the frames it shed meanwhile (audio that waited
+    past the marker timeout, dropped unsearched to catch up)."""
 
     TAG: ClassVar[str] = "health"
     delay_s: float
     cpu: float
+    shed: int = 0
 
 
 _KINDS: tuple[type[Message], ...] = (
