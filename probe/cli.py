@@ -2,7 +2,9 @@
 
 Exit codes: 0 done; 1 the work ran but failed (for commands that judge); 2 usage or
 configuration error (one sentence on stderr, never a traceback), or, for ``probe canary``, a run
-whose verdict is unknown because the probe itself was overloaded.
+whose verdict is unknown because the probe itself was overloaded; 130 (SIGINT) and 143
+(SIGTERM) a run (``run``, ``demo``, ``canary``) cut short by that signal, its partial report
+written and marked ``interrupted``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +33,7 @@ from probe.config import (
     number_rule,
     parse_host_port,
 )
-from probe.errors import ConfigError, ProbeError
+from probe.errors import ConfigError, Interrupted, ProbeError
 from probe.outfiles import check_output
 
 if TYPE_CHECKING:
@@ -142,8 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("PROBE_LOG_LEVEL", "WARNING").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    terminate = signal.getsignal(signal.SIGTERM)
     try:
         args = _build_parser().parse_args(argv)
+        if args.command in ("run", "canary", "demo"):
+            # Outside the run (which turns SIGTERM into a partial report): exit 143 quietly,
+            # through the finally blocks (a half-written report file is removed).
+            signal.signal(signal.SIGTERM, _terminated)
         handler = {
             "mark": _cmd_mark,
             "detect": _cmd_detect,
@@ -157,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as exc:
+        print(f"probe: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     except ProbeError as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -166,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (head, a closed pager) went away: not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _cmd_mark(args: argparse.Namespace) -> int:
@@ -303,6 +320,9 @@ def _detect_informed(args: argparse.Namespace) -> int:
 
 
 def _report_out(report: dict[str, Any], path: str | None) -> None:
+    """Print the table and write the report; Interrupted when a stop signal cut the run short
+    (after both)."""
+    from probe.aio.runner import interruption
     from probe.measure.report import format_table, write_report
 
     print(format_table(report))
@@ -312,10 +332,13 @@ def _report_out(report: dict[str, Any], path: str | None) -> None:
         except OSError as exc:
             raise ConfigError(f"cannot write the report to {path}: {exc.strerror}") from exc
         print(f"report written to {path}")
+    cut = interruption(report, [path] if path else [])
+    if cut is not None:
+        raise cut
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from probe.aio.runner import default_progress, run_config, run_probe
+    from probe.aio.runner import STOP_SIGNALS, default_progress, run_config, run_probe
     from probe.config import run_options
 
     opts = run_options({**env_options(os.environ), **given_options(args)})
@@ -324,7 +347,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     telemetry = _telemetry(args, target=opts.target, scenario="run", hop_order=cfg.hop_order)
     try:
         report = asyncio.run(
-            run_probe(cfg, progress=default_progress(), observer=telemetry.observer)
+            run_probe(
+                cfg, progress=default_progress(), observer=telemetry.observer,
+                stop_on=STOP_SIGNALS,
+            )
         )
         _report_out(report, opts.json)
     finally:
@@ -351,7 +377,7 @@ def _telemetry(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from probe.aio.runner import RunConfig, default_progress, run_probe
+    from probe.aio.runner import STOP_SIGNALS, RunConfig, default_progress, run_probe
     from probe.aio.source import SourceConfig
     from probe.pipeline import ReferencePipeline, parse_hops
     from probe.telemetry.setup import start_pipeline_tracing
@@ -381,7 +407,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     marker_timeout_s=5.0,
                 )
                 return await run_probe(
-                    cfg, progress=default_progress(), observer=telemetry.observer
+                    cfg, progress=default_progress(), observer=telemetry.observer,
+                    stop_on=STOP_SIGNALS,
                 )
             finally:
                 await pipeline.stop()

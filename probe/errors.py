@@ -4,6 +4,8 @@
     +-- ConfigError            bad configuration, options, files or scenarios (CLI exit code 2)
     +-- ProtocolError          a peer sent something PROTOCOL.md does not allow
     +-- TargetUnreachable      the system under test (or a sink) could not be reached
+    +-- Interrupted            a signal cut a run short; its partial report is out (CLI exit
+                               code 128 + the signal: 130 SIGINT, 143 SIGTERM)
 
 Every message is written for a person: it says what was wrong and, where it can, what to do.
 """
@@ -25,3 +27,11 @@ class ProtocolError(ProbeError):
 
 class TargetUnreachable(ProbeError):
     """The system under test or a sink could not be reached."""
+
+
+class Interrupted(ProbeError):
+    """A run was cut short by a signal (SIGINT, SIGTERM) and its partial report is out."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number

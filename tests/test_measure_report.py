@@ -152,3 +152,29 @@ def test_format_table() -> None:
     assert "sessions: 3 started, 1 completed, 2 failed" in text
     assert "send lag (ms)" in text
     assert "reply (ms)" in text
+
+
+def test_an_interrupted_run_settles_what_is_pending_as_unmeasured() -> None:
+    clock = FakeClock(0.0)
+    reg = SessionRegistry(clock=clock, marker_timeout=5.0, expected_hops=["a"])
+    reg.open_session("s")
+    for seq in range(4):
+        reg.record_send("s", seq, seq * 1.0)
+    reg.record_detection("a", reg.payload_for("s", 0), 0.02, score=9.0)
+    clock.t = 6.5  # marker 1 (sent at 1.0) is past its timeout; 2 and 3 are not
+    reg.expire()
+    assert len(reg.settle_all(unmeasured=True)) == 2
+    report = build_report(reg, target="ws://h/", started_at=0.0, duration_s=6.5,
+                          interrupted={"signal": "SIGINT", "after_s": 6.4, "unmeasured": 2})
+    assert report["hops"][0]["markers"] == {
+        "sent": 4, "detected": 1, "missed": 1, "unmeasured": 2, "duplicates": 0,
+        "unmatched": 0, "late": 0}
+    assert [r["outcome"] for r in report["series"]] == [
+        "detected", "missed", "unmeasured", "unmeasured"]
+    assert report["interrupted"] == {"signal": "SIGINT", "after_s": 6.4, "unmeasured": 2}
+    assert report["sessions"]["open"] == 1
+    table = format_table(report)
+    assert table.startswith("INTERRUPTED by SIGINT after 6.4 s: a partial report (sessions "
+                            "still open: 1; 2 markers still pending")
+    whole = build_report(reg, target="ws://h/", started_at=0.0, duration_s=6.5)
+    assert whole["interrupted"] is None and "INTERRUPTED" not in format_table(whole)

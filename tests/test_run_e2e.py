@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
-from conftest import free_port
+import pytest
+from conftest import SLOW, BackgroundPipeline, free_port
 from websockets.asyncio.server import ServerConnection, serve
 
 from probe.aio.runner import RunConfig, run_probe
@@ -115,3 +123,88 @@ def test_cli_run_writes_report_and_rejects_bad_usage(tmp_path: Any, capsys: Any)
     assert main(["run", "--target", f"ws://127.0.0.1:{port}/", "--duration", "1",
                  "--marker-timeout", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["sessions"]["failed"] == 1
+
+
+# -- a run cut short by a signal: a partial report marked interrupted, every marker accounted.
+
+def _interrupt(argv: list[str], sig: int, tmp_path: Any, *, after_s: float = 3.0,
+               wrap: list[str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Start ``probe ARGV`` in its own process group, send ``sig`` to the whole group
+    ``after_s`` in (as a terminal's Ctrl-C or ``timeout`` does, the sink child included), and
+    return the finished process and how long it took after the signal."""
+    cmd = [*(wrap or []), sys.executable, "-m", "probe.cli", *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, start_new_session=True)
+    t_sig = time.monotonic()
+    if wrap is None:
+        time.sleep(after_s * SLOW)
+        t_sig = time.monotonic()
+        os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=60 * SLOW)
+    took = time.monotonic() - t_sig
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+        raise AssertionError("a process of the run outlived it (the sink child?)")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), took
+
+
+def _partial(report: dict[str, Any], signal_name: str) -> None:
+    cut = report["interrupted"]
+    assert cut["signal"] == signal_name and 1.0 < cut["after_s"] < 8.0 * SLOW
+    assert report["sessions"]["started"] == 2 and report["sessions"]["completed"] == 0
+    assert report["sessions"]["open"] == 2  # cut short, not failed by the target
+    unmeasured = 0
+    for hop in report["hops"]:
+        m = hop["markers"]
+        assert m["sent"] > 0 and m["detected"] > 0, hop
+        # Every marker sent is accounted for: settled, and listed in the series.
+        assert m["sent"] == m["detected"] + m["missed"] + m["unmeasured"], hop
+        rows = [r for r in report["series"] if r["hop"] == hop["name"]]
+        assert len(rows) == m["sent"]
+        unmeasured += m["unmeasured"]
+    assert {h["name"] for h in report["hops"]} == {"a", "b", "c", "return"}
+    assert unmeasured >= cut["unmeasured"]
+
+
+RUN = ["--duration", "20", "--sessions", "2", "--concurrency", "2", "--marker-timeout", "5",
+       "--hop-order", "a,b,c,return", "--json", "r.json"]
+
+
+@pytest.mark.parametrize("command, sig, code", [
+    ("run", signal.SIGINT, 130),
+    ("run", signal.SIGTERM, 143),
+    ("canary", signal.SIGTERM, 143),
+])
+def test_a_signal_mid_run_writes_a_partial_report_and_exits_128_plus_it(
+    command: str, sig: signal.Signals, code: int, tmp_path: Any
+) -> None:
+    pipe = BackgroundPipeline("a:20ms,b:35ms:mulaw8k,c:120ms")
+    try:
+        extra = ["--junit", "j.xml", "--threshold", "markers>=99%"] if command == "canary" else []
+        res, took = _interrupt([command, "--target", pipe.url, *RUN, *extra], sig, tmp_path)
+    finally:
+        pipe.close()
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1].startswith(f"probe: interrupted by {sig.name} after ")
+    assert res.stdout.startswith(f"INTERRUPTED by {sig.name}")
+    assert took < 12.0 * SLOW  # not the 20 s sessions, nor the marker timeout on top
+    _partial(json.loads((tmp_path / "r.json").read_text()), sig.name)
+    if command == "canary":
+        junit = (tmp_path / "j.xml").read_text()
+        assert f'<failure message="interrupted by {sig.name} after' in junit
+        assert "canary: INTERRUPTED" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="coreutils timeout")
+def test_timeout_gets_a_partial_report_without_tracebacks(tmp_path: Any) -> None:
+    pipe = BackgroundPipeline("a:20ms,b:35ms:mulaw8k,c:120ms")
+    try:
+        wrap = ["timeout", "-s", "INT", f"{3.0 * SLOW:g}"]
+        res, _ = _interrupt(["run", "--target", pipe.url, *RUN], signal.SIGINT, tmp_path,
+                            wrap=wrap)
+    finally:
+        pipe.close()
+    assert res.returncode == 124  # timeout's own code for "timed out"
+    assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr
+    _partial(json.loads((tmp_path / "r.json").read_text()), "SIGINT")

@@ -6,11 +6,13 @@ Shared by ``probe run``, ``probe demo`` and the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -20,6 +22,7 @@ from probe.aio.sinkproc import SinkProcess
 from probe.aio.source import SourceConfig, run_session
 from probe.config import RunOptions, run_options
 from probe.cpushare import CpuShare
+from probe.errors import Interrupted
 from probe.measure.expect import ExpectationBook
 from probe.measure.health import GeneratorHealth
 from probe.measure.observe import RunObserver
@@ -101,18 +104,100 @@ class Progress:
             self.stream.flush()
 
 
+# What ends a command's run early with a partial report (probe run, demo, canary).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# After a stop signal: how long the sessions get to close their connections, and detection to
+# finish the audio already received, before the partial report is built.
+_STOP_CLOSE_S = 2.0
+_STOP_DRAIN_S = 3.0
+
+
+class _Stop:
+    """The stop signals of a run, while it lasts: the first one received cancels the run's work
+    (later ones are noted and ignored while the partial report is made). Handlers go through
+    the event loop (its wakeup fd), so a signal is seen wherever it lands; the previous
+    handlers come back at the end."""
+
+    def __init__(self, signals: Sequence[int]) -> None:
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self.at = 0.0
+        self._work: asyncio.Task[None] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        loop = asyncio.get_running_loop()
+        for sig in self.signals:
+            previous = signal.getsignal(sig)
+            if previous == signal.SIG_IGN:
+                continue  # ignored by whoever started us (a script's background job): leave it
+            self._previous[sig] = previous
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, previous in self._previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, previous)
+
+    def watch(self, work: asyncio.Task[None]) -> None:
+        self._work = work
+        if self.received is not None:
+            work.cancel()
+
+    def _on_signal(self, sig: int) -> None:
+        if self.received is not None:
+            return
+        self.received = sig
+        self.at = time.monotonic()
+        if self._work is not None:
+            self._work.cancel()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the stop signals back from this thread (they stay pending, never lost) while a
+        child process is started: it inherits the mask and so outlives a Ctrl-C or ``timeout``
+        sent to the whole process group, for this process to drain and stop it."""
+        if not self.signals:
+            yield
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 async def run_probe(
     cfg: RunConfig,
     *,
     clock: Callable[[], float] = time.time,
     progress: Progress | None = None,
     observer: RunObserver | None = None,
+    stop_on: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Run every session, wait for the markers to settle, return the ``probe.report/v1`` dict.
 
     ``observer`` (see :mod:`probe.measure.observe`) hears every session, detection, miss and send
-    lag as it happens, and the finished report; closing it is the caller's business."""
-    progress = progress or Progress(None)
+    lag as it happens, and the finished report; closing it is the caller's business.
+
+    ``stop_on`` (signal numbers, e.g. SIGINT and SIGTERM; main thread only) end the run early:
+    the sessions are cancelled, detection finishes what it has received (a few seconds at
+    most), markers already past their timeout are missed and every other pending one is
+    unmeasured, and the report says ``interrupted`` (which signal, when, how many unmeasured).
+    No KeyboardInterrupt is raised; the caller picks the exit code."""
+    with _Stop(stop_on) as stop:
+        return await _run(cfg, clock, progress or Progress(None), observer, stop)
+
+
+async def _run(
+    cfg: RunConfig,
+    clock: Callable[[], float],
+    progress: Progress,
+    observer: RunObserver | None,
+    stop: _Stop,
+) -> dict[str, Any]:
     # The detection thread holds the GIL in bursts; by default Python lets a thread keep it for
     # 5 ms, which shows up directly as send lag. 1 ms keeps the pacing loop responsive.
     if sys.getswitchinterval() > 0.001:
@@ -130,6 +215,7 @@ async def run_probe(
     # book lives where detection runs (the sink child, or this process's detection thread).
     book = ExpectationBook()
     sink: Sink | SinkProcess | None = None
+    interrupted = 0  # markers settled as unmeasured when a stop signal cut the run short
     started_at = clock()
     t0 = time.monotonic()
     try:
@@ -139,7 +225,8 @@ async def run_probe(
                 sink = SinkProcess(registry)
             else:
                 sink = Sink(registry, worker, clock=clock, book=book)
-            url = await sink.start(cfg.sink_host, cfg.sink_port)
+            with stop.held():
+                url = await sink.start(cfg.sink_host, cfg.sink_port)
             advertised = cfg.sink_url or url
             source = SourceConfig(**{**source.__dict__, "sink_url": advertised})
         if isinstance(sink, SinkProcess):
@@ -168,15 +255,27 @@ async def run_probe(
                 f"{time.monotonic() - t0:.0f} s"
             )
 
-        watch = asyncio.create_task(_watch(registry, worker))
-        try:
+        async def work() -> None:
             await asyncio.gather(*(one(i) for i in range(cfg.sessions)))
             await _settle(registry, worker, cfg.marker_timeout_s, sink)
+
+        watch = asyncio.create_task(_watch(registry, worker))
+        task = asyncio.create_task(work())
+        stop.watch(task)
+        try:
+            await asyncio.wait({task})
+            if stop.received is None or not task.cancelled():
+                task.result()  # a failure of the run itself
+            else:
+                interrupted = await _cut_short(task, registry, worker, sink)
         finally:
             watch.cancel()
+            if not task.done():  # this coroutine itself was cancelled: close the sessions
+                task.cancel()
+                await asyncio.wait({task}, timeout=_STOP_CLOSE_S)
     finally:
         if sink is not None:
-            await sink.stop()
+            await sink.stop()  # a second stop (after a stop signal) does nothing
         await asyncio.to_thread(worker.close)
         progress.done()
     report = build_report(
@@ -186,10 +285,42 @@ async def run_probe(
         duration_s=time.monotonic() - t0,
         hop_order=cfg.hop_order,
         configured={k: v / 1000.0 for k, v in cfg.configured_ms.items()} or None,
+        interrupted=(
+            None
+            if stop.received is None
+            else {
+                "signal": signal.Signals(stop.received).name,
+                "after_s": round(stop.at - t0, 3),
+                "unmeasured": interrupted,
+            }
+        ),
     )
     if observer is not None:
         observer.run_finished(report)
     return report
+
+
+async def _cut_short(
+    task: asyncio.Task[None],
+    registry: SessionRegistry,
+    worker: DetectionWorker,
+    sink: Sink | SinkProcess | None,
+) -> int:
+    """After a stop signal cancelled the run's work: give the sessions a moment to close their
+    connections (cancelled again past it), stop the sink (its streams end, and what they still
+    hold is searched) and let detection finish, then settle. Markers past their timeout are
+    missed as always; the rest are unmeasured. Returns how many were unmeasured."""
+    if not task.done():
+        await asyncio.wait({task}, timeout=_STOP_CLOSE_S)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_STOP_CLOSE_S)
+    if sink is not None:
+        await sink.stop()  # the child's last detections are applied when it has stopped
+    with contextlib.suppress(TimeoutError):
+        await asyncio.to_thread(worker.drain, _STOP_DRAIN_S)
+    registry.expire()
+    return len(registry.settle_all(unmeasured=True))
 
 
 async def _watch(registry: SessionRegistry, worker: DetectionWorker) -> None:
@@ -227,6 +358,20 @@ async def _settle(
     if isinstance(sink, SinkProcess):
         await asyncio.to_thread(sink.drain)
     registry.settle_all()
+
+
+def interruption(report: Mapping[str, Any], written: Sequence[str] = ()) -> Interrupted | None:
+    """The :class:`~probe.errors.Interrupted` to raise for a report a stop signal cut short (its
+    one sentence names the files ``written``), or None for a whole run."""
+    cut = report.get("interrupted")
+    if not cut:
+        return None
+    where = f"; written to {', '.join(written)}" if written else ""
+    return Interrupted(
+        f"interrupted by {cut['signal']} after {float(cut['after_s']):.1f} s: the report is "
+        f"partial ({cut['unmeasured']} markers still pending counted unmeasured){where}.",
+        int(signal.Signals[cut["signal"]]),
+    )
 
 
 def default_progress() -> Progress:

@@ -23,7 +23,7 @@ from probe.canary.thresholds import Check, Verdict, format_verdict, judge, parse
 from probe.config import check_url, env_options, given_options, parse_host_port, run_defaults
 from probe.errors import ConfigError, ProbeError
 from probe.measure.observe import RunObserver
-from probe.measure.report import overload_warning, write_report
+from probe.measure.report import format_table, overload_warning, write_report
 from probe.outfiles import check_output
 
 __all__ = ["canary", "exporter"]
@@ -70,7 +70,7 @@ def canary(
     usage errors.
     ``environ`` supplies ``PROBE_*`` options; ``telemetry(target, scenario, hop_order)`` starts
     the run's traces and metrics."""
-    from probe.aio.runner import default_progress, run_probe
+    from probe.aio.runner import STOP_SIGNALS, default_progress, interruption, run_probe
 
     scenario = load_scenario(args.scenario) if args.scenario else None
     opts = _options(args, environ, scenario)
@@ -101,7 +101,9 @@ def canary(
     tel = telemetry(target, name, cfg.hop_order) if telemetry is not None else None
     try:
         observer = tel.observer if tel is not None else None
-        report = asyncio.run(run_probe(cfg, progress=default_progress(), observer=observer))
+        report = asyncio.run(
+            run_probe(cfg, progress=default_progress(), observer=observer, stop_on=STOP_SIGNALS)
+        )
     except ConfigError:
         raise
     except ProbeError as exc:  # the run itself could not happen: a failed canary, still reported
@@ -112,15 +114,24 @@ def canary(
     elapsed = time.monotonic() - t0
 
     problems: list[str] = []
+    cut = interruption(report) if report is not None else None
     if report is None:
         verdict = Verdict((Check("run", False, None, "", f"the probe could not run: {failure}"),))
         print(f"canary: FAIL (the probe could not run: {failure})")
+    elif cut is not None:
+        # A partial run judges nothing: its outputs say so, and nothing is pushed.
+        c = report["interrupted"]
+        why = f"interrupted by {c['signal']} after {float(c['after_s']):.1f} s: no verdict"
+        verdict = Verdict((Check("run", False, None, "", why),))
+        print(format_table(report))
+        print(f"canary: INTERRUPTED ({why})")
     else:
         verdict = judge(report, thresholds)
         print(format_verdict(report, verdict))
         warning = overload_warning(report)
         if warning:
             print(f"canary: UNKNOWN ({warning})")
+    if report is not None:
         if opts.get("json"):
             try:
                 write_report(report, opts["json"])
@@ -132,6 +143,15 @@ def canary(
     if args.junit:
         shown = report or {"target": target, "duration_s": elapsed, "hops": [], "sessions": {}}
         _write("--junit", args.junit, junit_xml(shown, verdict, suite=name), problems)
+    if cut is not None:
+        for problem in problems:
+            print(f"probe: warning: {problem}", file=sys.stderr)
+        if args.pushgateway:
+            print("probe: nothing pushed to the Pushgateway: an interrupted run has no verdict",
+                  file=sys.stderr)
+        outputs = (opts.get("json"), args.junit, args.html)
+        written = [p for p in outputs if p and not any(p in q for q in problems)]
+        raise interruption(report or {}, written) or cut
     if args.pushgateway:
         reg = probe_registry(
             report,

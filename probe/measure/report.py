@@ -26,6 +26,7 @@ __all__ = [
     "SCHEMA",
     "build_report",
     "format_table",
+    "interrupted_note",
     "load_report",
     "overload_warning",
     "write_report",
@@ -53,12 +54,15 @@ def build_report(
     reply_missed: int | None = None,
     configured: Mapping[str, float] | None = None,
     clocks: str = DEFAULT_CLOCKS,
+    interrupted: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a run as a JSON-ready dict.
 
     ``started_at`` is epoch seconds; ``reply`` are voice-to-voice latencies in seconds (and
     ``reply_missed`` the utterances that got none); ``configured`` is each hop's configured delay
     in seconds, where known (a reference pipeline), shown beside the measured one.
+    ``interrupted`` says how a run cut short by a signal ended (``signal``, ``after_s``,
+    ``unmeasured``: markers still pending then, settled as unmeasured); None for a whole run.
     """
     series = registry.series()
     measurements = [m for m in series if isinstance(m, Measurement)]
@@ -92,6 +96,7 @@ def build_report(
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
         "duration_s": round(float(duration_s), 3),
+        "interrupted": dict(interrupted) if interrupted is not None else None,
         "clocks": clocks,
         "sessions": {
             "started": sc.started,
@@ -248,7 +253,23 @@ def format_table(report: Mapping[str, Any]) -> str:
     warning = overload_warning(report)
     if warning:
         lines[:0] = [warning, ""]
+    cut = interrupted_note(report)
+    if cut:
+        lines[:0] = [cut, ""]
     return "\n".join(lines)
+
+
+def interrupted_note(report: Mapping[str, Any]) -> str | None:
+    """One sentence when the run was cut short by a signal, else None."""
+    cut = report.get("interrupted")
+    if not cut:
+        return None
+    still = int(report.get("sessions", {}).get("open", 0))
+    return (
+        f"INTERRUPTED by {cut['signal']} after {float(cut['after_s']):.1f} s: a partial report "
+        f"(sessions still open: {still}; {cut['unmeasured']} markers still pending, counted per "
+        "hop, are unmeasured, not missed)."
+    )
 
 
 def overload_warning(report: Mapping[str, Any]) -> str | None:
