@@ -30,7 +30,7 @@ import locust_capacity as lc  # noqa: E402, I001
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from typing import ClassVar  # noqa: E402
+from typing import Any, ClassVar  # noqa: E402
 
 import gevent  # noqa: E402
 from locust import events  # noqa: E402
@@ -84,21 +84,28 @@ def main() -> int:
                   f"{sum(c['sent'] for c in m):7d} {sum(c['detected'] for c in m):8d} "
                   f"{sum(c['missed'] for c in m):6d} {sum(c['unmeasured'] for c in m):10d}  "
                   f"{signals}", flush=True)
-        runner.stop()
-        engine.settle()
+        # Before stopping the users: stopping hundreds of overloaded sessions at once has ended
+        # this harness with a libev assertion (gevent) before it could print anything more.
+        return _summary(engine)
     finally:
         runner.quit()
         events.quitting.fire(environment=env, reverse=True)
         pipe.stop()
+
+
+def _summary(engine: Any) -> int:
     t = totals_of(engine)
     m = t.markers.values()
     gen = engine.registry.generator() or {}
     missed = sum(c["missed"] for c in m)
     unmeasured = sum(c["unmeasured"] for c in m)
+    pending = sum(c["pending"] for c in m)
     print(f"\nmarkers: sent {sum(c['sent'] for c in m)}, detected "
-          f"{sum(c['detected'] for c in m)}, missed {missed}, unmeasured {unmeasured}; "
+          f"{sum(c['detected'] for c in m)}, missed {missed}, unmeasured {unmeasured}, "
+          f"still pending {pending}; "
           f"frames {gen.get('frames')}, over {gen.get('bounds', {}).get('send_lag_p99_ms')} ms "
-          f"late {gen.get('late_frames')}")
+          f"late {gen.get('late_frames')}; frames shed by the sink child "
+          f"{gen.get('frames_shed')}")
     for p in gen.get("periods", []):
         ev = "; ".join(f"{e['signal']} {e['value']:g} (bound {e['bound']:g})"
                        for e in p["evidence"])
@@ -107,7 +114,8 @@ def main() -> int:
               f"to {end}: {ev}")
     flagged = bool(gen.get("overloaded"))
     print(f"guard fired: {'yes' if flagged else 'NO'}; markers blamed on the lossless target "
-          f"(missed): {missed} (target 0: {'MET' if flagged and missed == 0 else 'NOT MET'})")
+          f"(missed): {missed} (target 0: {'MET' if flagged and missed == 0 else 'NOT MET'})",
+          flush=True)
     return 0
 
 
