@@ -111,6 +111,53 @@ def test_informed_finds_every_marker_through_mulaw_timed_to_a_sample() -> None:
         assert d.time - p.sample / 16000 == pytest.approx(latency, abs=1 / 8000)
 
 
+def test_a_hop_stream_feeding_held_frames_together_finds_and_times_what_frame_by_frame_does(
+) -> None:
+    """HopStream holds an informed stream's frames and feeds them together (feed_frames, one
+    arrival stamp per frame): same markers, same times as feeding each frame on its own, with
+    jittered arrival stamps."""
+    y, placements = _marked(6.0, 0x123456)
+    pcm = encode(y, "pcm_s16le")
+    rng = np.random.default_rng(5)
+    frames = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+    arrivals = [10.0 + 0.0471 + k * 0.02 + float(rng.uniform(0, 0.004)) for k in range(len(frames))]
+    expected = [Expected(p.payload, 10.0 + p.sample / 16000, 10.0 + p.sample / 16000 + 3)
+                for p in placements]
+
+    def one_by_one() -> list[tuple[bytes, float]]:
+        det = InformedDetector(16000)
+        for e in expected:
+            det.expect(e)
+        out = []
+        for f, at in zip(frames, arrivals, strict=True):
+            out.extend(det.feed(decode(f, "pcm_s16le"), at))
+        out.extend(det.flush())
+        return [(d.payload, d.time) for d in out]
+
+    class Found:
+        def __init__(self) -> None:
+            self.got: list[tuple[bytes, float]] = []
+
+        def record_detection(self, hop: str, payload: bytes, arrival: float, **_kw: object) -> None:
+            self.got.append((payload, arrival))
+
+    found = Found()
+    book = ExpectationBook()
+    for e in expected:
+        book.add("s1", e.payload, e.send_time, e.deadline)
+    stream = HopStream(found, "a", AudioFormat("pcm_s16le", 16000, 1),  # type: ignore[arg-type]
+                       session_hint="s1", book=book)
+    for f, at in zip(frames, arrivals, strict=True):
+        stream.on_audio(f, at)
+    stream.close()
+    single = one_by_one()
+    assert len(single) == len(placements)
+    assert sorted(p for p, _ in found.got) == sorted(p for p, _ in single)
+    times = dict(single)
+    for payload, t in found.got:
+        assert t == pytest.approx(times[payload], abs=1e-6)
+
+
 def test_informed_never_reports_another_sessions_or_a_neighbours_marker() -> None:
     y, placements = _marked(8.0, 0x123456)
     other = [Expected(session_payload(0x654321, p.index), p.sample / 16000,

@@ -32,6 +32,9 @@ from probe.watermark.informed import Expected, InformedDetector
 log = logging.getLogger(__name__)
 
 _REPLAY_S = 3.0
+# An informed stream holds this many frames and decodes and feeds them together (the detector
+# searches every 0.5 s anyway): one decode and one feed call instead of one per frame.
+_HOLD_FRAMES = 5
 
 
 class HopStream:
@@ -64,6 +67,9 @@ class HopStream:
         # the session becomes known (its first marker is in there).
         self._recent: deque[tuple[npt.NDArray[np.float32], float]] = deque()
         self._recent_n = 0
+        # Frames of an informed stream not yet decoded: their bytes and arrival times.
+        self._held: list[bytes] = []
+        self._held_at: list[float] = []
 
     @property
     def informed(self) -> bool:
@@ -94,6 +100,7 @@ class HopStream:
         if audio == self.audio:
             return
         if self._started:
+            self._feed_held()
             self._record(self._flush())
         self.audio = audio
         self._start_detector()
@@ -105,12 +112,15 @@ class HopStream:
         usable = len(data) - len(data) % self.audio.frame_width
         if usable <= 0:
             return
-        samples = decode(data[:usable], self.audio.encoding)
         if not self._started:
             self._start_detector()
         if self._informed is not None:
-            self._record(self._informed.feed(samples, arrival))
+            self._held.append(data if usable == len(data) else data[:usable])
+            self._held_at.append(arrival)
+            if len(self._held) >= _HOLD_FRAMES:
+                self._feed_held()
             return
+        samples = decode(data[:usable], self.audio.encoding)
         assert self._detector is not None
         found = self._detector.feed(samples, arrival)
         self._record(found)
@@ -143,7 +153,23 @@ class HopStream:
             return
         self._closed = True
         if self._started:
+            self._feed_held()
             self._record(self._flush())
+
+    def _feed_held(self) -> None:
+        """Decode the held frames of the informed detector together and feed them."""
+        if not self._held or self._informed is None:
+            return
+        width = self.audio.frame_width
+        stamps: list[tuple[int, float]] = []
+        offset = 0
+        for data, at in zip(self._held, self._held_at, strict=True):
+            stamps.append((offset, at))
+            offset += len(data) // width
+        samples = decode(b"".join(self._held), self.audio.encoding)
+        self._held.clear()
+        self._held_at.clear()
+        self._record(self._informed.feed_frames(samples, stamps))
 
     def _flush(self) -> list[Detection]:
         if self._informed is not None:

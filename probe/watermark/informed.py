@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -617,10 +618,18 @@ class InformedDetector:
         self._expected.append(_Pending(marker))
 
     def feed(self, samples: npt.ArrayLike, arrival: float) -> list[Detection]:
+        return self.feed_frames(samples, ((0, arrival),))
+
+    def feed_frames(
+        self, samples: npt.ArrayLike, stamps: Sequence[tuple[int, float]]
+    ) -> list[Detection]:
+        """Several frames at once: ``samples`` concatenated, ``stamps`` the (offset in
+        ``samples``, arrival time) of each frame's first sample, offsets increasing."""
         n = int(np.size(samples))
         if n == 0:
             return []
-        self._clock.stamp(self._fed, float(arrival))
+        for offset, arrival in stamps:
+            self._clock.stamp(self._fed + offset, float(arrival))
         self._fed += n
         self._pending_raw.append(samples)
         self._pending_n += n
