@@ -186,25 +186,16 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def _cmd_mark(args: argparse.Namespace) -> int:
-    import soundfile as sf
-
-    from probe.audio.fixtures import load_wav
+    from probe.offline import mark_file
     from probe.watermark.design import DEFAULT_EVERY_S, DEFAULT_LEVEL_DB, parse_payload_hex
-    from probe.watermark.embed import embed
 
     payload = parse_payload_hex(args.payload)
     fmt = _sound_format(args.output)
-    x, rate = load_wav(args.input, min_seconds=0.3)
     every = DEFAULT_EVERY_S if args.every is None else args.every
     level = DEFAULT_LEVEL_DB if args.level is None else args.level
-    marked, placed = embed(x, rate, lambda i: payload, every_s=every, level_db=level)
-    if not placed:
-        raise ConfigError(f"{args.input} is too short to hold one marker")
-    peak = float(np.max(np.abs(marked))) if len(marked) else 0.0
-    try:
-        sf.write(args.output, np.clip(marked, -1.0, 1.0), rate, subtype="PCM_16", format=fmt)
-    except (OSError, RuntimeError) as exc:
-        raise ConfigError(f"cannot write {args.output}: {exc}") from exc
+    rate, placed, peak = mark_file(
+        args.input, args.output, payload, fmt, every_s=every, level_db=level
+    )
     for p in placed:
         row = {"sample": p.sample, "time_s": round(p.sample / rate, 6), "payload": payload.hex()}
         print(json.dumps(row) if args.json else "\t".join(str(v) for v in row.values()))
@@ -228,17 +219,11 @@ def _sound_format(path: str) -> str:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from probe.audio.fixtures import load_wav
-    from probe.watermark.detect import detect_all
+    from probe.offline import detect_file
 
     if args.reference is None and args.expect is None:
-        from probe.watermark.informed import recover_missing
-
-        x, rate = load_wav(args.input, min_seconds=0.0)
-        blind = detect_all(x, rate)
-        found = [(d, "blind") for d in blind]
-        found += [(d, "series") for d in recover_missing(x, rate, blind)]
-        for d, how in sorted(found, key=lambda f: f[0].position):
+        rate, found = detect_file(args.input)
+        for d, how in found:
             row = {
                 "sample": d.sample,
                 "time_s": round(d.sample / rate, 6),
@@ -282,19 +267,17 @@ def _read_marks(path: str) -> list[Any]:
 
 
 def _detect_informed(args: argparse.Namespace) -> int:
-    from probe.audio.fixtures import load_wav
-    from probe.watermark.detect import detect_all
-    from probe.watermark.informed import Sent, follow_markers
+    from probe.audio.fixtures import open_audio
+    from probe.offline import follow_file, sent_in_file
 
+    open_audio(args.input).close()  # a bad recording is named before the reference is read
     if args.reference is not None:
-        ref, ref_rate = load_wav(args.reference, min_seconds=0.0)
-        sent = [Sent(d.payload, d.position / ref_rate) for d in detect_all(ref, ref_rate)]
+        sent = sent_in_file(args.reference)
         if not sent:
             raise ConfigError(f"{args.reference} carries no markers the blind decoder can find")
     else:
         sent = _read_marks(args.expect)
-    x, rate = load_wav(args.input, min_seconds=0.0)
-    found = follow_markers(x, rate, sent, max_delay=args.max_delay)
+    rate, found = follow_file(args.input, sent, max_delay=args.max_delay)
     delays = []
     for m, d in zip(sent, found, strict=True):
         row: dict[str, Any] = {"sent_s": round(m.time, 6), "payload": m.payload.hex()}

@@ -47,9 +47,19 @@ def load_wav(
         data, file_rate = sf.read(p, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as e:
         raise ConfigError(f"Audio file {p} could not be read as audio ({e}).") from None
-    if data.shape[1] != 1:
+    _check(p, data.shape[1], file_rate, len(data), min_seconds)
+    x: F32 = np.ascontiguousarray(data[:, 0])
+    if rate is not None and rate != file_rate:
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise ConfigError(f"Sample rate {rate} Hz is outside {MIN_RATE} to {MAX_RATE} Hz.")
+        return resample(x, file_rate, rate), rate
+    return x, int(file_rate)
+
+
+def _check(p: Path, channels: int, file_rate: int, frames: int, min_seconds: float) -> None:
+    if channels != 1:
         raise ConfigError(
-            f"Audio file {p} has {data.shape[1]} channels; the probe needs mono, "
+            f"Audio file {p} has {channels} channels; the probe needs mono, "
             f"so mix it down first (e.g. sox in.wav -c 1 out.wav)."
         )
     if not MIN_RATE <= file_rate <= MAX_RATE:
@@ -57,19 +67,31 @@ def load_wav(
             f"Audio file {p} is sampled at {file_rate} Hz; use a rate from "
             f"{MIN_RATE} to {MAX_RATE} Hz."
         )
-    if len(data) == 0:
+    if frames <= 0:
         raise ConfigError(f"Audio file {p} contains no samples.")
-    seconds = len(data) / file_rate
+    seconds = frames / file_rate
     if seconds < min_seconds:
         raise ConfigError(
             f"Audio file {p} lasts {seconds:.2f} s, shorter than the {min_seconds:g} s needed."
         )
-    x: F32 = np.ascontiguousarray(data[:, 0])
-    if rate is not None and rate != file_rate:
-        if not MIN_RATE <= rate <= MAX_RATE:
-            raise ConfigError(f"Sample rate {rate} Hz is outside {MIN_RATE} to {MAX_RATE} Hz.")
-        return resample(x, file_rate, rate), rate
-    return x, int(file_rate)
+
+
+def open_audio(path: str | os.PathLike[str], *, min_seconds: float = 0.0) -> sf.SoundFile:
+    """A mono audio file opened for reading in blocks (``read(frames)``, ``seek``), checked as
+    :func:`load_wav` checks it, without reading its samples: for files too long to hold."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Audio file {p} does not exist.")
+    try:
+        f = sf.SoundFile(p)
+    except (sf.SoundFileError, RuntimeError, OSError) as e:
+        raise ConfigError(f"Audio file {p} could not be read as audio ({e}).") from None
+    try:
+        _check(p, f.channels, f.samplerate, f.frames, min_seconds)
+    except ConfigError:
+        f.close()
+        raise
+    return f
 
 
 def load_fixture(

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from probe.errors import ConfigError
 from probe.watermark.design import (
@@ -36,17 +37,69 @@ def active_rms(x: Float32Array, rate: int) -> float:
     It is the reference the marker level is set against, so pauses in the speech do not make the
     marker louder relative to the words.
     """
-    n = max(1, int(0.02 * rate))
+    return _active_level(_frame_energy(x, max(1, int(0.02 * rate))))
+
+
+def _frame_energy(x: Float32Array, n: int) -> npt.NDArray[np.float64]:
+    """Mean square of each whole ``n``-sample frame of ``x`` (a partial last frame is left out)."""
     usable = (len(x) // n) * n
-    if usable == 0:
-        return _FLOOR_RMS
     frames = np.nan_to_num(x[:usable].astype(np.float64)).reshape(-1, n)
-    energy = np.mean(frames**2, axis=1)
+    energy: npt.NDArray[np.float64] = np.mean(frames**2, axis=1)
+    return energy
+
+
+def _active_level(energy: npt.NDArray[np.float64]) -> float:
+    if energy.size == 0:
+        return _FLOOR_RMS
     top = float(energy.max())
     if top <= _FLOOR_RMS**2:
         return _FLOOR_RMS
     active = energy[energy >= top * 1e-4]
     return max(float(np.sqrt(active.mean())), _FLOOR_RMS)
+
+
+class ActiveLevel:
+    """:func:`active_rms` of a signal fed block by block (a file too long to hold): ``value()``
+    is exactly what :func:`active_rms` gives for the whole signal. Keeps one number per 20 ms."""
+
+    def __init__(self, rate: int) -> None:
+        self._n = max(1, int(0.02 * rate))
+        self._carry = np.zeros(0, dtype=np.float32)
+        self._energy: list[npt.NDArray[np.float64]] = []
+
+    def feed(self, block: Float32Array) -> None:
+        x = np.concatenate([self._carry, block]) if self._carry.size else block
+        usable = (len(x) // self._n) * self._n
+        self._energy.append(_frame_energy(x[:usable], self._n))
+        self._carry = np.array(x[usable:], dtype=np.float32)
+
+    def value(self) -> float:
+        return _active_level(np.concatenate(self._energy) if self._energy else np.zeros(0))
+
+
+def mark_block(
+    block: Float32Array,
+    first: int,
+    rate: int,
+    placements: Sequence[Placement],
+    amplitude: float,
+) -> Float32Array:
+    """Samples ``first`` to ``first + len(block)`` of a signal with the parts of ``placements``
+    that fall there added, as :func:`embed` adds them (at ``amplitude``, see
+    :func:`marker_amplitude`): the blocks of a signal marked one by one, joined, are
+    :func:`embed`'s result to the bit. For files too long to hold."""
+    out = np.array(block, dtype=np.float32, copy=True)
+    amp = np.float32(amplitude)
+    end = first + len(out)
+    waves: dict[bytes, Float32Array] = {}
+    for p in placements:
+        wave = waves.get(p.payload)
+        if wave is None:
+            wave = waves[p.payload] = marker_waveform(p.payload, rate)
+        lo, hi = max(p.sample, first), min(p.sample + len(wave), end)
+        if hi > lo:
+            out[lo - first : hi - first] += amp * wave[lo - p.sample : hi - p.sample]
+    return out
 
 
 def marker_positions(
