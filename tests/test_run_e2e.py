@@ -208,3 +208,58 @@ def test_timeout_gets_a_partial_report_without_tracebacks(tmp_path: Any) -> None
     assert res.returncode == 124  # timeout's own code for "timed out"
     assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr
     _partial(json.loads((tmp_path / "r.json").read_text()), "SIGINT")
+
+
+@pytest.mark.parametrize("sink_process", [True, False])
+def test_a_hop_that_stalls_mid_session_is_named_stalled_with_when_it_stopped(
+    sink_process: bool,
+) -> None:
+    """A hop that stops forking while the session keeps sending: its later markers are missed
+    and the hop gets one error per session, `stalled`, saying when its audio stopped; the hop
+    before it is unaffected."""
+    hops = parse_hops("a:20ms,b:20ms:stall@2s")
+
+    async def go() -> dict[str, Any]:
+        pipeline = ReferencePipeline(hops)
+        url = await pipeline.start("127.0.0.1", 0)
+        try:
+            src = SourceConfig(target=url, duration_s=5.0, drain_s=1.0)
+            cfg = RunConfig(source=src, hop_order=["a", "b", "return"], marker_timeout_s=2.0,
+                            sink_process=sink_process)
+            return await run_probe(cfg)
+        finally:
+            await pipeline.stop()
+
+    report = asyncio.run(go())
+    a, b = _hop(report, "a"), _hop(report, "b")
+    assert a["markers"]["missed"] == 0 and not a["errors"]
+    assert b["markers"]["missed"] >= 4
+    stalled = [e for e in b["errors"] if e["error"].startswith("stalled")]
+    assert len(stalled) == 1, b["errors"]
+    # "... sent no audio after 2.0x s of the session ..."
+    after = float(stalled[0]["error"].split("after ")[1].split(" s")[0])
+    assert 1.8 <= after <= 2.4, stalled[0]["error"]
+
+
+def test_a_hop_that_pauses_without_losing_markers_is_not_called_stalled() -> None:
+    """Silence alone is no error: a fork that pauses between markers and whose markers all
+    arrive gets no stall error (a hop that forks only speech may pause)."""
+    from probe.measure.registry import SessionRegistry
+
+    t = [100.0]
+    reg = SessionRegistry(clock=lambda: t[0])
+    reg.marker_timeout = 1.0
+    reg.open_session("s1")
+    reg.hop_connected("h", "s1")
+    reg.record_send("s1", 0, 100.0)
+    reg.hop_silent("h", "s1", 100.5)  # silent after the marker went out ...
+    t[0] = 102.0
+    reg.expire()  # ... and the marker is missed, but it was sent before the silence
+    assert not reg.hop_errors().get("h")
+    reg.hop_silent("h", "s1", None)
+    reg.record_send("s1", 1, 102.0)
+    reg.hop_silent("h", "s1", 101.9)
+    t[0] = 104.0
+    reg.expire()
+    errors = reg.hop_errors()["h"]
+    assert len(errors) == 1 and errors[0].error.startswith("stalled")

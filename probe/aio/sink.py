@@ -39,18 +39,22 @@ log = logging.getLogger(__name__)
 FORK_IDLE_S = 30.0
 # Frames received within this long reach the detection worker in one hand-over.
 BATCH_S = 0.01
+# A session's fork silent this long is reported to the registry (which names the hop stalled
+# when markers sent meanwhile are missed; a hop that only forks speech may pause legitimately).
+SILENT_S = 1.0
 
 
 class _Fork:
     """What the idle watchdog knows of one fork connection."""
 
-    __slots__ = ("hop", "last", "session", "ws")
+    __slots__ = ("hop", "last", "session", "silent", "ws")
 
     def __init__(self, ws: ServerConnection, last: float) -> None:
         self.ws = ws
         self.hop = "unknown"
         self.session: str | None = None
         self.last = last
+        self.silent = False  # reported silent, not yet heard again
 
 
 class Sink:
@@ -144,10 +148,15 @@ class Sink:
                 log.error("detection failed: %s", exc, exc_info=exc)
 
     async def _watch_idle(self) -> None:
-        """Close forks that sent nothing for ``idle_timeout``, as stalled hops."""
+        """Close forks that sent nothing for ``idle_timeout``, as stalled hops; report a
+        session's fork silent for ``SILENT_S`` (once per silence)."""
         while True:
-            await asyncio.sleep(min(1.0, self.idle_timeout / 4))
+            await asyncio.sleep(min(0.5, self.idle_timeout / 4))
             now = self.clock()
+            for f in self._forks:
+                if not f.silent and f.session is not None and now - f.last >= SILENT_S:
+                    f.silent = True
+                    self.registry.hop_silent(f.hop, f.session, f.last)
             for fork in [f for f in self._forks if now - f.last >= self.idle_timeout]:
                 self._forks.discard(fork)
                 self.registry.hop_error(
@@ -173,6 +182,10 @@ class Sink:
                 frame = await ws.recv()
                 arrival = ws.arrival() if stamped else self.clock()  # type: ignore[attr-defined]
                 fork.last = arrival
+                if fork.silent:
+                    fork.silent = False
+                    if fork.session is not None:
+                        self.registry.hop_silent(fork.hop, fork.session, None)
                 events = (
                     receiver.receive_binary(frame)
                     if isinstance(frame, bytes)

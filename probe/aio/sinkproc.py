@@ -93,6 +93,9 @@ class _Forwarder:
     def hop_error(self, hop: str, session_id: str | None, error: str) -> None:
         self.send(wire.HopFailed(hop, session_id, error))
 
+    def hop_silent(self, hop: str, session_id: str, since: float | None) -> None:
+        self.send(wire.HopSilent(hop, session_id, since))
+
     def record_detection(
         self,
         hop: str,
@@ -362,6 +365,8 @@ class SinkChild:
                 reg.hop_connected(msg.hop, msg.session, msg.trace)
             elif isinstance(msg, wire.HopFailed):
                 reg.hop_error(msg.hop, msg.session, msg.error)
+            elif isinstance(msg, wire.HopSilent):
+                reg.hop_silent(msg.hop, msg.session, msg.since)
             elif isinstance(msg, wire.Health):
                 reg.record_detection_delay(msg.delay_s)
                 reg.record_shed(msg.shed)

@@ -152,11 +152,14 @@ class _Session:
         "hops",
         "id",
         "last_activity",
+        "opened",
         "seen",
         "pending",
         "sends",
         "times_by_marker",
         "seqs_by_marker",
+        "silent",
+        "stalled",
         "token",
     )
 
@@ -164,6 +167,7 @@ class _Session:
         self.id = session_id
         self.token = token
         self.last_activity = now
+        self.opened = now
         self.closed_at: float | None = None
         self.failed = False
         self.sends: dict[int, float] = {}
@@ -171,6 +175,9 @@ class _Session:
         self.times_by_marker: dict[int, list[float]] = {}
         self.seqs_by_marker: dict[int, list[int]] = {}
         self.hops: list[str] = []
+        # hop -> arrival of the last frame of its fork before it went silent (while it is)
+        self.silent: dict[str, float] = {}
+        self.stalled: set[str] = set()  # hops named stalled in their current silence
         # hop -> seq -> send time, for markers owed and not yet settled (insertion = send order).
         self.pending: dict[str, dict[int, float]] = {}
         # hop -> seqs detected (in time or late), to tell repeats.
@@ -436,6 +443,20 @@ class SessionRegistry:
         if self.observer is not None:
             self.observer.hop_failed(hop, session_id, error)
 
+    def hop_silent(self, hop: str, session_id: str, since: float | None) -> None:
+        """The session's fork of ``hop`` sent nothing after ``since`` (None: it sends again).
+        Markers sent after ``since`` and then missed make it a hop error ``stalled``, once per
+        silence: the hop stopped while the session kept sending."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                return
+            if since is None:
+                s.silent.pop(hop, None)
+                s.stalled.discard(hop)
+            else:
+                s.silent[hop] = since
+
     def _expect(self, s: _Session, hop: str) -> None:
         if hop in s.pending:
             return
@@ -543,8 +564,10 @@ class SessionRegistry:
                         due.append(seq)
                     for seq in due:
                         out.append(self._miss(s, hop, seq, pending.pop(seq), now))
+            stalls = self._stalls(out)
             self._drop_stale(now)
         self._tell_missed(out)
+        self._tell_stalls(stalls)
         return out
 
     def settle_all(self, *, unmeasured: bool = False) -> list[Missed]:
@@ -561,8 +584,32 @@ class SessionRegistry:
                     for seq, t in pending.items():
                         out.append(self._miss(s, hop, seq, t, now, unmeasured=unmeasured))
                     pending.clear()
+            stalls = self._stalls(out)
         self._tell_missed(out)
+        self._tell_stalls(stalls)
         return out
+
+    def _stalls(self, misses: list[Missed]) -> list[tuple[str, str, str]]:
+        """Hop errors for misses of a silent fork: sent after its last frame (under the lock)."""
+        notes: list[tuple[str, str, str]] = []
+        for m in misses:
+            s = self._sessions.get(m.session)
+            if m.unmeasured or s is None or m.hop in s.stalled:
+                continue
+            since = s.silent.get(m.hop)
+            if since is None or m.send_time < since:
+                continue
+            s.stalled.add(m.hop)
+            error = (
+                f"stalled: the hop's fork sent no audio after {max(0.0, since - s.opened):.2f} s "
+                "of the session while the session kept sending; its markers since are missed"
+            )
+            notes.append((m.hop, m.session, error))
+        return notes
+
+    def _tell_stalls(self, notes: list[tuple[str, str, str]]) -> None:
+        for hop, session, error in notes:
+            self.hop_error(hop, session, error)
 
     def _tell_missed(self, misses: list[Missed]) -> None:
         if self.observer is not None:

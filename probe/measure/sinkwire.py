@@ -6,7 +6,8 @@ Parent to child: :class:`OpenStream`, :class:`StreamAudio`, :class:`StreamFormat
 :class:`Stop`, sent in batches (:class:`Batch`).
 
 Child to parent: :class:`Ready` or :class:`Failed` once, then :class:`Detected`,
-:class:`HopJoined`, :class:`HopFailed` (what the child's sink and streams tell the registry),
+:class:`HopJoined`, :class:`HopFailed`, :class:`HopSilent` (what the child's sink and streams
+tell the registry),
 :class:`Health` every second (how far detection lags and the child's CPU, for the generator's
 health, :mod:`probe.measure.health`), :class:`Drained` and :class:`Stopped`; detections come in
 a :class:`Batch` when one piece of detection work found several.
@@ -38,6 +39,7 @@ __all__ = [
     "Health",
     "HopFailed",
     "HopJoined",
+    "HopSilent",
     "Message",
     "OpenStream",
     "Reader",
@@ -65,6 +67,8 @@ class RegistryEvents(Protocol):
     ) -> None: ...
 
     def hop_error(self, hop: str, session_id: str | None, error: str) -> None: ...
+
+    def hop_silent(self, hop: str, session_id: str, since: float | None) -> None: ...
 
     def record_detection(
         self,
@@ -183,6 +187,17 @@ class HopFailed(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class HopSilent(Message):
+    """A session's fork of ``hop`` sent nothing since ``since`` (its last frame's arrival), or,
+    with ``since`` None, sends again."""
+
+    TAG: ClassVar[str] = "hop_silent"
+    hop: str
+    session: str
+    since: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Drained(Message):
     TAG: ClassVar[str] = "drained"
     seq: int
@@ -207,7 +222,7 @@ class Health(Message):
 
 _KINDS: tuple[type[Message], ...] = (
     OpenStream, StreamAudio, StreamFormat, CloseStream, Expect, Drain, Stop, Batch,
-    Ready, Failed, Detected, HopJoined, HopFailed, Drained, Stopped, Health,
+    Ready, Failed, Detected, HopJoined, HopFailed, HopSilent, Drained, Stopped, Health,
 )
 _BY_TAG: dict[str, type[Message]] = {k.TAG: k for k in _KINDS}
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
