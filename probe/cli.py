@@ -4,7 +4,8 @@ Exit codes: 0 done; 1 the work ran but failed (for commands that judge); 2 usage
 configuration error (one sentence on stderr, never a traceback), or, for ``probe canary``, a run
 whose verdict is unknown because the probe itself was overloaded; 130 (SIGINT) and 143
 (SIGTERM) a run (``run``, ``demo``, ``canary``) cut short by that signal, its partial report
-written and marked ``interrupted``.
+written and marked ``interrupted``; 3 a run (``run``, ``demo``) the probe itself could not finish
+(its sink child died), its partial report written and marked ``invalid``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from probe.config import (
     number_rule,
     parse_host_port,
 )
-from probe.errors import ConfigError, Interrupted, ProbeError
+from probe.errors import ConfigError, GeneratorFailed, Interrupted, ProbeError
 from probe.outfiles import check_output
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_GENERATOR_FAILED = 3
 
 DEMO_HOPS = "ingest:20ms,telephony:35ms:mulaw8k,model:120ms"
 
@@ -168,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return 128 + exc.signal_number
+    except GeneratorFailed as exc:
+        print(f"probe: {exc}", file=sys.stderr)
+        return EXIT_GENERATOR_FAILED
     except ProbeError as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -305,7 +310,7 @@ def _detect_informed(args: argparse.Namespace) -> int:
 def _report_out(report: dict[str, Any], path: str | None) -> None:
     """Print the table and write the report; Interrupted when a stop signal cut the run short
     (after both)."""
-    from probe.aio.runner import interruption
+    from probe.aio.runner import generator_failure, interruption
     from probe.measure.report import format_table, write_report
 
     print(format_table(report))
@@ -318,6 +323,9 @@ def _report_out(report: dict[str, Any], path: str | None) -> None:
     cut = interruption(report, [path] if path else [])
     if cut is not None:
         raise cut
+    failed = generator_failure(report, [path] if path else [])
+    if failed is not None:
+        raise failed
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

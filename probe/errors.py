@@ -29,6 +29,11 @@ class TargetUnreachable(ProbeError):
     """The system under test or a sink could not be reached."""
 
 
+class GeneratorFailed(ProbeError):
+    """The probe itself failed during a run (its sink child died): its report is out, marked
+    ``invalid``, and says nothing about the target from then on."""
+
+
 class Interrupted(ProbeError):
     """A run was cut short by a signal (SIGINT, SIGTERM) and its partial report is out."""
 

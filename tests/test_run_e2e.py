@@ -263,3 +263,60 @@ def test_a_hop_that_pauses_without_losing_markers_is_not_called_stalled() -> Non
     reg.expire()
     errors = reg.hop_errors()["h"]
     assert len(errors) == 1 and errors[0].error.startswith("stalled")
+
+
+def _sink_child_of(pid: int) -> int:
+    """The pid of the `python -m probe.aio.sinkproc` child of process ``pid``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == pid and b"probe.aio.sinkproc" in cmd:
+            return int(entry)
+    raise AssertionError(f"no sink child under pid {pid}")
+
+
+@pytest.mark.parametrize("command, code", [("run", 3), ("canary", 2)])
+def test_a_dead_sink_child_ends_the_run_invalid(command: str, code: int, tmp_path: Any) -> None:
+    """kill -9 of the sink child mid-run: the run ends within a few seconds, one sentence on
+    stderr, the report marked invalid, and nothing blamed on the target (markers owed after the
+    death are unmeasured, none missed; every marker sent accounted for). `probe run` exits 3;
+    the canary has no verdict (UNKNOWN, 2)."""
+    pipe = BackgroundPipeline("a:20ms,b:35ms:mulaw8k")
+    extra = ["--threshold", "markers>=99%"] if command == "canary" else []
+    try:
+        argv = [sys.executable, "-m", "probe.cli", command, "--target", pipe.url, "--duration",
+                "20", "--sessions", "2", "--concurrency", "2", "--marker-timeout", "5",
+                "--hop-order", "a,b,return", "--json", "r.json", *extra]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path)
+        time.sleep(3.0 * SLOW)
+        os.kill(_sink_child_of(proc.pid), signal.SIGKILL)
+        t_kill = time.monotonic()
+        out, err = proc.communicate(timeout=60 * SLOW)
+        took = time.monotonic() - t_kill
+    finally:
+        pipe.close()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert "killed by SIGKILL" in err
+    if command == "run":
+        assert err.strip().splitlines()[-1].startswith("probe: the run is invalid after "), err
+        assert out.startswith("INVALID after ")
+    else:
+        assert "canary: UNKNOWN" in out, out
+    assert took < 10.0 * SLOW  # not the rest of the 20 s sessions
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["invalid"]["reason"].startswith("the probe's sink child process")
+    assert report["generator"]["overloaded"]
+    for hop in report["hops"]:
+        m = hop["markers"]
+        assert m["missed"] == 0, hop
+        assert m["sent"] == m["detected"] + m["missed"] + m["unmeasured"], hop
+        assert m["unmeasured"] > 0, hop

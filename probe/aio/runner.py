@@ -22,7 +22,7 @@ from probe.aio.sinkproc import SinkProcess
 from probe.aio.source import SourceConfig, run_session
 from probe.config import RunOptions, run_options
 from probe.cpushare import CpuShare
-from probe.errors import Interrupted
+from probe.errors import GeneratorFailed, Interrupted
 from probe.measure.expect import ExpectationBook
 from probe.measure.health import GeneratorHealth
 from probe.measure.observe import RunObserver
@@ -122,6 +122,8 @@ class _Stop:
         self.signals = tuple(signals)
         self.received: int | None = None
         self.at = 0.0
+        # Why the probe itself failed (its sink child died), ending the run early; None if not.
+        self.failed: str | None = None
         self._work: asyncio.Task[None] | None = None
         self._previous: dict[int, Any] = {}
 
@@ -145,6 +147,15 @@ class _Stop:
         self._work = work
         if self.received is not None:
             work.cancel()
+
+    def fail(self, reason: str) -> None:
+        """The probe cannot measure any more: end the run's work as a signal would."""
+        if self.received is not None or self.failed is not None:
+            return
+        self.failed = reason
+        self.at = time.monotonic()
+        if self._work is not None:
+            self._work.cancel()
 
     def _on_signal(self, sig: int) -> None:
         if self.received is not None:
@@ -259,12 +270,12 @@ async def _run(
             await asyncio.gather(*(one(i) for i in range(cfg.sessions)))
             await _settle(registry, worker, cfg.marker_timeout_s, sink)
 
-        watch = asyncio.create_task(_watch(registry, worker))
+        watch = asyncio.create_task(_watch(registry, worker, sink, stop))
         task = asyncio.create_task(work())
         stop.watch(task)
         try:
             await asyncio.wait({task})
-            if stop.received is None or not task.cancelled():
+            if (stop.received is None and stop.failed is None) or not task.cancelled():
                 task.result()  # a failure of the run itself
             else:
                 interrupted = await _cut_short(task, registry, worker, sink)
@@ -285,6 +296,11 @@ async def _run(
         duration_s=time.monotonic() - t0,
         hop_order=cfg.hop_order,
         configured={k: v / 1000.0 for k, v in cfg.configured_ms.items()} or None,
+        invalid=(
+            None
+            if stop.failed is None
+            else {"reason": stop.failed, "after_s": round(stop.at - t0, 3)}
+        ),
         interrupted=(
             None
             if stop.received is None
@@ -323,12 +339,20 @@ async def _cut_short(
     return len(registry.settle_all(unmeasured=True))
 
 
-async def _watch(registry: SessionRegistry, worker: DetectionWorker) -> None:
+async def _watch(
+    registry: SessionRegistry,
+    worker: DetectionWorker,
+    sink: Sink | SinkProcess | None,
+    stop: _Stop,
+) -> None:
     """Every second: this process's CPU and its detection thread's backlog to the generator's
-    health, and markers past their timeout declared (the health is judged then)."""
+    health, and markers past their timeout declared (the health is judged then); a dead sink
+    child ends the run (nothing would be detected any more)."""
     meter = CpuShare()
     while True:
         await asyncio.sleep(1.0)
+        if isinstance(sink, SinkProcess) and sink.died is not None:
+            stop.fail(sink.died)
         registry.record_cpu("worker", meter.read())
         registry.record_detection_delay(worker.take_max_wait())
         registry.expire()
@@ -371,6 +395,20 @@ def interruption(report: Mapping[str, Any], written: Sequence[str] = ()) -> Inte
         f"interrupted by {cut['signal']} after {float(cut['after_s']):.1f} s: the report is "
         f"partial ({cut['unmeasured']} markers still pending counted unmeasured){where}.",
         int(signal.Signals[cut["signal"]]),
+    )
+
+
+def generator_failure(
+    report: Mapping[str, Any], written: Sequence[str] = ()
+) -> GeneratorFailed | None:
+    """The :class:`~probe.errors.GeneratorFailed` to raise for a report the probe's own failure
+    made invalid (its one sentence names the files ``written``), or None."""
+    bad = report.get("invalid")
+    if not bad:
+        return None
+    where = f"; the partial report is written to {', '.join(written)}" if written else ""
+    return GeneratorFailed(
+        f"the run is invalid after {float(bad['after_s']):.1f} s: {bad['reason']}{where}."
     )
 
 

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -323,6 +324,30 @@ class SinkChild:
         self.idle_timeout = idle_timeout
         self.url = ""
         self._next_sid = 0
+        # Why the child is gone before it was stopped (None while it runs or once stopped as
+        # asked): from then on nothing is detected, so the run's figures are invalid.
+        self.died: str | None = None
+
+    def _lost(self, proc: subprocess.Popen[bytes] | None, code: int | None) -> None:
+        """The child's end of the socket closed without ``Stopped``: say why, once."""
+        if self.died is not None:
+            return
+        pid = proc.pid if proc is not None else "?"
+        if code is None:
+            how = "its connection to this process closed"
+        elif code < 0:
+            try:
+                how = f"it was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"it was killed by signal {-code}"
+        else:
+            how = f"it exited with code {code}"
+        self.died = (
+            f"the probe's sink child process (pid {pid}) died: {how}; nothing was detected "
+            "after that, so this run's figures are invalid"
+        )
+        log.error("%s", self.died)
+        self.registry.record_dead("sink")
 
     @property
     def port(self) -> int:
@@ -438,6 +463,7 @@ class SinkProcess(SinkChild):
 
     def _read(self) -> None:
         assert self._conn is not None
+        stopped = False
         while True:
             try:
                 msg = wire.from_wire(self._conn.recv())
@@ -452,7 +478,14 @@ class SinkProcess(SinkChild):
                     self._drained = max(self._drained, msg.seq)
                     self._cond.notify_all()
             elif isinstance(msg, wire.Stopped):
+                stopped = True
                 break
+        if not stopped:
+            code = None
+            if self._proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self._proc.wait(2.0)
+            self._lost(self._proc, code)
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
@@ -472,7 +505,8 @@ class SinkProcess(SinkChild):
         """Stop the sink, apply its last detections, end the child."""
         if self._conn is None:
             return
-        self._send(wire.Stop())
+        # Queued even when the child is gone already: it ends the sender thread.
+        self._outbox.put(wire.Stop())
         if self._sender is not None:
             await asyncio.to_thread(self._sender.join, 30.0)
         if self._reader is not None:

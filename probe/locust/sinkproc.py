@@ -128,6 +128,9 @@ class GeventSinkProcess(SinkChild):
             while True:
                 data = sock.recv(_READ_SIZE)
                 if not data:
+                    if not self._stopping:
+                        _wait_exit(self.proc, 2.0)
+                        self._lost(self.proc, self.proc.poll())
                     return
                 for msg in reader.feed(data):
                     self._apply(msg)

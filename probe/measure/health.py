@@ -10,7 +10,9 @@ clock, and says when they pass the stated bounds (:class:`Bounds`):
 - **detection delay**: audio waited longer than ``detection_delay_s`` between its arrival and its
   search (the sink's backlog);
 - **CPU**: a process (the worker, the sink child) used at least ``cpu_share`` of a core over the
-  window; one Python process cannot use more than one, so it is saturated.
+  window; one Python process cannot use more than one, so it is saturated;
+- **a dead process**: the sink child died (``sink_died``): nothing is detected any more, for
+  the rest of the run.
 
 The generator is *overloaded* from the first breach until every signal has stayed within its bound
 for a whole window. The overloaded periods are kept (with their evidence), so a marker whose
@@ -77,6 +79,7 @@ class GeneratorHealth:
         self.frames = 0
         self.late_frames = 0
         self.frames_shed = 0
+        self._dead: Breach | None = None
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -100,6 +103,12 @@ class GeneratorHealth:
     def cpu(self, at: float, who: str, share: float) -> None:
         """Process ``who`` used ``share`` of a core over the window ending at ``at``."""
         self._cpu[who] = (at, share)
+
+    def dead(self, at: float, who: str) -> None:
+        """Process ``who`` (``sink``) died at ``at``: the generator stays overloaded from then
+        on (nothing it owes can be measured any more; the period never closes)."""
+        if self._dead is None:
+            self._dead = Breach(f"{who}_died", 1.0, 0.0, at)
 
     def shed(self, frames: int) -> None:
         """The sink dropped ``frames`` frames unsearched: they waited past the marker timeout,
@@ -189,4 +198,6 @@ class GeneratorHealth:
         for who, (at, share) in self._cpu.items():
             if at >= start and share >= b.cpu_share:
                 out.append(Breach(f"cpu_{who}", share, b.cpu_share, at))
+        if self._dead is not None:
+            out.append(self._dead)
         return out

@@ -381,6 +381,15 @@ class SessionRegistry:
             with self._lock:
                 self.health.detection_delay(self._clock(), delay_s)
 
+    def record_dead(self, who: str) -> None:
+        """Process ``who`` (``sink``) died: the generator is overloaded for the rest of the
+        run, so markers owed from now on are unmeasured, not missed."""
+        if self.health is not None:
+            with self._lock:
+                now = self._clock()
+                self.health.dead(now, who)
+                self.health.update(now)
+
     def record_shed(self, frames: int) -> None:
         """The sink dropped ``frames`` frames unsearched, past the marker timeout (overload)."""
         if self.health is not None and frames:

@@ -55,6 +55,7 @@ def build_report(
     configured: Mapping[str, float] | None = None,
     clocks: str = DEFAULT_CLOCKS,
     interrupted: Mapping[str, Any] | None = None,
+    invalid: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a run as a JSON-ready dict.
 
@@ -63,6 +64,8 @@ def build_report(
     in seconds, where known (a reference pipeline), shown beside the measured one.
     ``interrupted`` says how a run cut short by a signal ended (``signal``, ``after_s``,
     ``unmeasured``: markers still pending then, settled as unmeasured); None for a whole run.
+    ``invalid`` says why the probe itself failed during the run (``reason``, ``after_s``): its
+    figures from then on measure nothing; None when it did not.
     """
     series = registry.series()
     measurements = [m for m in series if isinstance(m, Measurement)]
@@ -97,6 +100,7 @@ def build_report(
         .replace("+00:00", "Z"),
         "duration_s": round(float(duration_s), 3),
         "interrupted": dict(interrupted) if interrupted is not None else None,
+        "invalid": dict(invalid) if invalid is not None else None,
         "clocks": clocks,
         "sessions": {
             "started": sc.started,
@@ -256,6 +260,9 @@ def format_table(report: Mapping[str, Any]) -> str:
     cut = interrupted_note(report)
     if cut:
         lines[:0] = [cut, ""]
+    bad = report.get("invalid")
+    if bad:
+        lines[:0] = [f"INVALID after {float(bad['after_s']):.1f} s: {bad['reason']}.", ""]
     return "\n".join(lines)
 
 
