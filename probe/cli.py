@@ -129,6 +129,10 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="HOST:PORT to serve /metrics (configured delays, emission lateness per hop)",
     )
+
+    from probe.aio.tee import add_parser as add_tee_parser
+
+    add_tee_parser(sub)
     return p
 
 
@@ -162,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "canary": _cmd_canary,
             "exporter": _cmd_exporter,
             "pipeline": _cmd_pipeline,
+            "tee": _cmd_tee,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -482,6 +487,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         if warning:
             print(f"probe: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def _cmd_tee(args: argparse.Namespace) -> int:
+    from probe.aio.tee import command
+
+    return command(args)
 
 
 if __name__ == "__main__":
