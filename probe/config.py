@@ -97,6 +97,14 @@ def _text(v: Any, label: str, text: bool = False) -> str:
     return v.strip()
 
 
+def _secret(v: Any, label: str, text: bool = False) -> str:
+    from probe.measure.admission import check_secret
+
+    if not isinstance(v, str):
+        raise _fail(label, "a string", v)
+    return check_secret(v.strip(), label)
+
+
 def check_url(text: str, label: str, schemes: tuple[str, ...] = ("ws", "wss")) -> str:
     """``text`` (stripped) when it is a URL of one of ``schemes`` that a client can connect to:
     a host (a name, an IPv4 address or a bracketed IPv6 one), an optional port from 1 to 65535,
@@ -297,8 +305,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("concurrency", _integer(1), 1, "sessions at once"),
     Option("sink_listen", _listen, "127.0.0.1:0", "HOST:PORT for the sink",
            env="PROBE_SINK_LISTEN"),
-    Option("sink_url", _url, None, "sink URL the hops should use (when not the bound one)",
+    Option("sink_url", _url, None,
+           "sink URL the hops should use when not the bound one (the capability is appended)",
            env="PROBE_SINK_URL"),
+    Option("sink_secret", _secret, None,
+           "fixed capability forks must present, for hops configured with a static sink URL "
+           "(default: a random one per run)", env="PROBE_SINK_SECRET"),
     Option("no_sink", _flag, False, "measure only the return direction", env="PROBE_NO_SINK"),
     Option("hop_order", _hops, None, "comma-separated hop names", env="PROBE_HOP_ORDER"),
     Option("marker_timeout", _number(above=0.0, at_most=600.0), 10.0,
@@ -336,6 +348,7 @@ class RunOptions:
     concurrency: int = 1
     sink_listen: str = "127.0.0.1:0"
     sink_url: str | None = None
+    sink_secret: str | None = None
     no_sink: bool = False
     hop_order: tuple[str, ...] | None = None
     marker_timeout: float = 10.0
@@ -428,6 +441,8 @@ class EngineConfig:
     sink_port: int = 0
     # The URL hops should fork to, when it differs from the bound one (another host, NAT, k8s).
     sink_url: str | None = None
+    # The capability forks must present (a fixed secret), or None for a random one per process.
+    sink_secret: str | None = None
     # The host name or address other hosts reach this worker by; the bound port is added.
     advertise_host: str | None = None
     use_sink: bool = True
@@ -463,6 +478,7 @@ class EngineConfig:
             sink_host=host,
             sink_port=port,
             sink_url=opts.get("sink_url"),
+            sink_secret=opts.get("sink_secret"),
             advertise_host=advertise,
             use_sink=not opts.get("no_sink", False),
             marker_timeout_s=opts.get("marker_timeout", OPTION["marker_timeout"].default),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from probe.aio.source import SourceConfig, run_session
 from probe.config import RunOptions, run_options
 from probe.cpushare import CpuShare
 from probe.errors import GeneratorFailed, Interrupted
+from probe.measure.admission import Admission, new_capability, with_capability
 from probe.measure.expect import ExpectationBook
 from probe.measure.health import GeneratorHealth
 from probe.measure.observe import RunObserver
@@ -40,6 +42,9 @@ class RunConfig:
     sink_host: str = "127.0.0.1"
     sink_port: int = 0
     sink_url: str | None = None
+    # What forks must present as the sink URL's last path segment: a fixed secret for hops
+    # configured statically, or None for a fresh random capability per run.
+    sink_secret: str | None = None
     use_sink: bool = True
     marker_timeout_s: float = 10.0
     hop_order: Sequence[str] | None = None
@@ -81,6 +86,7 @@ def run_config(options: RunOptions | Mapping[str, Any]) -> RunConfig:
         sink_host=host,
         sink_port=port,
         sink_url=o.sink_url,
+        sink_secret=o.sink_secret,
         use_sink=not o.no_sink,
         marker_timeout_s=o.marker_timeout,
         hop_order=list(o.hop_order) if o.hop_order else None,
@@ -220,6 +226,7 @@ async def _run(
         observer=observer,
         lock=threading.Lock(),  # the event loop and the detection thread both record
         health=GeneratorHealth(),
+        key=secrets.token_bytes(16),  # this run's marker tokens: not guessable from session ids
     )
     worker = DetectionWorker()
     # Informed detection: every marker sent is expected on every stream of its session. The
@@ -232,13 +239,15 @@ async def _run(
     try:
         source = cfg.source
         if cfg.use_sink:
+            capability = cfg.sink_secret or new_capability()
             if cfg.sink_process and clock is time.time:
-                sink = SinkProcess(registry)
+                sink = SinkProcess(registry, capability=capability)
             else:
-                sink = Sink(registry, worker, clock=clock, book=book)
+                sink = Sink(registry, worker, clock=clock, book=book,
+                            admission=Admission(capability))
             with stop.held():
                 url = await sink.start(cfg.sink_host, cfg.sink_port)
-            advertised = cfg.sink_url or url
+            advertised = with_capability(cfg.sink_url, capability) if cfg.sink_url else url
             source = SourceConfig(**{**source.__dict__, "sink_url": advertised})
         if isinstance(sink, SinkProcess):
             registry.add_send_listener(sink.expect)

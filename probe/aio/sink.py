@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from probe.aio.hopstream import DetectionWorker, HopStream
 from probe.aio.wsstamp import StampedServerConnection, server_factory
 from probe.errors import ConfigError
+from probe.measure.admission import Admission, with_capability
 from probe.measure.expect import ExpectationBook
 from probe.measure.sinkwire import RegistryEvents
 from probe.protocol import Audio, ForkReceiver, ForkStart, ProtocolViolation, Started, Stopped
@@ -69,15 +70,18 @@ class Sink:
         idle_timeout: float = FORK_IDLE_S,
         book: ExpectationBook | None = None,
         batch_s: float = BATCH_S,
+        admission: Admission | None = None,
     ) -> None:
         """``book`` (touched only on the worker's thread) makes forks of known sessions use
-        informed detection."""
+        informed detection; ``admission`` refuses forks without the run's capability (the URL
+        :meth:`start` returns carries it)."""
         self.registry = registry
         self.book = book
         self.worker = worker
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.batch_s = batch_s
+        self.admission = admission or Admission(None)
         self._server: Server | None = None
         self.url = ""
         self.connections = 0
@@ -107,6 +111,8 @@ class Sink:
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"ws://{shown}:{bound_port}/sink"
+        if self.admission.capability is not None:
+            self.url = with_capability(self.url, self.admission.capability)
         self._watchdog = asyncio.create_task(self._watch_idle())
         return self.url
 
@@ -172,6 +178,12 @@ class Sink:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
+        refused = self.admission.refuse(ws.request.path if ws.request is not None else "")
+        if refused is not None:
+            # Counted once per reason in the report, never as a hop or a hop error.
+            self.registry.fork_rejected(refused)
+            await ws.close(1008, f"fork refused: {refused}")
+            return
         receiver = ForkReceiver()
         stream: HopStream | None = None
         fork = _Fork(ws, self.clock())

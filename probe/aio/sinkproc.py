@@ -35,6 +35,7 @@ from multiprocessing.connection import Connection
 from probe.cpushare import CpuShare
 from probe.errors import ConfigError
 from probe.measure import sinkwire as wire
+from probe.measure.admission import Admission
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat, TraceContext
 
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _START_TIMEOUT_S = 30.0
+CAPABILITY_ENV = "PROBE_SINK_CAPABILITY"
 
 
 class _Forwarder:
@@ -96,6 +98,9 @@ class _Forwarder:
 
     def hop_silent(self, hop: str, session_id: str, since: float | None) -> None:
         self.send(wire.HopSilent(hop, session_id, since))
+
+    def fork_rejected(self, reason: str) -> None:
+        self.send(wire.ForkRejected(reason))
 
     def record_detection(
         self,
@@ -224,7 +229,11 @@ def _child(
             # target and this process's own socket reads (which stamp arrivals) in the scheduler.
             worker.submit(_renice_this_thread, detect_nice)
         # A negative port: no fork sink, only the parent's detection streams (no hop forks).
-        sink = Sink(forward, worker, clock=time.time, idle_timeout=idle_timeout, book=book)
+        capability = os.environ.pop(CAPABILITY_ENV, "") or None
+        sink = Sink(
+            forward, worker, clock=time.time, idle_timeout=idle_timeout, book=book,
+            admission=Admission(capability),
+        )
         url = ""
         if port >= 0:
             try:
@@ -262,12 +271,19 @@ def _import_root() -> str:
 
 
 def spawn_child(
-    host: str, port: int, idle_timeout: float, *, detect_nice: int = 0
+    host: str,
+    port: int,
+    idle_timeout: float,
+    *,
+    detect_nice: int = 0,
+    capability: str | None = None,
 ) -> tuple[socket.socket, subprocess.Popen[bytes]]:
     """Start ``python -m probe.aio.sinkproc`` on one end of a socket pair; return the other end.
 
     ``port`` < 0 starts no fork sink (only detection streams, :meth:`SinkChild.open_stream`);
-    ``detect_nice`` > 0 lowers the OS priority of the child's detection thread."""
+    ``detect_nice`` > 0 lowers the OS priority of the child's detection thread; ``capability``
+    is what forks must present (:mod:`probe.measure.admission`), handed over in the child's
+    environment (not its command line, which every user of the host can read)."""
     # A plain `python -m probe.aio.sinkproc` child: unlike multiprocessing's spawn it never
     # re-imports the caller's __main__ (locustfiles, scripts), and unlike fork it copies no
     # threads (nor a gevent hub).
@@ -279,7 +295,11 @@ def spawn_child(
             [sys.executable, "-m", "probe.aio.sinkproc", str(theirs.fileno()), host, str(port),
              str(idle_timeout), str(detect_nice)],
             pass_fds=[theirs.fileno()],
-            env={**os.environ, "PYTHONPATH": _import_root()},
+            env={
+                **os.environ,
+                "PYTHONPATH": _import_root(),
+                **({CAPABILITY_ENV: capability} if capability else {}),
+            },
         )
     except BaseException:
         mine.close()
@@ -319,9 +339,17 @@ class SinkChild:
     how a message from the child lands in ``registry``. The I/O shells (:class:`SinkProcess`
     with threads for asyncio, ``probe.locust.sinkproc`` for gevent) provide ``_send``."""
 
-    def __init__(self, registry: SessionRegistry, *, idle_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        *,
+        idle_timeout: float = 30.0,
+        capability: str | None = None,
+    ) -> None:
         self.registry = registry
         self.idle_timeout = idle_timeout
+        # What forks must present (the last path segment of the sink URL); None admits all.
+        self.capability = capability
         self.url = ""
         self._next_sid = 0
         # Why the child is gone before it was stopped (None while it runs or once stopped as
@@ -392,6 +420,8 @@ class SinkChild:
                 reg.hop_error(msg.hop, msg.session, msg.error)
             elif isinstance(msg, wire.HopSilent):
                 reg.hop_silent(msg.hop, msg.session, msg.since)
+            elif isinstance(msg, wire.ForkRejected):
+                reg.fork_rejected(msg.reason)
             elif isinstance(msg, wire.Health):
                 reg.record_detection_delay(msg.delay_s)
                 reg.record_shed(msg.shed)
@@ -404,8 +434,14 @@ class SinkProcess(SinkChild):
     """A :class:`~probe.aio.sink.Sink` in a child process, feeding ``registry`` in this one; a
     sender and a reader thread beside an asyncio loop."""
 
-    def __init__(self, registry: SessionRegistry, *, idle_timeout: float = 30.0) -> None:
-        super().__init__(registry, idle_timeout=idle_timeout)
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        *,
+        idle_timeout: float = 30.0,
+        capability: str | None = None,
+    ) -> None:
+        super().__init__(registry, idle_timeout=idle_timeout, capability=capability)
         self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -441,7 +477,7 @@ class SinkProcess(SinkChild):
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the child and its sink; return the sink's ws:// URL."""
-        mine, proc = spawn_child(host, port, self.idle_timeout)
+        mine, proc = spawn_child(host, port, self.idle_timeout, capability=self.capability)
         parent = Connection(mine.detach())
         self._conn, self._proc = parent, proc
         ready = await asyncio.to_thread(parent.poll, _START_TIMEOUT_S)

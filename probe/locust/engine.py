@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ import gevent
 from probe.config import EngineConfig
 from probe.cpushare import CpuShare
 from probe.locust.sinkproc import GeventSinkProcess
+from probe.measure.admission import new_capability, with_capability
 from probe.measure.health import Bounds, GeneratorHealth
 from probe.measure.observe import Observers, RunObserver
 from probe.measure.registry import SessionRegistry
@@ -82,6 +84,7 @@ class ProbeEngine:
             # A load test runs for hours: the Hops tab and telemetry hear every measurement as
             # it happens; the registry keeps counts only, so memory stays flat.
             history=False,
+            key=secrets.token_bytes(16),  # marker tokens not guessable from session ids
             health=GeneratorHealth(
                 Bounds(
                     send_lag_s=cfg.overload_lag_ms / 1000.0,
@@ -90,7 +93,11 @@ class ProbeEngine:
                 )
             ),
         )
-        self.sink = GeventSinkProcess(self.registry, detect_nice=cfg.detect_nice)
+        # Forks must present this as the sink URL's last path segment (PROTOCOL.md section 2).
+        self.capability = cfg.sink_secret or new_capability()
+        self.sink = GeventSinkProcess(
+            self.registry, detect_nice=cfg.detect_nice, capability=self.capability
+        )
         # Informed detection in the sink child: it hears of every marker sent.
         self.registry.add_send_listener(self.sink.expect)
         self.sink_url: str | None = None
@@ -106,11 +113,13 @@ class ProbeEngine:
         bound = self.sink.start(self.cfg.sink_host, port)
         if self.cfg.use_sink:
             if self.cfg.sink_url:
-                self.sink_url = self.cfg.sink_url
+                self.sink_url = with_capability(self.cfg.sink_url, self.capability)
             elif self.cfg.advertise_host:
                 shown = self.cfg.advertise_host
                 shown = f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown
-                self.sink_url = f"ws://{shown}:{self.sink.port}/sink"
+                self.sink_url = with_capability(
+                    f"ws://{shown}:{self.sink.port}/sink", self.capability
+                )
             else:
                 self.sink_url = bound
         self._pump = gevent.spawn(self._pump_loop)

@@ -52,8 +52,9 @@ class GeventSinkProcess(SinkChild):
         idle_timeout: float = 30.0,
         flush_interval_s: float = 0.01,
         detect_nice: int = 0,
+        capability: str | None = None,
     ) -> None:
-        super().__init__(registry, idle_timeout=idle_timeout)
+        super().__init__(registry, idle_timeout=idle_timeout, capability=capability)
         self.flush_interval_s = flush_interval_s
         self.detect_nice = detect_nice
         self.proc: Any = None
@@ -78,7 +79,10 @@ class GeventSinkProcess(SinkChild):
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the child (cooperatively); return its sink's ws:// URL ("" when ``port`` < 0:
         detection streams only). ConfigError with one sentence when the sink cannot listen."""
-        mine, proc = spawn_child(host, port, self.idle_timeout, detect_nice=self.detect_nice)
+        mine, proc = spawn_child(
+            host, port, self.idle_timeout, detect_nice=self.detect_nice,
+            capability=self.capability,
+        )
         # Cooperative whether or not the socket module is monkey-patched.
         sock = gsocket.socket(fileno=mine.detach())
         reader = wire.Reader()

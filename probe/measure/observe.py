@@ -46,6 +46,9 @@ class RunObserver:
     def hop_failed(self, hop: str, session: str | None, error: str) -> None:
         """A hop's fork broke (garbage, stall, dropped connection)."""
 
+    def fork_rejected(self, reason: str) -> None:
+        """The sink refused a fork connection (it did not present the run's capability)."""
+
     def detected(self, m: Measurement, own_s: float | None) -> None:
         """Marker ``m.seq`` of ``m.session`` was seen on ``m.hop``; ``own_s`` is that hop's own
         latency when an earlier hop saw the same marker, else its cumulative latency."""
@@ -119,6 +122,9 @@ class Observers(RunObserver):
 
     def hop_failed(self, hop: str, session: str | None, error: str) -> None:
         self._each("hop_failed", hop, session, error)
+
+    def fork_rejected(self, reason: str) -> None:
+        self._each("fork_rejected", reason)
 
     def detected(self, m: Measurement, own_s: float | None) -> None:
         if not self.observers:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import hmac
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -63,12 +64,17 @@ _MARKER_MASK = (1 << MARKER_BITS) - 1
 NEGATIVE_TOLERANCE_S = 0.05
 
 
-def token_for(session_id: str, attempt: int = 0) -> int:
-    """Candidate number ``attempt`` of a session's 24-bit token (sha256-derived, deterministic)."""
+def token_for(session_id: str, attempt: int = 0, key: bytes | None = None) -> int:
+    """Candidate number ``attempt`` of a session's 24-bit token: sha256 of the session id, or,
+    with a (per-run, secret) ``key``, its HMAC-SHA256, so that a session id alone does not give
+    away the markers a run will look for."""
     data = session_id.encode("utf-8")
     if attempt:
         data += b"\x00" + str(attempt).encode("ascii")
-    return int.from_bytes(hashlib.sha256(data).digest()[:3], "big")
+    digest = (
+        hmac.new(key, data, hashlib.sha256).digest() if key else hashlib.sha256(data).digest()
+    )
+    return int.from_bytes(digest[:3], "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +207,7 @@ class SessionRegistry:
         lock: AbstractContextManager[Any] | None = None,
         history: bool = True,
         health: GeneratorHealth | None = None,
+        key: bytes | None = None,
     ) -> None:
         """``lock`` guards every method: a shell that calls the registry from several threads
         (the event loop and a detection thread) passes one (``threading.Lock()``).
@@ -212,7 +219,10 @@ class SessionRegistry:
 
         ``health`` watches the generator itself: it hears every frame's send lag (and what the
         shell reports of detection delay and CPU), is judged at every :meth:`expire`, and a
-        marker owed while it said "overloaded" is counted unmeasured instead of missed."""
+        marker owed while it said "overloaded" is counted unmeasured instead of missed.
+
+        ``key`` (a run's own random secret) keys the sessions' marker tokens (HMAC, see
+        :func:`token_for`): without it a token is the session id's hash."""
         if not marker_timeout > 0:
             raise ConfigError(f"marker_timeout must be positive seconds, got {marker_timeout}.")
         if not session_ttl > 0:
@@ -243,6 +253,8 @@ class SessionRegistry:
         self._series: list[Measurement | Missed] = []
         self._send_listeners: list[Callable[[str, bytes, float, float], None]] = []
         self.health = health
+        self._key = key
+        self._rejected: dict[str, int] = {}
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -258,10 +270,10 @@ class SessionRegistry:
                     "session ids must be unique within a run."
                 )
             attempt = 0
-            token = token_for(session_id)
+            token = token_for(session_id, 0, self._key)
             while token in self._by_token:
                 attempt += 1
-                token = token_for(session_id, attempt)
+                token = token_for(session_id, attempt, self._key)
             s = _Session(session_id, token, now)
             self._sessions[session_id] = s
             self._by_token[token] = s
@@ -451,6 +463,19 @@ class SessionRegistry:
             notes.append(ErrorNote(session_id, error))
         if self.observer is not None:
             self.observer.hop_failed(hop, session_id, error)
+
+    def fork_rejected(self, reason: str) -> None:
+        """The sink refused a fork (it did not present the run's capability): counted by
+        reason, never a hop."""
+        with self._lock:
+            self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        if self.observer is not None:
+            self.observer.fork_rejected(reason)
+
+    def rejected_forks(self) -> dict[str, int]:
+        """Fork connections refused, by reason."""
+        with self._lock:
+            return dict(self._rejected)
 
     def hop_silent(self, hop: str, session_id: str, since: float | None) -> None:
         """The session's fork of ``hop`` sent nothing after ``since`` (None: it sends again).

@@ -110,6 +110,7 @@ def build_report(
             "errors": [e.as_dict() for e in sc.errors],
         },
         "hops": hops,
+        "rejected_forks": registry.rejected_forks(),
         "send_lag_ms": registry.send_lag().summary_ms(),
     }
     generator = registry.generator()
@@ -249,6 +250,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     if len(s["errors"]) > 5:
         lines.append(f"  ... and {len(s['errors']) - 5} more")
     lines.append(_line("send lag", report.get("send_lag_ms", {})))
+    refused = report.get("rejected_forks") or {}
+    if refused:
+        why = ", ".join(f"{reason}: {n}" for reason, n in sorted(refused.items()))
+        lines.append(f"forks refused by the sink: {sum(refused.values())} ({why})")
     if "reply_ms" in report:
         line = _line("reply", report["reply_ms"])
         if "reply_missed" in report:

@@ -6,8 +6,8 @@ Parent to child: :class:`OpenStream`, :class:`StreamAudio`, :class:`StreamFormat
 :class:`Stop`, sent in batches (:class:`Batch`).
 
 Child to parent: :class:`Ready` or :class:`Failed` once, then :class:`Detected`,
-:class:`HopJoined`, :class:`HopFailed`, :class:`HopSilent` (what the child's sink and streams
-tell the registry),
+:class:`HopJoined`, :class:`HopFailed`, :class:`HopSilent`, :class:`ForkRejected` (what the
+child's sink and streams tell the registry),
 :class:`Health` every second (how far detection lags and the child's CPU, for the generator's
 health, :mod:`probe.measure.health`), :class:`Drained` and :class:`Stopped`; detections come in
 a :class:`Batch` when one piece of detection work found several.
@@ -36,6 +36,7 @@ __all__ = [
     "Drained",
     "Expect",
     "Failed",
+    "ForkRejected",
     "Health",
     "HopFailed",
     "HopJoined",
@@ -69,6 +70,8 @@ class RegistryEvents(Protocol):
     def hop_error(self, hop: str, session_id: str | None, error: str) -> None: ...
 
     def hop_silent(self, hop: str, session_id: str, since: float | None) -> None: ...
+
+    def fork_rejected(self, reason: str) -> None: ...
 
     def record_detection(
         self,
@@ -187,6 +190,14 @@ class HopFailed(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ForkRejected(Message):
+    """The sink refused a fork connection, for ``reason`` (no or a wrong capability)."""
+
+    TAG: ClassVar[str] = "fork_rejected"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class HopSilent(Message):
     """A session's fork of ``hop`` sent nothing since ``since`` (its last frame's arrival), or,
     with ``since`` None, sends again."""
@@ -222,7 +233,8 @@ class Health(Message):
 
 _KINDS: tuple[type[Message], ...] = (
     OpenStream, StreamAudio, StreamFormat, CloseStream, Expect, Drain, Stop, Batch,
-    Ready, Failed, Detected, HopJoined, HopFailed, HopSilent, Drained, Stopped, Health,
+    Ready, Failed, Detected, HopJoined, HopFailed, HopSilent, ForkRejected, Drained, Stopped,
+    Health,
 )
 _BY_TAG: dict[str, type[Message]] = {k.TAG: k for k in _KINDS}
 _FIELDS: dict[type[Message], tuple[str, ...]] = {

@@ -73,6 +73,7 @@ class _Families:
     reply: Histogram
     sessions: Counter
     active: Gauge
+    rejected: Counter
 
 
 _families: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
@@ -127,6 +128,12 @@ def _families_of(registry: CollectorRegistry) -> _Families:
                 active=Gauge(
                     "probe_active_sessions",
                     "Sessions started and not yet ended.",
+                    registry=registry,
+                ),
+                rejected=Counter(
+                    "probe_forks_rejected",
+                    "Fork connections the sink refused, by reason (no or a wrong capability).",
+                    ["reason"],
                     registry=registry,
                 ),
             )
@@ -236,6 +243,9 @@ class MetricsObserver(RunObserver):
 
     def missed(self, m: Missed) -> None:
         self._m.markers.labels(self._hop(m.hop), "unmeasured" if m.unmeasured else "missed").inc()
+
+    def fork_rejected(self, reason: str) -> None:
+        self._m.rejected.labels(reason).inc()
 
     def send_lag(self, session: str, lag_s: float) -> None:
         self._m.send_lag.observe(max(0.0, lag_s))
