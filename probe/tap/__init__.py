@@ -11,11 +11,12 @@ service: :class:`Tap` on asyncio, :class:`BlockingTap` from threads.
     tap.write(chunk)                             # never blocks, never raises
     tap.close()
 
-The hop's audio path is never slowed: ``write`` only queues; a bounded queue, frames that waited
-too long dropped (not sent late, since the sink times them at arrival), reconnects with capped
-backoff, and everything counted in :attr:`Tap.stats` (with a rate-limited warning in the
-``probe.tap`` log). Depends on ``websockets`` only: no numpy, and OpenTelemetry only if
-:func:`from_otel` is called.
+The hop's audio path is never slowed: ``write`` never waits (it hands the frame to the socket
+without blocking when the fork is open and keeps up, and queues it otherwise); a bounded queue,
+frames that waited too long dropped (not sent late, since the sink times them at arrival),
+reconnects with capped backoff, and everything counted in :attr:`Tap.stats` (with a rate-limited
+warning in the ``probe.tap`` log). Depends on ``websockets`` only: no numpy, and OpenTelemetry
+only if :func:`from_otel` is called.
 
 - :mod:`probe.tap.core`: the rules (queue, ageing, backoff, warnings, the start message), sans-I/O;
 - :mod:`probe.tap.context`: session, trace context, sink and format from a start, headers or OTel;

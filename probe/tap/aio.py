@@ -13,8 +13,12 @@
 ``open``, ``write`` and ``close`` are plain methods, called on the loop that runs the hop (they
 must not be called from another thread: use :class:`probe.tap.BlockingTap` there). Each ``open``
 starts one fork stream (PROTOCOL.md 2): a WebSocket to the sink URL exactly as given, a ``start``
-text frame, one binary frame per ``write``, ``stop`` and a normal close. A writer task sends the
-queued frames; what is dropped, and why, is in :mod:`probe.tap.core` and :attr:`Tap.stats`.
+text frame, one binary frame per ``write``, ``stop`` and a normal close. While the fork is open,
+nothing is queued and the socket keeps up, ``write`` hands the frame to the socket itself (a
+non-blocking write: the frame leaves at once and no task is woken; about 12 us of CPU per 640-byte
+frame against 18 us through the writer task, ``benchmarks/tap_cost.py``); otherwise it queues the
+frame for a writer task. What is dropped, and why, is in :mod:`probe.tap.core` and
+:attr:`Tap.stats`.
 
 If the sink cannot be reached, or drops the connection, the stream is opened again with capped
 exponential backoff, with a fresh ``start`` (the sink takes every connection as a new stream of
@@ -63,6 +67,8 @@ log = logging.getLogger("probe.tap")
 _STOP = '{"type":"stop"}'
 _CLOSE_TIMEOUT_S = 2.0
 _USER_AGENT = f"probe-tap/{__version__}"
+# Bytes waiting in the socket's buffer beyond which frames queue for the writer task instead.
+_DIRECT_WRITE_LIMIT = 16384
 
 
 def describe(exc: BaseException) -> str:
@@ -231,6 +237,8 @@ class Tap:
         try:
             stats.frames_written += 1
             stats.bytes_written += len(data)
+            if stream.send_now(data):
+                return
             full = stats.dropped_full
             stream.queue.push(data, t, stats)
             stream.wake.set()
@@ -280,11 +288,36 @@ class _Stream:
         self.wake = asyncio.Event()
         self.closing = asyncio.Event()
         self.attempts = 0
+        self.ws: ClientConnection | None = None  # open, start sent
+        self.sending = False  # the writer task is inside ws.send
         self.task = loop.create_task(self._run(), name=f"probe-tap {tap.hop}")
 
     def finish(self) -> None:
         self.closing.set()
         self.wake.set()
+
+    def send_now(self, data: bytes) -> bool:
+        """Hand ``data`` to the socket at once if the fork is open, nothing waits before it and
+        the socket keeps up (what ``ws.send`` does when it need not wait, without waking the
+        writer task: about half the CPU per frame); False to queue it instead."""
+        ws = self.ws
+        if (
+            ws is None
+            or self.sending
+            or self.queue
+            or ws.protocol.state is not State.OPEN
+            or ws.transport.get_write_buffer_size() > _DIRECT_WRITE_LIMIT
+        ):
+            return False
+        try:
+            ws.protocol.send_binary(data)
+            ws.send_data()
+        except Exception:
+            return False  # the writer task finds out what happened to the connection
+        stats = self.tap._stats
+        stats.frames_sent += 1
+        stats.bytes_sent += len(data)
+        return True
 
     async def _run(self) -> None:
         tap = self.tap
@@ -376,6 +409,7 @@ class _Stream:
         # A sink that closes the fork while the hop is quiet wakes the writer to notice.
         watcher = asyncio.ensure_future(ws.wait_closed())
         watcher.add_done_callback(lambda _: self.wake.set())
+        self.ws = ws
         try:
             while True:
                 self.wake.clear()
@@ -385,6 +419,7 @@ class _Stream:
                     tap._check_warnings()
                 if data is None:
                     if self.closing.is_set():
+                        self.ws = None
                         await ws.send(_STOP)
                         await ws.close(1000)
                         return
@@ -392,13 +427,17 @@ class _Stream:
                         raise ws.close_exc
                     await self.wake.wait()
                     continue
+                self.sending = True
                 try:
                     await ws.send(data)
                 except ConnectionClosed:
                     stats.dropped_lost += 1
                     stats.dropped_bytes += len(data)
                     raise
+                finally:
+                    self.sending = False
                 stats.frames_sent += 1
                 stats.bytes_sent += len(data)
         finally:
+            self.ws = None
             watcher.cancel()
