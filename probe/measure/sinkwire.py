@@ -21,6 +21,7 @@ cooperative socket on the other interoperate. Pure: no I/O.
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from dataclasses import dataclass, fields
@@ -249,7 +250,9 @@ def to_wire(msg: Message) -> tuple[Any, ...]:
 
 def from_wire(item: Any) -> Message:
     """The message a wire tuple carries; ValueError for anything else."""
-    if not isinstance(item, tuple) or not item or item[0] not in _BY_TAG:
+    if not isinstance(item, tuple) or not item or not isinstance(item[0], str) or (
+        item[0] not in _BY_TAG
+    ):
         raise ValueError(f"not a sink message: {item!r:.80}")
     kind = _BY_TAG[item[0]]
     try:
@@ -266,11 +269,34 @@ def encode(msg: Message) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-class Reader:
-    """Bytes in (as a cooperative socket delivers them), messages out."""
+# The only classes a frame may name (the fields of the messages); anything else in a frame is
+# corruption, and must never import or call what it names.
+_CLASSES: dict[tuple[str, str], type] = {
+    (AudioFormat.__module__, AudioFormat.__qualname__): AudioFormat,
+    (TraceContext.__module__, TraceContext.__qualname__): TraceContext,
+}
+MAX_FRAME = 256 * 1024 * 1024
 
-    def __init__(self) -> None:
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _CLASSES[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{module}.{name:.40} is not a message field") from None
+
+
+class Reader:
+    """Bytes in (as a cooperative socket delivers them), messages out.
+
+    A frame that is not a sink message (a bad length, a broken pickle, a class outside the
+    messages, a frame over ``max_frame`` bytes) raises ValueError naming the sink channel; the
+    channel is unusable from then on.
+    """
+
+    def __init__(self, *, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
+        self._max_frame = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
         self._buf += data
@@ -285,9 +311,23 @@ class Reader:
                     break
                 (size,) = _HEADER64.unpack_from(buf, start)
                 start += 8
+            if size < 0 or size > self._max_frame:
+                raise ValueError(
+                    f"the sink channel sent a frame of {size} bytes (the limit is "
+                    f"{self._max_frame}); it is corrupt"
+                )
             if len(buf) - start < size:
                 break
-            out.append(from_wire(pickle.loads(memoryview(buf)[start : start + size])))
+            body = memoryview(buf)[start : start + size]
+            try:
+                item = _Unpickler(io.BytesIO(body)).load()
+            except Exception as exc:  # noqa: BLE001 - any failure of a pickle is corruption
+                raise ValueError(
+                    f"the sink channel sent a frame that is not a sink message ({exc!s:.80})"
+                ) from None
+            finally:
+                body.release()
+            out.append(from_wire(item))
             pos = start + size
         del buf[:pos]
         return out

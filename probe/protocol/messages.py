@@ -10,6 +10,7 @@ sentence that names the key, and the WebSocket close code a receiver should use.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -341,6 +342,14 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # json reads 1e999 as inf, which no JSON encoder can write back.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
 def decode_object(text: str | bytes, *, what: str = "message") -> dict[str, object]:
     """Decode one text frame into a JSON object, or raise `ProtocolViolation` (1008)."""
     if isinstance(text, bytes | bytearray | memoryview):
@@ -351,7 +360,7 @@ def decode_object(text: str | bytes, *, what: str = "message") -> dict[str, obje
     if not isinstance(text, str):
         raise ProtocolViolation(f"{what} must be text, got {show(text)}.")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise ProtocolViolation(
             f"{what} is not valid JSON ({exc.msg} at character {exc.pos})."
