@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from probe.errors import ConfigError
 from probe.measure.registry import (
+    MAX_ERRORS,
     HopCounts,
     Measurement,
     Missed,
@@ -429,7 +430,6 @@ def test_threads_share_one_registry_under_the_lock_their_shell_gives() -> None:
 
 
 def test_without_history_nothing_grows_with_the_run_but_the_counts_stay_exact() -> None:
-    from probe.measure.registry import MAX_ERRORS
 
     clock = FakeClock(0.0)
     heard: list[str] = []
@@ -460,3 +460,32 @@ def test_without_history_nothing_grows_with_the_run_but_the_counts_stay_exact() 
     assert reg.session_counts().failed == 300
     assert heard.count("detected") == 900 and heard.count("missed") == 300
     assert heard.count("send_lag") == 1200 and heard.count("reply") == 300
+
+
+def test_errors_outside_any_session_are_one_note_per_reason_with_a_count() -> None:
+    clock = FakeClock()
+    for history in (True, False):
+        reg = registry(clock, history=history)
+        reg.open_session("s1")
+        for _ in range(221):
+            reg.hop_error("unknown", None, "fork idle for 30 s before its start")
+        reg.hop_error("unknown", None, "fork closed without stop")
+        reg.hop_error("unknown", "s1", "garbage on the fork")
+        reg.hop_error("unknown", "s1", "garbage on the fork")  # per session: kept as they are
+        reg.hop_error("unknown", None, "fork closed without stop")
+        assert [e.as_dict() for e in reg.hop_errors()["unknown"]] == [
+            {"session": None, "error": "fork idle for 30 s before its start", "count": 221},
+            {"session": None, "error": "fork closed without stop", "count": 2},
+            {"session": "s1", "error": "garbage on the fork"},
+            {"session": "s1", "error": "garbage on the fork"},
+        ]
+
+
+def test_error_notes_stay_bounded_without_history() -> None:
+    reg = registry(FakeClock(), history=False)
+    for k in range(MAX_ERRORS + 50):
+        reg.hop_error("h", None, f"reason {k}")
+        reg.hop_error("h", None, "the same reason")
+    notes = reg.hop_errors()["h"]
+    assert len(notes) == MAX_ERRORS
+    assert notes[-1].error == f"reason {MAX_ERRORS + 49}"

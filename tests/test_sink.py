@@ -180,3 +180,38 @@ def test_an_overloaded_sink_sheds_audio_that_waited_past_the_marker_timeout() ->
     registry.record_shed(2)
     gen = registry.generator()
     assert gen is not None and gen["frames_shed"] == 2
+
+
+def test_idle_forks_that_never_started_are_one_report_error_with_a_count() -> None:
+    """Hundreds of connections that never send start, closed idle by the sink, make one error
+    line on hop 'unknown' with their count, not one per connection."""
+    from probe.measure.registry import SessionRegistry
+
+    reg = SessionRegistry(clock=time.time)
+    worker = DetectionWorker(time.monotonic)
+    n = 200
+
+    async def go() -> list[int | None]:
+        sink = Sink(reg, worker, clock=time.time, idle_timeout=0.5)
+        url = await sink.start("127.0.0.1", 0)
+        conns = [await connect(url) for _ in range(n)]
+
+        async def close_code(ws: Any) -> int | None:
+            try:
+                await asyncio.wait_for(ws.recv(), 10.0)
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else None
+            return -1
+
+        codes = await asyncio.gather(*(close_code(ws) for ws in conns))
+        await asyncio.sleep(0.2)
+        await sink.stop()
+        return list(codes)
+
+    codes = asyncio.run(go())
+    worker.close()
+    assert codes == [1008] * n
+    errors = reg.hop_errors()["unknown"]
+    assert [e.as_dict() for e in errors] == [
+        {"session": None, "error": "fork sent nothing for 0 s (stalled)", "count": n}
+    ]

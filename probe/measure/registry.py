@@ -105,13 +105,21 @@ class Missed:
 
 @dataclass(frozen=True, slots=True)
 class ErrorNote:
-    """A failure with its reason; ``session`` is None for a hop failure outside any session."""
+    """A failure with its reason; ``session`` is None for a hop failure outside any session.
+
+    Failures outside any session with the same reason are one note, ``count`` of them (hundreds
+    of idle connections that never said which session they serve are one line, not hundreds).
+    """
 
     session: str | None
     error: str
+    count: int = 1
 
-    def as_dict(self) -> dict[str, str | None]:
-        return {"session": self.session, "error": self.error}
+    def as_dict(self) -> dict[str, str | int | None]:
+        out: dict[str, str | int | None] = {"session": self.session, "error": self.error}
+        if self.count > 1:
+            out["count"] = self.count
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +249,10 @@ class SessionRegistry:
         self._sessions: dict[str, _Session] = {}
         self._by_token: dict[int, _Session] = {}
         self._tally: dict[str, _HopTally] = {h: _HopTally() for h in self.expected_hops}
-        self._hop_errors: dict[str, deque[ErrorNote]] = {}
+        # Per hop, in order of first occurrence: a session's failure under a running number, a
+        # failure outside any session under its reason (so repeats add to its count).
+        self._hop_errors: dict[str, dict[int | str, ErrorNote]] = {}
+        self._error_seq = 0
         self._started = 0
         self._completed = 0
         self._failed = 0
@@ -457,10 +468,21 @@ class SessionRegistry:
         _check_hop(hop)
         with self._lock:
             self._tally.setdefault(hop, _HopTally())
-            notes = self._hop_errors.get(hop)
-            if notes is None:
-                notes = self._hop_errors[hop] = deque(maxlen=None if self.history else MAX_ERRORS)
-            notes.append(ErrorNote(session_id, error))
+            notes = self._hop_errors.setdefault(hop, {})
+            key: int | str
+            if session_id is None:
+                key = error
+                old = notes.get(key)
+                if old is not None:
+                    notes[key] = ErrorNote(None, error, old.count + 1)
+                else:
+                    notes[key] = ErrorNote(None, error)
+            else:
+                self._error_seq += 1
+                key = self._error_seq
+                notes[key] = ErrorNote(session_id, error)
+            if not self.history and len(notes) > MAX_ERRORS:
+                del notes[next(iter(notes))]
         if self.observer is not None:
             self.observer.hop_failed(hop, session_id, error)
 
@@ -717,9 +739,10 @@ class SessionRegistry:
             return list(self._tally)
 
     def hop_errors(self) -> dict[str, list[ErrorNote]]:
-        """Hop failures with their reasons, per hop."""
+        """Hop failures with their reasons, per hop, in order of first occurrence; failures
+        outside any session with the same reason are one note with their ``count``."""
         with self._lock:
-            return {hop: list(notes) for hop, notes in self._hop_errors.items()}
+            return {hop: list(notes.values()) for hop, notes in self._hop_errors.items()}
 
     def session_counts(self) -> SessionCounts:
         """Sessions started, completed, failed and still open, with the failures' reasons."""
