@@ -125,6 +125,12 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hops", default=DEMO_HOPS, help="e.g. a:20ms,b:35ms:mulaw8k,c:120ms")
     pl.add_argument("--dialect", choices=("probe", "twilio"), default="probe")
     pl.add_argument(
+        "--idle-timeout", type=flag_type("--idle-timeout", number_rule(above=0.0, at_most=86400.0)),
+        default=10.0, metavar="SECONDS",
+        help="close a connection that sends no start, or no frame while streaming, for this "
+        "long with 1008 (default 10)",
+    )
+    pl.add_argument(
         "--metrics-listen",
         default=None,
         help="HOST:PORT to serve /metrics (configured delays, emission lateness per hop)",
@@ -480,6 +486,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                 args.dialect,
                 tracer_provider=tracing.provider if tracing else None,
                 observer=observer,
+                idle_timeout=args.idle_timeout,
             )
         )
     finally:

@@ -20,6 +20,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from probe.audio.formats import decode, encode
+from probe.errors import ConfigError
 from probe.pipeline import Emission, ReferencePipeline, run_pipeline
 from probe.protocol import Audio, TwilioReturnReceiver, TwilioSender, parse_traceparent
 
@@ -497,3 +498,57 @@ def test_run_pipeline_serves_until_cancelled() -> None:
 
     result = _run(main())
     assert result.close_code == 1000 and result.returned
+
+
+def test_idle_connections_are_closed_with_1008_a_reason_and_a_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Many connections that never send start, and one that starts and then goes silent, are
+    closed after the idle timeout; one that keeps streaming is not."""
+    idle = 0.6
+
+    async def close_of(ws: ClientConnection) -> tuple[int | None, str]:
+        try:
+            await asyncio.wait_for(ws.recv(), TIMEOUT)
+            while True:  # return audio of the silent session, then its close
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+        except ConnectionClosed as exc:
+            return (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (None, "")
+
+    async def main() -> tuple[list[tuple[int | None, str]], tuple[int | None, str], bool, int]:
+        async with ReferencePipeline("a:10ms", idle_timeout=idle) as pipeline:
+            assert pipeline.url is not None
+            silent = [await connect(pipeline.url) for _ in range(50)]
+            started = await connect(pipeline.url)
+            await started.send(_start(None))
+            await started.send(b"\x00\x00" * 320)
+            # A client that streams for twice the timeout stays open.
+            busy = await connect(pipeline.url)
+            await busy.send(_start(None, "busy"))
+            reader = asyncio.create_task(close_of(busy))  # keeps its return audio flowing
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 3 * idle
+            while loop.time() < end:
+                await busy.send(b"\x00\x00" * 320)
+                await asyncio.sleep(FRAME)
+            closes = await asyncio.gather(*(close_of(ws) for ws in silent))
+            quiet = await close_of(started)
+            busy_open = busy.close_code is None
+            await busy.close()
+            await reader
+            return closes, quiet, busy_open, pipeline.idle_closed
+
+    with caplog.at_level(logging.INFO, logger="probe.pipeline"):
+        closes, quiet, busy_open, closed = _run(main())
+    assert closes == [(1008, "no start message within 0.6 s; send start first.")] * 50
+    assert quiet == (1008, "nothing received for 0.6 s; the session is closed as idle.")
+    assert busy_open and closed == 51
+    lines = [r.getMessage() for r in caplog.records if "closing ingress" in r.getMessage()]
+    assert len(lines) == 51 and all("1008" in line for line in lines)
+
+
+def test_idle_timeout_is_checked() -> None:
+    with pytest.raises(ConfigError, match="idle timeout"):
+        ReferencePipeline("a:10ms", idle_timeout=0.0)
+    with pytest.raises(ConfigError, match="idle timeout"):
+        ReferencePipeline("a:10ms", idle_timeout=float("nan"))

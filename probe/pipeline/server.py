@@ -29,6 +29,11 @@ reached, or drops a fork, costs only that fork: one warning per sink URL, and th
 
 Memory per session is bounded: each stage holds at most `MAX_PENDING` chunks (more means the
 client sends faster than real time; the excess is dropped with one warning).
+
+Idle connections are closed: one that sends no `start` within `idle_timeout` seconds (default
+10) of connecting, or no frame for that long while its session streams, is closed with 1008 and a
+reason saying which, and one INFO log line. After `stop` the session's drain time is added (the
+client waits for the audio still in the hops). One watchdog task does this for every connection.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOSE_INTERNAL",
+    "IDLE_TIMEOUT",
     "MAX_PENDING",
     "Dialect",
     "ReferencePipeline",
@@ -96,6 +102,18 @@ _FORK_OPEN_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 2.0
 _DIRECT_WRITE_LIMIT = 4096  # bytes buffered on a fork's socket beyond which frames queue
 _DRAIN_SLACK = 5.0  # seconds past the largest delay a session may take to drain at its end
+IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent (before start, or while streaming)
+
+
+class _Conn:
+    """What the idle watchdog knows of one ingress connection."""
+
+    __slots__ = ("last", "session", "ws")
+
+    def __init__(self, ws: ServerConnection, last: float) -> None:
+        self.ws = ws
+        self.last = last  # when its last frame arrived (or it connected)
+        self.session: _Session | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +530,7 @@ class ReferencePipeline:
         spin: float = 0.001,
         observer: Callable[[str, str, Emission], None] | None = None,
         tracer_provider: TracerProvider | None = None,
+        idle_timeout: float | None = IDLE_TIMEOUT,
     ) -> None:
         self.hops: tuple[HopSpec, ...] = tuple(parse_hops(hops) if isinstance(hops, str) else hops)
         check_hops(self.hops)
@@ -519,6 +538,11 @@ class ReferencePipeline:
             raise ConfigError(f"The dialect must be 'probe' or 'twilio', got {dialect!r}.")
         if not 0.0 <= spin <= 0.01:
             raise ConfigError(f"spin must be from 0 to 0.01 seconds, got {spin!r}.")
+        if idle_timeout is not None and not 0.0 < idle_timeout <= 86400.0:
+            raise ConfigError(
+                f"The idle timeout must be above 0 and at most 86400 seconds, got {idle_timeout!r}."
+            )
+        self.idle_timeout = idle_timeout
         self.dialect: Dialect = dialect
         self.clock = clock
         self.seed = str(seed)
@@ -534,6 +558,10 @@ class ReferencePipeline:
         self._sessions: set[_Session] = set()
         self._warned_sinks: set[str] = set()
         self._max_delay = sum(h.max_delay for h in self.hops)
+        self._conns: set[_Conn] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.idle_closed = 0  # connections closed by the idle watchdog
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> ReferencePipeline:
         await self.start()
@@ -555,12 +583,17 @@ class ReferencePipeline:
         bound = self._server.sockets[0].getsockname()
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"ws://{shown}:{bound[1]}/"
+        if self.idle_timeout is not None:
+            self._watchdog = asyncio.create_task(self._watch_idle(self.idle_timeout))
         log.info("reference pipeline (%s dialect, %d hops) listening on %s", self.dialect,
                  len(self.hops), self.url)
         return self.url
 
     async def stop(self) -> None:
         """Stop listening, cancel every session's tasks and close every connection."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for session in list(self._sessions):
             session.cancel()
         server, self._server = self._server, None
@@ -575,15 +608,41 @@ class ReferencePipeline:
         self._warned_sinks.add(url)
         log.log(level, "%s", message)
 
+    async def _watch_idle(self, timeout: float) -> None:
+        """Close connections silent for `timeout` (after stop: plus the session's drain time)."""
+        drain = self._max_delay + _DRAIN_SLACK
+        while True:
+            await asyncio.sleep(min(0.5, timeout / 4))
+            now = self.clock()
+            for conn in list(self._conns):
+                session = conn.session
+                allowed = timeout + (drain if session is not None and session.ended else 0.0)
+                if now - conn.last < allowed:
+                    continue
+                self._conns.discard(conn)
+                self.idle_closed += 1
+                if session is None:
+                    reason = f"no start message within {timeout:g} s; send start first."
+                else:
+                    reason = f"nothing received for {timeout:g} s; the session is closed as idle."
+                log.info("closing ingress from %s with %d: %s", conn.ws.remote_address,
+                         CLOSE_POLICY, reason)
+                task = asyncio.create_task(conn.ws.close(CLOSE_POLICY, reason))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
     async def _handler(self, ws: ServerConnection) -> None:
         receiver: IngressReceiver | TwilioReceiver = (
             TwilioReceiver() if self.dialect == "twilio" else IngressReceiver()
         )
         session: _Session | None = None
+        conn = _Conn(ws, self.clock())
+        self._conns.add(conn)
         try:
             async for message in ws:
                 # Stamped when the bytes were read off the socket, not when this task resumed.
                 t = ws.arrival() if isinstance(ws, StampedServerConnection) else self.clock()
+                conn.last = max(conn.last, t)
                 try:
                     if isinstance(message, str):
                         events = receiver.receive_text(message)
@@ -598,7 +657,7 @@ class ReferencePipeline:
                                                "refuses this stream (refuse option).")
                                 return
                             if session is None:
-                                session = self._open(ws, receiver, event.msg, t)
+                                session = conn.session = self._open(ws, receiver, event.msg, t)
                             elif event.msg.audio != session.start.audio:
                                 raise ProtocolViolation(
                                     "the reference pipeline cannot change the audio format "
@@ -621,6 +680,7 @@ class ReferencePipeline:
         except ConnectionClosed:
             pass
         finally:
+            self._conns.discard(conn)
             if session is not None:
                 session.end(self.clock())
                 try:
@@ -650,15 +710,18 @@ async def run_pipeline(
     on_ready: Callable[[str], None] | None = None,
     tracer_provider: TracerProvider | None = None,
     observer: Callable[[str, str, Emission], None] | None = None,
+    idle_timeout: float | None = IDLE_TIMEOUT,
 ) -> None:
     """Serve a reference pipeline on `listen` (HOST:PORT) until cancelled (the CLI's entry).
 
     `on_ready` gets the bound ws:// URL once the server listens; `tracer_provider` exports the
-    hops' spans and `observer` hears every hop emission (see `ReferencePipeline`).
+    hops' spans, `observer` hears every hop emission and `idle_timeout` closes silent
+    connections (see `ReferencePipeline`).
     """
     host, port = parse_host_port(listen, "--listen")
     pipeline = ReferencePipeline(hops, dialect=dialect, seed=seed, sink=sink,
-                                 tracer_provider=tracer_provider, observer=observer)
+                                 tracer_provider=tracer_provider, observer=observer,
+                                 idle_timeout=idle_timeout)
     url = await pipeline.start(host, port)
     if on_ready is not None:
         on_ready(url)
