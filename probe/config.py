@@ -308,6 +308,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("sink_url", _url, None,
            "sink URL the hops should use when not the bound one (the capability is appended)",
            env="PROBE_SINK_URL"),
+    Option("sink_tls_cert", _text, None,
+           "PEM certificate (chain) for a wss:// sink; with --sink-tls-key",
+           env="PROBE_SINK_TLS_CERT"),
+    Option("sink_tls_key", _text, None, "PEM private key of --sink-tls-cert",
+           env="PROBE_SINK_TLS_KEY"),
+    Option("ca", _text, None,
+           "CA bundle (PEM) that wss:// targets are checked against (default: the system's)",
+           env="PROBE_CA", locust="ca_file"),
     Option("sink_secret", _secret, None,
            "fixed capability forks must present, for hops configured with a static sink URL "
            "(default: a random one per run)", env="PROBE_SINK_SECRET"),
@@ -348,6 +356,9 @@ class RunOptions:
     concurrency: int = 1
     sink_listen: str = "127.0.0.1:0"
     sink_url: str | None = None
+    sink_tls_cert: str | None = None
+    sink_tls_key: str | None = None
+    ca: str | None = None
     sink_secret: str | None = None
     no_sink: bool = False
     hop_order: tuple[str, ...] | None = None
@@ -391,7 +402,26 @@ def run_options(options: Mapping[str, Any]) -> RunOptions:
     checked = {}
     for o in OPTIONS:
         checked[o.name] = o.check(merged.get(o.name), o.flag)
+    sink_tls(checked, "--sink-tls-cert", "--sink-tls-key")
+    if checked.get("ca"):
+        from probe.tls import client_context
+
+        client_context(checked["ca"])
     return RunOptions(**checked)
+
+
+def sink_tls(opts: Mapping[str, Any], cert_label: str, key_label: str) -> tuple[str, str] | None:
+    """The sink's (certificate, key) files, loaded once to check them, or None for ws://;
+    one sentence when only one is given or they cannot be loaded."""
+    cert, key = opts.get("sink_tls_cert"), opts.get("sink_tls_key")
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError(f"{cert_label} and {key_label} go together: give both or neither.")
+    from probe.tls import server_context
+
+    server_context(cert, key)
+    return (cert, key)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -443,6 +473,8 @@ class EngineConfig:
     sink_url: str | None = None
     # The capability forks must present (a fixed secret), or None for a random one per process.
     sink_secret: str | None = None
+    # Certificate and key of a wss:// sink (None: ws://).
+    sink_tls: tuple[str, str] | None = None
     # The host name or address other hosts reach this worker by; the bound port is added.
     advertise_host: str | None = None
     use_sink: bool = True
@@ -479,6 +511,7 @@ class EngineConfig:
             sink_port=port,
             sink_url=opts.get("sink_url"),
             sink_secret=opts.get("sink_secret"),
+            sink_tls=sink_tls(opts, "PROBE_SINK_TLS_CERT", "PROBE_SINK_TLS_KEY"),
             advertise_host=advertise,
             use_sink=not opts.get("no_sink", False),
             marker_timeout_s=opts.get("marker_timeout", OPTION["marker_timeout"].default),

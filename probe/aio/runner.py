@@ -30,6 +30,7 @@ from probe.measure.health import GeneratorHealth
 from probe.measure.observe import RunObserver
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
+from probe.tls import server_context
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +46,8 @@ class RunConfig:
     # What forks must present as the sink URL's last path segment: a fixed secret for hops
     # configured statically, or None for a fresh random capability per run.
     sink_secret: str | None = None
+    # Certificate and key files of a wss:// sink (None: ws://).
+    sink_tls: tuple[str, str] | None = None
     use_sink: bool = True
     marker_timeout_s: float = 10.0
     hop_order: Sequence[str] | None = None
@@ -78,6 +81,7 @@ def run_config(options: RunOptions | Mapping[str, Any]) -> RunConfig:
         reply_threshold_dbfs=o.reply_threshold,
         every_s=o.every or DEFAULT_EVERY_S,
         level_db=o.level,
+        ca_file=o.ca,
     )
     return RunConfig(
         source=src,
@@ -87,6 +91,7 @@ def run_config(options: RunOptions | Mapping[str, Any]) -> RunConfig:
         sink_port=port,
         sink_url=o.sink_url,
         sink_secret=o.sink_secret,
+        sink_tls=(o.sink_tls_cert, o.sink_tls_key) if o.sink_tls_cert and o.sink_tls_key else None,
         use_sink=not o.no_sink,
         marker_timeout_s=o.marker_timeout,
         hop_order=list(o.hop_order) if o.hop_order else None,
@@ -241,10 +246,11 @@ async def _run(
         if cfg.use_sink:
             capability = cfg.sink_secret or new_capability()
             if cfg.sink_process and clock is time.time:
-                sink = SinkProcess(registry, capability=capability)
+                sink = SinkProcess(registry, capability=capability, tls=cfg.sink_tls)
             else:
                 sink = Sink(registry, worker, clock=clock, book=book,
-                            admission=Admission(capability))
+                            admission=Admission(capability),
+                            tls=server_context(*cfg.sink_tls) if cfg.sink_tls else None)
             with stop.held():
                 url = await sink.start(cfg.sink_host, cfg.sink_port)
             advertised = with_capability(cfg.sink_url, capability) if cfg.sink_url else url

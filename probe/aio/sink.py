@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 from collections.abc import Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -71,6 +72,7 @@ class Sink:
         book: ExpectationBook | None = None,
         batch_s: float = BATCH_S,
         admission: Admission | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``book`` (touched only on the worker's thread) makes forks of known sessions use
         informed detection; ``admission`` refuses forks without the run's capability (the URL
@@ -82,6 +84,7 @@ class Sink:
         self.idle_timeout = idle_timeout
         self.batch_s = batch_s
         self.admission = admission or Admission(None)
+        self.tls = tls  # a wss:// sink with this context
         self._server: Server | None = None
         self.url = ""
         self.connections = 0
@@ -101,6 +104,7 @@ class Sink:
                 port,
                 max_size=2**22,
                 create_connection=server_factory(self.clock),
+                ssl=self.tls,
             )
         except OSError as exc:
             why = exc.strerror or str(exc)
@@ -110,7 +114,8 @@ class Sink:
         sock = next(iter(self._server.sockets))
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.url = f"ws://{shown}:{bound_port}/sink"
+        scheme = "wss" if self.tls is not None else "ws"
+        self.url = f"{scheme}://{shown}:{bound_port}/sink"
         if self.admission.capability is not None:
             self.url = with_capability(self.url, self.admission.capability)
         self._watchdog = asyncio.create_task(self._watch_idle())

@@ -38,6 +38,7 @@ from probe.measure import sinkwire as wire
 from probe.measure.admission import Admission
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat, TraceContext
+from probe.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ __all__ = [
 
 _START_TIMEOUT_S = 30.0
 CAPABILITY_ENV = "PROBE_SINK_CAPABILITY"
+TLS_CERT_ENV = "PROBE_SINK_CHILD_TLS_CERT"
+TLS_KEY_ENV = "PROBE_SINK_CHILD_TLS_KEY"
 
 
 class _Forwarder:
@@ -230,9 +233,15 @@ def _child(
             worker.submit(_renice_this_thread, detect_nice)
         # A negative port: no fork sink, only the parent's detection streams (no hop forks).
         capability = os.environ.pop(CAPABILITY_ENV, "") or None
+        cert, key = os.environ.pop(TLS_CERT_ENV, ""), os.environ.pop(TLS_KEY_ENV, "")
+        try:
+            tls = server_context(cert, key) if cert and key else None
+        except ConfigError as exc:
+            forward.send(wire.Failed(str(exc)))
+            return
         sink = Sink(
             forward, worker, clock=time.time, idle_timeout=idle_timeout, book=book,
-            admission=Admission(capability),
+            admission=Admission(capability), tls=tls,
         )
         url = ""
         if port >= 0:
@@ -277,6 +286,7 @@ def spawn_child(
     *,
     detect_nice: int = 0,
     capability: str | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> tuple[socket.socket, subprocess.Popen[bytes]]:
     """Start ``python -m probe.aio.sinkproc`` on one end of a socket pair; return the other end.
 
@@ -299,6 +309,7 @@ def spawn_child(
                 **os.environ,
                 "PYTHONPATH": _import_root(),
                 **({CAPABILITY_ENV: capability} if capability else {}),
+                **({TLS_CERT_ENV: tls[0], TLS_KEY_ENV: tls[1]} if tls else {}),
             },
         )
     except BaseException:
@@ -345,11 +356,13 @@ class SinkChild:
         *,
         idle_timeout: float = 30.0,
         capability: str | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         self.registry = registry
         self.idle_timeout = idle_timeout
         # What forks must present (the last path segment of the sink URL); None admits all.
         self.capability = capability
+        self.tls = tls  # (certificate, key) files of a wss:// sink
         self.url = ""
         self._next_sid = 0
         # Why the child is gone before it was stopped (None while it runs or once stopped as
@@ -440,8 +453,9 @@ class SinkProcess(SinkChild):
         *,
         idle_timeout: float = 30.0,
         capability: str | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
-        super().__init__(registry, idle_timeout=idle_timeout, capability=capability)
+        super().__init__(registry, idle_timeout=idle_timeout, capability=capability, tls=tls)
         self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -477,7 +491,9 @@ class SinkProcess(SinkChild):
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the child and its sink; return the sink's ws:// URL."""
-        mine, proc = spawn_child(host, port, self.idle_timeout, capability=self.capability)
+        mine, proc = spawn_child(
+            host, port, self.idle_timeout, capability=self.capability, tls=self.tls
+        )
         parent = Connection(mine.detach())
         self._conn, self._proc = parent, proc
         ready = await asyncio.to_thread(parent.poll, _START_TIMEOUT_S)

@@ -38,6 +38,7 @@ from probe.session.core import (
     open_session,
     target_url,
 )
+from probe.tls import connect_ssl
 from probe.wsclose import close_of
 
 __all__ = [
@@ -108,6 +109,7 @@ async def run_session(
                 max_size=2**22,
                 open_timeout=cfg.connect_timeout_s,
                 create_connection=client_factory(clock),
+                ssl=connect_ssl(core.url, cfg.ca_file),
             )
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         why = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else str(exc)

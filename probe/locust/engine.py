@@ -96,7 +96,8 @@ class ProbeEngine:
         # Forks must present this as the sink URL's last path segment (PROTOCOL.md section 2).
         self.capability = cfg.sink_secret or new_capability()
         self.sink = GeventSinkProcess(
-            self.registry, detect_nice=cfg.detect_nice, capability=self.capability
+            self.registry, detect_nice=cfg.detect_nice, capability=self.capability,
+            tls=cfg.sink_tls,
         )
         # Informed detection in the sink child: it hears of every marker sent.
         self.registry.add_send_listener(self.sink.expect)
@@ -117,8 +118,9 @@ class ProbeEngine:
             elif self.cfg.advertise_host:
                 shown = self.cfg.advertise_host
                 shown = f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown
+                scheme = "wss" if self.cfg.sink_tls else "ws"
                 self.sink_url = with_capability(
-                    f"ws://{shown}:{self.sink.port}/sink", self.capability
+                    f"{scheme}://{shown}:{self.sink.port}/sink", self.capability
                 )
             else:
                 self.sink_url = bound

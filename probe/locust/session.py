@@ -37,6 +37,7 @@ from probe.session.core import (
     SourceConfig,
     open_session,
 )
+from probe.tls import connect_ssl
 from probe.wsclose import close_of
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ def run_session(
             close_timeout=2,
             proxy=None,
             create_connection=_stamped(clock),
+            ssl=connect_ssl(core.url, cfg.ca_file),
         )
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         why = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else str(exc)

@@ -53,8 +53,9 @@ class GeventSinkProcess(SinkChild):
         flush_interval_s: float = 0.01,
         detect_nice: int = 0,
         capability: str | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
-        super().__init__(registry, idle_timeout=idle_timeout, capability=capability)
+        super().__init__(registry, idle_timeout=idle_timeout, capability=capability, tls=tls)
         self.flush_interval_s = flush_interval_s
         self.detect_nice = detect_nice
         self.proc: Any = None
@@ -81,7 +82,7 @@ class GeventSinkProcess(SinkChild):
         detection streams only). ConfigError with one sentence when the sink cannot listen."""
         mine, proc = spawn_child(
             host, port, self.idle_timeout, detect_nice=self.detect_nice,
-            capability=self.capability,
+            capability=self.capability, tls=self.tls,
         )
         # Cooperative whether or not the socket module is monkey-patched.
         sock = gsocket.socket(fileno=mine.detach())

@@ -69,6 +69,8 @@ class AudioProbeUser(User):
     gap_s: ClassVar[float] = 3.0
     reply_threshold_dbfs: ClassVar[float] = -40.0
     meta: ClassVar[dict[str, str]] = {}
+    # CA bundle (PEM) a wss:// host is checked against; None: the system's trust store.
+    ca_file: ClassVar[str | None] = None
     connect_timeout_s: ClassVar[float] = 5.0
     # Pause after a session that could not connect, so a down target is not hammered.
     retry_pause_s: ClassVar[float] = 1.0
@@ -104,6 +106,7 @@ class AudioProbeUser(User):
                 utterance_s=o["utterance"],
                 gap_s=o["gap"],
                 reply_threshold_dbfs=o["reply_threshold"],
+                ca_file=o.get("ca"),
             )
         return self._source
 

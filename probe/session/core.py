@@ -77,6 +77,8 @@ class SourceConfig:
     sink_url: str | None = None
     meta: dict[str, str] = field(default_factory=dict)
     connect_timeout_s: float = 5.0
+    # CA bundle a wss:// target is checked against (None: the system's trust store).
+    ca_file: str | None = None
     drain_s: float = 3.0
     # Reply mode: the system answers in its own voice instead of passing the audio on. The
     # stream alternates utterances of speech with silent gaps; the return direction is timed as
