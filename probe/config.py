@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from probe.errors import ConfigError
+from probe.measure.admission import MAX_FORKS
 from probe.watermark.design import DEFAULT_LEVEL_DB, MARKER_S, SUPPORTED_RATES
 
 if TYPE_CHECKING:
@@ -319,6 +320,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("sink_secret", _secret, None,
            "fixed capability forks must present, for hops configured with a static sink URL "
            "(default: a random one per run)", env="PROBE_SINK_SECRET"),
+    Option("max_forks", _integer(1, 1_000_000), MAX_FORKS,
+           "fork connections the sink holds at once; more are refused with 1013 and counted "
+           "in rejected_forks", env="PROBE_MAX_FORKS"),
     Option("no_sink", _flag, False, "measure only the return direction", env="PROBE_NO_SINK"),
     Option("hop_order", _hops, None, "comma-separated hop names", env="PROBE_HOP_ORDER"),
     Option("marker_timeout", _number(above=0.0, at_most=600.0), 10.0,
@@ -360,6 +364,7 @@ class RunOptions:
     sink_tls_key: str | None = None
     ca: str | None = None
     sink_secret: str | None = None
+    max_forks: int = MAX_FORKS
     no_sink: bool = False
     hop_order: tuple[str, ...] | None = None
     marker_timeout: float = 10.0
@@ -475,6 +480,8 @@ class EngineConfig:
     sink_secret: str | None = None
     # Certificate and key of a wss:// sink (None: ws://).
     sink_tls: tuple[str, str] | None = None
+    # Fork connections the sink holds at once (more are refused with 1013).
+    max_forks: int = MAX_FORKS
     # The host name or address other hosts reach this worker by; the bound port is added.
     advertise_host: str | None = None
     use_sink: bool = True
@@ -495,9 +502,9 @@ class EngineConfig:
     def from_env(cls, env: Mapping[str, str]) -> EngineConfig:
         """The run options ``PROBE_SINK_LISTEN`` (default 127.0.0.1:0, or 0.0.0.0:0 when
         ``PROBE_SINK_HOST`` is set), ``PROBE_SINK_URL``, ``PROBE_NO_SINK``,
-        ``PROBE_MARKER_TIMEOUT``, ``PROBE_HOP_ORDER``, and the Locust-only ``PROBE_SINK_HOST``
-        (the address other hosts reach this worker by), ``PROBE_DETECT_NICE`` (0-19) and the
-        overload bounds ``PROBE_OVERLOAD_LAG_MS`` (send lag p99, default 20),
+        ``PROBE_MARKER_TIMEOUT``, ``PROBE_HOP_ORDER``, ``PROBE_MAX_FORKS``, and the Locust-only
+        ``PROBE_SINK_HOST`` (the address other hosts reach this worker by), ``PROBE_DETECT_NICE``
+        (0-19) and the overload bounds ``PROBE_OVERLOAD_LAG_MS`` (send lag p99, default 20),
         ``PROBE_OVERLOAD_DELAY_S`` (detection backlog, default 2) and ``PROBE_OVERLOAD_CPU``
         (share of a core, default 0.95)."""
         opts = env_options(env)
@@ -512,6 +519,7 @@ class EngineConfig:
             sink_url=opts.get("sink_url"),
             sink_secret=opts.get("sink_secret"),
             sink_tls=sink_tls(opts, "PROBE_SINK_TLS_CERT", "PROBE_SINK_TLS_KEY"),
+            max_forks=opts.get("max_forks", MAX_FORKS),
             advertise_host=advertise,
             use_sink=not opts.get("no_sink", False),
             marker_timeout_s=opts.get("marker_timeout", OPTION["marker_timeout"].default),

@@ -20,6 +20,7 @@ from probe.config import run_options
 from probe.errors import ConfigError
 from probe.measure.admission import (
     NO_CAPABILITY,
+    TOO_MANY_FORKS,
     WRONG_CAPABILITY,
     Admission,
     check_secret,
@@ -159,3 +160,64 @@ def test_a_rogue_fork_during_a_run_is_counted_refused_and_adds_no_hop(sink_proce
     assert "phantom" not in names and "static" in names
     a = next(h for h in report["hops"] if h["name"] == "a")
     assert a["markers"]["sent"] == a["markers"]["detected"] > 0
+
+
+@pytest.mark.parametrize("sink_process", [True, False])
+def test_forks_beyond_max_forks_are_refused_with_1013_and_counted(sink_process: bool) -> None:
+    """A sink (in-process, or the sink child) holding --max-forks forks refuses one more with
+    1013, counts it by reason and makes no hop of it; once a fork ends, a new one is admitted."""
+    from probe.aio.sinkproc import SinkProcess
+
+    reg = SessionRegistry(clock=time.time)
+    worker = DetectionWorker(time.monotonic)
+    cap = new_capability()
+
+    async def refused(url: str) -> tuple[int, str] | None:
+        async with connect(url) as ws:
+            try:
+                await ws.send(START)
+                await asyncio.wait_for(ws.recv(), 5.0)
+            except ConnectionClosed as exc:
+                return (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else None
+        return None
+
+    async def go() -> tuple[tuple[int, str] | None, tuple[int, str] | None]:
+        sink: Sink | SinkProcess
+        if sink_process:
+            sink = SinkProcess(reg, capability=cap, max_forks=3)
+        else:
+            sink = Sink(reg, worker, clock=time.time, admission=Admission(cap), max_forks=3)
+        url = await sink.start("127.0.0.1", 0)
+        held = [await connect(url) for _ in range(3)]
+        for ws in held:
+            await ws.send(START)
+        await asyncio.sleep(0.3)
+        fourth = await refused(url)
+        await held[0].send('{"type": "stop"}')
+        await held[0].close()
+        await asyncio.sleep(0.3)
+        async with connect(url) as ws:  # room again: admitted, not closed
+            await ws.send(START)
+            try:
+                await asyncio.wait_for(ws.recv(), 0.5)
+                again = None
+            except TimeoutError:
+                again = None
+            except ConnectionClosed as exc:
+                again = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else None
+            await ws.send('{"type": "stop"}')
+        for ws in held[1:]:
+            await ws.send('{"type": "stop"}')
+            await ws.close()
+        await asyncio.sleep(0.2)
+        if isinstance(sink, SinkProcess):
+            await asyncio.to_thread(sink.drain)
+        await sink.stop()
+        return fourth, again
+
+    fourth, again = asyncio.run(go())
+    worker.close()
+    assert fourth == (1013, f"fork refused: {TOO_MANY_FORKS}")
+    assert again is None
+    assert reg.rejected_forks() == {TOO_MANY_FORKS: 1}
+    assert reg.hops() == ["phantom"] and not reg.hop_errors()

@@ -24,7 +24,7 @@ from probe.aio.source import SourceConfig, run_session
 from probe.config import RunOptions, run_options
 from probe.cpushare import CpuShare
 from probe.errors import GeneratorFailed, Interrupted
-from probe.measure.admission import Admission, new_capability, with_capability
+from probe.measure.admission import MAX_FORKS, Admission, new_capability, with_capability
 from probe.measure.expect import ExpectationBook
 from probe.measure.health import GeneratorHealth
 from probe.measure.observe import RunObserver
@@ -48,6 +48,8 @@ class RunConfig:
     sink_secret: str | None = None
     # Certificate and key files of a wss:// sink (None: ws://).
     sink_tls: tuple[str, str] | None = None
+    # Fork connections the sink holds at once; more are refused with 1013 (try again later).
+    max_forks: int = MAX_FORKS
     use_sink: bool = True
     marker_timeout_s: float = 10.0
     hop_order: Sequence[str] | None = None
@@ -92,6 +94,7 @@ def run_config(options: RunOptions | Mapping[str, Any]) -> RunConfig:
         sink_url=o.sink_url,
         sink_secret=o.sink_secret,
         sink_tls=(o.sink_tls_cert, o.sink_tls_key) if o.sink_tls_cert and o.sink_tls_key else None,
+        max_forks=o.max_forks,
         use_sink=not o.no_sink,
         marker_timeout_s=o.marker_timeout,
         hop_order=list(o.hop_order) if o.hop_order else None,
@@ -246,10 +249,11 @@ async def _run(
         if cfg.use_sink:
             capability = cfg.sink_secret or new_capability()
             if cfg.sink_process and clock is time.time:
-                sink = SinkProcess(registry, capability=capability, tls=cfg.sink_tls)
+                sink = SinkProcess(registry, capability=capability, tls=cfg.sink_tls,
+                                   max_forks=cfg.max_forks)
             else:
                 sink = Sink(registry, worker, clock=clock, book=book,
-                            admission=Admission(capability),
+                            admission=Admission(capability), max_forks=cfg.max_forks,
                             tls=server_context(*cfg.sink_tls) if cfg.sink_tls else None)
             with stop.held():
                 url = await sink.start(cfg.sink_host, cfg.sink_port)

@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from probe.aio.hopstream import DetectionWorker, HopStream
 from probe.aio.wsstamp import StampedServerConnection, server_factory
 from probe.errors import ConfigError
-from probe.measure.admission import Admission, with_capability
+from probe.measure.admission import MAX_FORKS, TOO_MANY_FORKS, Admission, with_capability
 from probe.measure.expect import ExpectationBook
 from probe.measure.sinkwire import RegistryEvents
 from probe.protocol import Audio, ForkReceiver, ForkStart, ProtocolViolation, Started, Stopped
@@ -73,10 +73,12 @@ class Sink:
         batch_s: float = BATCH_S,
         admission: Admission | None = None,
         tls: ssl.SSLContext | None = None,
+        max_forks: int = MAX_FORKS,
     ) -> None:
         """``book`` (touched only on the worker's thread) makes forks of known sessions use
         informed detection; ``admission`` refuses forks without the run's capability (the URL
-        :meth:`start` returns carries it)."""
+        :meth:`start` returns carries it); a fork beyond ``max_forks`` at once is refused with
+        1013 (try again later) and counted like a refused capability."""
         self.registry = registry
         self.book = book
         self.worker = worker
@@ -85,6 +87,7 @@ class Sink:
         self.batch_s = batch_s
         self.admission = admission or Admission(None)
         self.tls = tls  # a wss:// sink with this context
+        self.max_forks = max_forks
         self._server: Server | None = None
         self.url = ""
         self.connections = 0
@@ -188,6 +191,10 @@ class Sink:
             # Counted once per reason in the report, never as a hop or a hop error.
             self.registry.fork_rejected(refused)
             await ws.close(1008, f"fork refused: {refused}")
+            return
+        if len(self._forks) >= self.max_forks:
+            self.registry.fork_rejected(TOO_MANY_FORKS)
+            await ws.close(1013, f"fork refused: {TOO_MANY_FORKS}")
             return
         receiver = ForkReceiver()
         stream: HopStream | None = None

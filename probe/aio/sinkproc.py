@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 from probe.cpushare import CpuShare
 from probe.errors import ConfigError
 from probe.measure import sinkwire as wire
-from probe.measure.admission import Admission
+from probe.measure.admission import MAX_FORKS, Admission
 from probe.measure.registry import SessionRegistry
 from probe.protocol import AudioFormat, TraceContext
 from probe.tls import server_context
@@ -54,6 +54,7 @@ _START_TIMEOUT_S = 30.0
 CAPABILITY_ENV = "PROBE_SINK_CAPABILITY"
 TLS_CERT_ENV = "PROBE_SINK_CHILD_TLS_CERT"
 TLS_KEY_ENV = "PROBE_SINK_CHILD_TLS_KEY"
+MAX_FORKS_ENV = "PROBE_SINK_CHILD_MAX_FORKS"
 
 
 class _Forwarder:
@@ -233,6 +234,7 @@ def _child(
             worker.submit(_renice_this_thread, detect_nice)
         # A negative port: no fork sink, only the parent's detection streams (no hop forks).
         capability = os.environ.pop(CAPABILITY_ENV, "") or None
+        max_forks = int(os.environ.pop(MAX_FORKS_ENV, "") or MAX_FORKS)
         cert, key = os.environ.pop(TLS_CERT_ENV, ""), os.environ.pop(TLS_KEY_ENV, "")
         try:
             tls = server_context(cert, key) if cert and key else None
@@ -241,7 +243,7 @@ def _child(
             return
         sink = Sink(
             forward, worker, clock=time.time, idle_timeout=idle_timeout, book=book,
-            admission=Admission(capability), tls=tls,
+            admission=Admission(capability), tls=tls, max_forks=max_forks,
         )
         url = ""
         if port >= 0:
@@ -287,6 +289,7 @@ def spawn_child(
     detect_nice: int = 0,
     capability: str | None = None,
     tls: tuple[str, str] | None = None,
+    max_forks: int = MAX_FORKS,
 ) -> tuple[socket.socket, subprocess.Popen[bytes]]:
     """Start ``python -m probe.aio.sinkproc`` on one end of a socket pair; return the other end.
 
@@ -310,6 +313,7 @@ def spawn_child(
                 "PYTHONPATH": _import_root(),
                 **({CAPABILITY_ENV: capability} if capability else {}),
                 **({TLS_CERT_ENV: tls[0], TLS_KEY_ENV: tls[1]} if tls else {}),
+                MAX_FORKS_ENV: str(max_forks),
             },
         )
     except BaseException:
@@ -357,8 +361,10 @@ class SinkChild:
         idle_timeout: float = 30.0,
         capability: str | None = None,
         tls: tuple[str, str] | None = None,
+        max_forks: int = MAX_FORKS,
     ) -> None:
         self.registry = registry
+        self.max_forks = max_forks  # forks the child's sink holds at once
         self.idle_timeout = idle_timeout
         # What forks must present (the last path segment of the sink URL); None admits all.
         self.capability = capability
@@ -454,8 +460,12 @@ class SinkProcess(SinkChild):
         idle_timeout: float = 30.0,
         capability: str | None = None,
         tls: tuple[str, str] | None = None,
+        max_forks: int = MAX_FORKS,
     ) -> None:
-        super().__init__(registry, idle_timeout=idle_timeout, capability=capability, tls=tls)
+        super().__init__(
+            registry, idle_timeout=idle_timeout, capability=capability, tls=tls,
+            max_forks=max_forks,
+        )
         self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -492,7 +502,8 @@ class SinkProcess(SinkChild):
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start the child and its sink; return the sink's ws:// URL."""
         mine, proc = spawn_child(
-            host, port, self.idle_timeout, capability=self.capability, tls=self.tls
+            host, port, self.idle_timeout, capability=self.capability, tls=self.tls,
+            max_forks=self.max_forks,
         )
         parent = Connection(mine.detach())
         self._conn, self._proc = parent, proc

@@ -97,7 +97,7 @@ class ProbeEngine:
         self.capability = cfg.sink_secret or new_capability()
         self.sink = GeventSinkProcess(
             self.registry, detect_nice=cfg.detect_nice, capability=self.capability,
-            tls=cfg.sink_tls,
+            tls=cfg.sink_tls, max_forks=cfg.max_forks,
         )
         # Informed detection in the sink child: it hears of every marker sent.
         self.registry.add_send_listener(self.sink.expect)

@@ -33,6 +33,7 @@ from gevent.event import Event
 
 from probe.aio.sinkproc import _START_TIMEOUT_S, SinkChild, spawn_child, start_error
 from probe.measure import sinkwire as wire
+from probe.measure.admission import MAX_FORKS
 from probe.measure.registry import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,12 @@ class GeventSinkProcess(SinkChild):
         detect_nice: int = 0,
         capability: str | None = None,
         tls: tuple[str, str] | None = None,
+        max_forks: int = MAX_FORKS,
     ) -> None:
-        super().__init__(registry, idle_timeout=idle_timeout, capability=capability, tls=tls)
+        super().__init__(
+            registry, idle_timeout=idle_timeout, capability=capability, tls=tls,
+            max_forks=max_forks,
+        )
         self.flush_interval_s = flush_interval_s
         self.detect_nice = detect_nice
         self.proc: Any = None
@@ -82,7 +87,7 @@ class GeventSinkProcess(SinkChild):
         detection streams only). ConfigError with one sentence when the sink cannot listen."""
         mine, proc = spawn_child(
             host, port, self.idle_timeout, detect_nice=self.detect_nice,
-            capability=self.capability, tls=self.tls,
+            capability=self.capability, tls=self.tls, max_forks=self.max_forks,
         )
         # Cooperative whether or not the socket module is monkey-patched.
         sock = gsocket.socket(fileno=mine.detach())

@@ -23,7 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 from probe.errors import ConfigError
 
 __all__ = [
+    "MAX_FORKS",
     "NO_CAPABILITY",
+    "TOO_MANY_FORKS",
     "WRONG_CAPABILITY",
     "Admission",
     "check_secret",
@@ -33,6 +35,11 @@ __all__ = [
 
 NO_CAPABILITY = "no capability in the sink URL"
 WRONG_CAPABILITY = "wrong capability in the sink URL"
+# Forks a sink holds at once by default (--max-forks): far above what a run's sessions times its
+# hops need (1000 sessions at once through 5 hops is 5000), low enough that a flood of
+# connections cannot take every file descriptor and the memory of their detection streams.
+MAX_FORKS = 10_000
+TOO_MANY_FORKS = "too many forks at once (--max-forks)"
 _SECRET = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
