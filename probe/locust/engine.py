@@ -18,7 +18,6 @@ stamps arrivals with the wall clock, so the engine's clock must be ``time.time``
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import secrets
 import time
@@ -29,6 +28,7 @@ import gevent
 
 from probe.config import EngineConfig
 from probe.cpushare import CpuShare
+from probe.heap import TRIM_EVERY_S, trim
 from probe.locust.sinkproc import GeventSinkProcess
 from probe.measure.admission import new_capability, with_capability
 from probe.measure.health import Bounds, GeneratorHealth
@@ -39,26 +39,6 @@ __all__ = ["EngineConfig", "ProbeEngine"]
 
 log = logging.getLogger(__name__)
 
-
-# glibc keeps the pages of freed heap memory mapped; handing them back once a minute keeps a
-# long run's resident memory flat (benchmarks/locust_soak.py: measured with and without).
-_TRIM_EVERY_S = 60.0
-
-
-def _trim_heap() -> None:
-    """``malloc_trim(0)``: return freed heap pages to the OS (glibc only; a no-op elsewhere)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
 
 
 class ProbeEngine:
@@ -145,8 +125,8 @@ class ProbeEngine:
             gevent.sleep(self._pump_interval)
             if meter.elapsed() >= 1.0:
                 self.registry.record_cpu("worker", meter.read())
-            if time.monotonic() - trimmed >= _TRIM_EVERY_S:
-                _trim_heap()
+            if time.monotonic() - trimmed >= TRIM_EVERY_S:
+                trim()
                 trimmed = time.monotonic()
             self.registry.expire()
             now = self.overloaded
