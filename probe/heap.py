@@ -10,13 +10,23 @@ at what it uses: measured side by side in a Locust worker (82 vs 88 MiB after 5 
 from __future__ import annotations
 
 import ctypes
+import gc
 from typing import Any
 
-__all__ = ["TRIM_EVERY_S", "trim"]
+__all__ = ["TRIM_EVERY_S", "collect_and_trim", "trim"]
 
 TRIM_EVERY_S = 60.0
 
 _LIBC: Any = None
+
+
+def collect_and_trim() -> None:
+    """A full garbage collection, then :func:`trim`. Sessions leave reference cycles behind
+    (tasks, exceptions and their tracebacks); Python's oldest generation is collected rarely, so
+    without this a server's freed sessions wait for it: measured in the reference pipeline, 54 ->
+    109 MiB over 8 min of 20 concurrent sessions, back to 65 MiB at the next full collection."""
+    gc.collect()
+    trim()
 
 
 def trim() -> None:

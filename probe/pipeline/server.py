@@ -57,7 +57,7 @@ from websockets.protocol import State
 from probe.aio.wsstamp import StampedServerConnection, server_factory
 from probe.config import parse_host_port
 from probe.errors import ConfigError, ProtocolError
-from probe.heap import TRIM_EVERY_S, trim
+from probe.heap import TRIM_EVERY_S, collect_and_trim
 from probe.pipeline.hop import Emission, HopCore, output_format
 from probe.pipeline.spec import HopSpec, check_hops, parse_hops
 from probe.protocol import (
@@ -729,6 +729,6 @@ async def run_pipeline(
     try:
         while True:  # a long-running server: freed heap pages go back to the OS once a minute
             await asyncio.sleep(TRIM_EVERY_S)
-            trim()
+            collect_and_trim()
     finally:
         await pipeline.stop()
