@@ -108,11 +108,21 @@ def _pin(pid: int, mine: bool) -> None:
         os.sched_setaffinity(pid, PIN[0] if mine else PIN[1])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when this process dies, however it dies (a harness that
+    aborts must not leave its pipeline running)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Pipeline:
     def __init__(self, hops: str) -> None:
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", PIPELINE, str(self.port), hops], stdout=subprocess.PIPE
+            [sys.executable, "-c", PIPELINE, str(self.port), hops], stdout=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
         )
         _pin(self.proc.pid, mine=False)
         assert self.proc.stdout is not None
