@@ -6,6 +6,7 @@ follows the fork contract byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -405,6 +406,56 @@ def test_a_sink_that_refuses_every_fork_is_retried_with_growing_backoff() -> Non
     stats = tap.stats
     assert stats.last_error == "the sink closed the fork (code 1008: bad capability)"
     assert stats.disconnects == len(connections)
+
+
+def test_a_sink_that_stops_reading_costs_drops_not_memory_or_waits() -> None:
+    """A real peer that takes the start and then reads nothing: the socket's buffers fill, the
+    tap stops writing to it directly, the queue fills to its bound and the rest is dropped."""
+    release = asyncio.Event()
+
+    async def stuck(ws: ServerConnection) -> None:
+        await ws.recv()
+        ws.transport.pause_reading()
+        await release.wait()
+        ws.transport.resume_reading()
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+
+    tap = Tap(hop="stuck", queue_s=0.5, max_lag_s=60.0)
+    frame = b"\x01\x02" * FRAME
+
+    async def go() -> None:
+        async with serve(stuck, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            try:
+                tap.open("s", None, AUDIO, sink=f"ws://127.0.0.1:{port}/sink")
+                await wait_until(lambda: tap.stats.connected)
+                for i in range(40_000):  # 25.6 MB, far past the kernel's socket buffers
+                    tap.write(frame)
+                    if i % 500 == 0:
+                        await asyncio.sleep(0)  # let the loop move bytes, as a host would
+                stats = tap.stats
+                # Held: the queue's bound (0.5 s of audio) and the one frame being sent.
+                held = stats.frames_written - stats.frames_sent - stats.dropped
+                assert 0 < (held - 1) * len(frame) <= 0.5 * RATE * 2, stats
+                assert stats.dropped_full > 30_000, stats
+            finally:
+                release.set()
+                await tap.aclose(10 * SLOW)
+
+    asyncio.run(go())
+    stats = tap.stats
+    assert stats.frames_written == 40_000
+    assert stats.frames_sent + stats.dropped == stats.frames_written
+    assert stats.disconnects == 0 and stats.connects == 1
+
+
+async def wait_until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds * SLOW
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 def test_bad_setup_is_one_sentence_and_the_audio_path_never_raises() -> None:
