@@ -458,7 +458,10 @@ async def wait_until(check: Callable[[], bool], seconds: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_bad_setup_is_one_sentence_and_the_audio_path_never_raises() -> None:
+def test_bad_setup_is_one_sentence_and_the_audio_path_never_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="probe.tap")
     with pytest.raises(ValueError, match=r"^hop must be 1-64 characters .*'bad hop'\.$"):
         Tap("ws://h/sink", hop="bad hop")
     with pytest.raises(ValueError, match=r"^sink_url must start with ws:// or wss://"):
@@ -479,11 +482,23 @@ def test_bad_setup_is_one_sentence_and_the_audio_path_never_raises() -> None:
         tap.open("s", None, AUDIO, sink="ws://h/sink")
     tap.write(b"\x00\x00")  # never opened
     tap.write("not bytes")  # type: ignore[arg-type]
+    # A context from a stream the hop does not own is never a reason to raise.
+    assert tap.open_context(None) is False
+    assert tap.open_context(from_start('{"type": "start", "session": "s1"}')) is False
+    assert BlockingTap(hop="b").open_context(ForkContext(sink="ws://h/sink")) is False
     tap.write(12)  # type: ignore[arg-type]
     tap.close()
     stats = tap.stats
     assert stats.ignored == 3 and stats.frames_written == 0
     assert stats.last_error is not None and "write() takes bytes, not int" in stats.last_error
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "tap of hop 'a' not opened: the tap of hop 'a' has no sink URL: give one to Tap() or "
+        "to open().",
+        "tap of hop 'a' not opened: the tap of hop 'a' has no sink URL: give one to Tap() or "
+        "to open().",
+        "tap of hop 'b' not opened: open() needs the audio format of what the hop emits.",
+    ]
 
 
 def test_the_tap_imports_without_numpy_or_opentelemetry() -> None:

@@ -187,11 +187,29 @@ class Tap:
         self.start(self.prepare(session, traceparent, audio, tracestate=tracestate, sink=sink))
 
     def open_context(
-        self, ctx: ForkContext, audio: AudioFormat | Mapping[str, object] | None = None
-    ) -> None:
+        self, ctx: ForkContext | None, audio: AudioFormat | Mapping[str, object] | None = None
+    ) -> bool:
         """:meth:`open` with what a :class:`ForkContext` knows (a child span of its caller's
-        trace context, unless it is the hop's own OTel span); ``audio`` defaults to its own."""
-        self.open(
+        trace context, unless it is the hop's own OTel span); ``audio`` defaults to its own.
+
+        The context comes from a stream the hop does not own, so nothing is raised: with no sink
+        (neither the context's nor the tap's) or no audio format, this logs one warning and
+        returns False, and later writes do nothing. True when a stream opened."""
+        ctx = ctx if ctx is not None else ForkContext()
+        try:
+            self.start(self.prepare_context(ctx, audio))
+        except ValueError as exc:
+            self.close()  # the stream before this one does not go on with this one's audio
+            self._stats.last_error = str(exc)
+            self._log.warning("tap of hop %r not opened: %s", self.hop, exc)
+            return False
+        return True
+
+    def prepare_context(
+        self, ctx: ForkContext, audio: AudioFormat | Mapping[str, object] | None = None
+    ) -> _Prepared:
+        """:meth:`prepare` from a :class:`ForkContext` (ValueError, one sentence)."""
+        return self.prepare(
             ctx.session,
             ctx.hop_traceparent(),
             audio if audio is not None else ctx.audio,

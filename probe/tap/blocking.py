@@ -126,16 +126,21 @@ class BlockingTap:
         self._call(self._tap.start, prepared)
 
     def open_context(
-        self, ctx: ForkContext, audio: AudioFormat | Mapping[str, object] | None = None
-    ) -> None:
-        """:meth:`open` with what a :class:`ForkContext` knows (see ``Tap.open_context``)."""
-        self.open(
-            ctx.session,
-            ctx.hop_traceparent(),
-            audio if audio is not None else ctx.audio,
-            tracestate=ctx.tracestate,
-            sink=ctx.sink if ctx.sink is not None and self._tap.sink_url is None else None,
-        )
+        self, ctx: ForkContext | None, audio: AudioFormat | Mapping[str, object] | None = None
+    ) -> bool:
+        """:meth:`open` with what a :class:`ForkContext` knows; never raises (see
+        ``Tap.open_context``): False, with one warning, when no stream could open."""
+        tap = self._tap
+        try:
+            prepared = tap.prepare_context(ctx if ctx is not None else ForkContext(), audio)
+        except ValueError as exc:
+            self.close()  # the stream before this one does not go on with this one's audio
+            tap._log.warning("tap of hop %r not opened: %s", tap.hop, exc)
+            return False
+        self._open = True
+        _open_taps.add(self)
+        self._call(tap.start, prepared)
+        return True
 
     def write(self, pcm: bytes | bytearray | memoryview) -> None:
         """Queue one chunk of the hop's audio for the sink; never blocks and never raises."""
