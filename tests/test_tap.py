@@ -631,3 +631,21 @@ def test_context_from_the_current_opentelemetry_span() -> None:
     assert ctx.traceparent == TraceContext(f"{sc.trace_id:032x}", f"{sc.span_id:016x}",
                                          int(sc.trace_flags))
     assert ctx.hop_traceparent() == ctx.traceparent  # the hop's own span, not a child
+
+
+def test_the_rules_of_the_tap_and_the_tee_are_sans_io() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "probe"
+    shell = {"socket", "asyncio", "gevent", "threading", "websockets", "selectors"}
+    offenders = []
+    for path in (root / "tap" / "core.py", root / "tap" / "context.py", root / "tee.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in shell]
+    assert offenders == []
