@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+from probe.measure.conversation import Figure, ResultTiming
 from probe.measure.latency import OwnLatencyJoin
 from probe.measure.registry import Measurement, Missed
 from probe.protocol import TraceContext
@@ -61,6 +62,13 @@ class RunObserver:
 
     def reply(self, session: str, utterance_end: float, latency_s: float | None) -> None:
         """Voice-to-voice reply latency for an utterance, or ``None`` when it got no reply."""
+
+    def result(self, r: ResultTiming) -> None:
+        """A text result (interim or final) came back from a speech-to-text target."""
+
+    def figure(self, f: Figure) -> None:
+        """A conversation figure (first interim, final delay, barge-in, clear) was measured,
+        or missed (``f.latency_s`` None)."""
 
     def run_finished(self, report: dict[str, Any]) -> None:
         """The run's report is built."""
@@ -147,6 +155,12 @@ class Observers(RunObserver):
 
     def reply(self, session: str, utterance_end: float, latency_s: float | None) -> None:
         self._each("reply", session, utterance_end, latency_s)
+
+    def result(self, r: ResultTiming) -> None:
+        self._each("result", r)
+
+    def figure(self, f: Figure) -> None:
+        self._each("figure", f)
 
     def run_finished(self, report: dict[str, Any]) -> None:
         self._each("run_finished", report)

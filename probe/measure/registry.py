@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from probe.errors import ConfigError
+from probe.measure.conversation import ConversationLog, Figure, ResultTiming, WordErrors
 from probe.measure.stats import LatencyStats
 from probe.watermark.design import PAYLOAD_BYTES, session_payload, split_session_payload
 
@@ -261,6 +262,7 @@ class SessionRegistry:
         self._send_lag = LatencyStats()
         self._reply: list[float] = []
         self._reply_missed = 0
+        self.conversation = ConversationLog(history=history)
         self._series: list[Measurement | Missed] = []
         self._send_listeners: list[Callable[[str, bytes, float, float], None]] = []
         self.health = health
@@ -441,6 +443,46 @@ class SessionRegistry:
                 self._reply.append(latency_s)
         if self.observer is not None:
             self.observer.reply(session_id, utterance_end, latency_s)
+
+    def record_result(self, r: ResultTiming) -> None:
+        """A text result came back (conversation timing, :mod:`probe.measure.conversation`)."""
+        with self._lock:
+            self.conversation.result(r)
+        if self.observer is not None:
+            self.observer.result(r)
+
+    def record_figure(self, f: Figure) -> None:
+        """A conversation figure was measured or missed."""
+        with self._lock:
+            self.conversation.figure(f)
+        if self.observer is not None:
+            self.observer.figure(f)
+
+    def record_malformed_result(self, session_id: str, reason: str) -> None:
+        """A message back looked like a text result but broke the configured shape."""
+        with self._lock:
+            self.conversation.malformed[reason] += 1
+
+    def record_word_errors(self, w: WordErrors) -> None:
+        """A session's finals scored against its script."""
+        with self._lock:
+            self.conversation.word_errors(w)
+
+    def record_barge_in(self, session_id: str, *, talked_over: bool) -> None:
+        """A barge-in was made (its figures come through :meth:`record_figure`)."""
+        with self._lock:
+            self.conversation.barge_ins += 1
+            self.conversation.talked_over += int(talked_over)
+
+    def record_bot_mark(self, session_id: str) -> None:
+        """The system sent a Twilio ``mark`` (answered as Twilio does)."""
+        with self._lock:
+            self.conversation.bot_marks += 1
+
+    def conversation_report(self) -> dict[str, Any] | None:
+        """The report's ``conversation`` section, or None when the run measured none."""
+        with self._lock:
+            return self.conversation.report() if self.conversation.active else None
 
     def replies(self) -> tuple[list[float], int]:
         """Reply latencies (seconds) and the number of utterances that got no reply."""

@@ -124,6 +124,9 @@ def build_report(
         report["reply_ms"] = summarize_ms(reply)
         if reply_missed is not None:
             report["reply_missed"] = reply_missed
+    conversation = registry.conversation_report()
+    if conversation is not None:
+        report["conversation"] = conversation
     report["series"] = [
         {
             "hop": r.hop,
