@@ -25,6 +25,7 @@ from probe.aio.runner import RunConfig, run_probe
 from probe.aio.source import SourceConfig
 from probe.cli import main
 from probe.errors import ConfigError
+from probe.measure.conversation import Figure, ResultTiming
 from probe.measure.observe import Observers
 from probe.measure.registry import SessionRegistry
 from probe.pipeline import ReferencePipeline
@@ -90,6 +91,61 @@ def test_observer_counts_latencies_markers_sessions_with_exemplars() -> None:
     assert exemplars and all(f'trace_id="{TRACE}"' in line for line in exemplars)
     assert 'le="0.02"' in exemplars[0]
     assert abs(float(exemplars[0].split("} ")[-1].split()[0]) - 0.020) < 1e-9
+
+
+def test_conversation_results_and_figures_with_exemplars() -> None:
+    reg = CollectorRegistry()
+    lbl = {"target": "ws://stt/{session}", "scenario": "stt"}
+    metrics = MetricsObserver(reg, lbl["target"], lbl["scenario"])
+    obs = Observers([metrics])
+    sessions = SessionRegistry(clock=lambda: 10.0, observer=obs)
+    sessions.open_session("s1")
+    obs.session_started("s1", "ws://stt/s1", 10.0)
+    sessions.hop_connected("return", "s1", TraceContext(TRACE, "1" * 16, 1))
+    sessions.record_result(ResultTiming("s1", "interim", 11.2, 11.0, 0.2, "the quick", 0))
+    sessions.record_result(ResultTiming("s1", "interim", 11.5, 11.46, 0.04, "the quick brown", 0))
+    sessions.record_result(ResultTiming("s1", "final", 12.6, 12.3, 0.3, "the quick brown fox", 0))
+    sessions.record_result(ResultTiming("s1", "final", 13.0, None, None, "jumps", 1))
+    sessions.record_result(ResultTiming("s1", "bogus", 13.1, 13.0, 0.1, "?", 1))
+    sessions.record_figure(Figure("s1", "first_interim", 10.1, 1.1, utterance=0))
+    sessions.record_figure(Figure("s1", "final_delay", 12.3, 0.3, utterance=0))
+    sessions.record_figure(Figure("s1", "final_delay", 13.3, None, "never finalized", 1))
+    sessions.record_figure(Figure("s1", "barge_in", 14.0, 0.25))
+    sessions.record_figure(Figure("s1", "clear", 14.0, None, "no clear event"))
+    sessions.record_figure(Figure("s1", "clear", 15.0, 0.12))
+    kind = "probe_result_latency_seconds"
+    assert _value(reg, f"{kind}_count", kind="interim", **lbl) == 2
+    assert abs(_value(reg, f"{kind}_sum", kind="interim", **lbl) - 0.24) < 1e-9
+    assert _value(reg, f"{kind}_bucket", kind="interim", le="0.05", **lbl) == 1
+    assert _value(reg, f"{kind}_count", kind="final", **lbl) == 1
+    assert _value(reg, f"{kind}_count", kind=OTHER, **lbl) == 1
+    assert _value(reg, "probe_results_total", kind="interim", offsets="yes", **lbl) == 2
+    assert _value(reg, "probe_results_total", kind="final", offsets="yes", **lbl) == 1
+    assert _value(reg, "probe_results_total", kind="final", offsets="no", **lbl) == 1
+    assert _value(reg, "probe_first_interim_seconds_count", **lbl) == 1
+    assert abs(_value(reg, "probe_first_interim_seconds_sum", **lbl) - 1.1) < 1e-9
+    assert _value(reg, "probe_final_delay_seconds_count", **lbl) == 1
+    assert _value(reg, "probe_barge_in_latency_seconds_bucket", le="0.3", **lbl) == 1
+    assert _value(reg, "probe_barge_in_latency_seconds_bucket", le="0.2", **lbl) == 0
+    assert _value(reg, "probe_barge_in_clear_seconds_count", **lbl) == 1
+    missed = "probe_conversation_missed_total"
+    assert _value(reg, missed, figure="final_delay", **lbl) == 1
+    assert _value(reg, missed, figure="clear", **lbl) == 1
+    assert reg.get_sample_value(missed, {"figure": "barge_in", **lbl}) is None
+    text = openmetrics_latest(reg).decode()
+    for name in (kind, "probe_first_interim_seconds", "probe_final_delay_seconds",
+                 "probe_barge_in_latency_seconds", "probe_barge_in_clear_seconds"):
+        exemplars = [line for line in text.splitlines()
+                     if line.startswith(f"{name}_bucket") and " # " in line]
+        assert exemplars and all(f'trace_id="{TRACE}"' in line for line in exemplars), name
+
+
+def test_no_conversation_series_without_conversation() -> None:
+    reg = CollectorRegistry()
+    MetricsObserver(reg, "t", "s", hop_order=["a"])
+    names = {s.name for m in reg.collect() for s in m.samples}
+    assert not any(n.startswith(("probe_result", "probe_first_interim", "probe_final_delay",
+                                 "probe_barge_in", "probe_conversation")) for n in names)
 
 
 def test_hop_label_values_are_bounded() -> None:

@@ -13,13 +13,14 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
 from probe.errors import ConfigError
+from probe.measure.conversation import Figure, ResultTiming
 from probe.measure.observe import Observers
 from probe.measure.registry import SessionRegistry
 from probe.protocol import TraceContext
 from probe.telemetry.env import tracing_enabled
 from probe.telemetry.otel import start_tracing
 from probe.telemetry.setup import start_telemetry
-from probe.telemetry.traces import SESSION_SPAN, TraceObserver
+from probe.telemetry.traces import RESULT_SPAN, RESULT_TEXT_CHARS, SESSION_SPAN, TraceObserver
 
 HOP_CTX = TraceContext("ab" * 16, "cd" * 8, 1)
 
@@ -104,6 +105,57 @@ def test_failed_session_and_hop_failure_are_errors() -> None:
     assert sorted(s.status.status_code.name for s in replies) == ["ERROR", "UNSET"]
     ok = next(s for s in replies if s.status.status_code is StatusCode.UNSET)
     assert ok.end_time - ok.start_time == 400_000_000
+
+
+def test_results_and_conversation_figures_are_children_of_the_session() -> None:
+    provider, exporter = _provider()
+    now = [1000.0]
+    tracer = TraceObserver(provider, clock=lambda: now[0])
+    reg = SessionRegistry(clock=lambda: now[0], observer=Observers([tracer]))
+    reg.open_session("s1")
+    sent = reg.observer.session_started("s1", "ws://t/{session}", 1000.0)  # type: ignore[union-attr]
+    assert sent is not None
+    long_text = "word " * 100
+    reg.record_result(ResultTiming("s1", "interim", 1001.25, 1001.0, 0.25, "the quick", 0))
+    reg.record_result(ResultTiming("s1", "final", 1002.5, None, None, long_text, 0))
+    reg.record_figure(Figure("s1", "first_interim", 1000.5, 0.75, utterance=0))
+    reg.record_figure(Figure("s1", "barge_in", 1003.0, 0.2))
+    now[0] = 1010.0
+    reg.record_figure(Figure("s1", "final_delay", 1004.0, None, "never finalized", 1))
+    reg.record_figure(Figure("s1", "clear", 1003.0, None))
+    reg.close_session("s1")
+    spans = exporter.get_finished_spans()
+    (root,) = _by_name(spans, SESSION_SPAN)
+    for s in spans:
+        if s is not root:
+            assert s.parent is not None and s.parent.span_id == root.context.span_id, s.name
+            assert s.context.trace_id == root.context.trace_id
+    placed, unplaced = sorted(_by_name(spans, RESULT_SPAN), key=lambda s: s.start_time)
+    assert placed.start_time == 1001 * 10**9 and placed.end_time == 1001_250_000_000
+    assert placed.attributes == {
+        "probe.session": "s1", "probe.result.kind": "interim", "probe.result.text": "the quick",
+        "probe.result.utterance": 0, "probe.result.latency_ms": 250.0,
+    }
+    # Without offsets: a point at its arrival, no latency, its text cut to 200 characters.
+    assert unplaced.start_time == unplaced.end_time == 1002_500_000_000
+    assert unplaced.attributes is not None
+    assert "probe.result.latency_ms" not in unplaced.attributes
+    assert unplaced.attributes["probe.result.text"] == long_text[:RESULT_TEXT_CHARS]
+    assert unplaced.attributes["probe.result.kind"] == "final"
+    (first,) = _by_name(spans, "first_interim")
+    assert first.start_time == 1000_500_000_000 and first.end_time == 1001_250_000_000
+    assert first.status.status_code is StatusCode.UNSET
+    assert first.attributes == {"probe.session": "s1", "probe.utterance": 0,
+                                "probe.latency_ms": 750.0}
+    (barge,) = _by_name(spans, "barge_in")
+    assert barge.end_time - barge.start_time == 200_000_000
+    (final,) = _by_name(spans, "final_delay")
+    assert final.status.status_code is StatusCode.ERROR
+    assert final.status.description == "never finalized"
+    assert final.start_time == 1004 * 10**9 and final.end_time == 1010 * 10**9
+    (clear,) = _by_name(spans, "clear")
+    assert clear.status.status_code is StatusCode.ERROR
+    assert clear.status.description == "clear never happened"
 
 
 def test_unsampled_session_makes_no_spans_but_a_valid_context() -> None:

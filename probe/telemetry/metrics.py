@@ -1,17 +1,31 @@
 """Prometheus metrics made from a run's measurements, and a /metrics server.
 
-=================================  =========  ==============================================
-metric                             type       labels
-=================================  =========  ==============================================
-``probe_hop_latency_seconds``      histogram  hop, target, scenario (exemplar: trace_id)
-``probe_hop_own_latency_seconds``  histogram  hop, target, scenario (exemplar: trace_id)
-``probe_markers_total``            counter    hop, outcome (detected, missed, unmeasured: owed
-                                              while the probe itself was overloaded)
-``probe_send_lag_seconds``         histogram  -
-``probe_reply_latency_seconds``    histogram  target, scenario (exemplar: trace_id)
-``probe_sessions_total``           counter    outcome (completed, failed)
-``probe_active_sessions``          gauge      -
-=================================  =========  ==============================================
+===================================  =========  ==================================================
+metric                               type       labels
+===================================  =========  ==================================================
+``probe_hop_latency_seconds``        histogram  hop, target, scenario (exemplar: trace_id)
+``probe_hop_own_latency_seconds``    histogram  hop, target, scenario (exemplar: trace_id)
+``probe_markers_total``              counter    hop, outcome (detected, missed, unmeasured: owed
+                                                while the probe itself was overloaded)
+``probe_send_lag_seconds``           histogram  -
+``probe_reply_latency_seconds``      histogram  target, scenario (exemplar: trace_id)
+``probe_result_latency_seconds``     histogram  target, scenario, kind (interim, final), exemplar:
+                                                trace_id; a text result's arrival minus the send
+                                                time of the last audio it covers
+``probe_results_total``              counter    target, scenario, kind, offsets (yes; no: a result
+                                                without offsets, which has no latency)
+``probe_first_interim_seconds``      histogram  target, scenario (exemplar: trace_id)
+``probe_final_delay_seconds``        histogram  target, scenario (exemplar: trace_id)
+``probe_barge_in_latency_seconds``   histogram  target, scenario (exemplar: trace_id)
+``probe_barge_in_clear_seconds``     histogram  target, scenario (exemplar: trace_id)
+``probe_conversation_missed_total``  counter    target, scenario, figure (first_interim,
+                                                final_delay, barge_in, clear): it never happened
+``probe_sessions_total``             counter    outcome (completed, failed)
+``probe_active_sessions``            gauge      -
+===================================  =========  ==================================================
+
+The conversation figures (:mod:`probe.measure.conversation`) get their series when first
+measured, so a run that measures none adds no series.
 
 Latency buckets run from 1 ms to 30 s, dense where audio hops live (10-500 ms). Own latency can
 come out slightly negative (two hops' arrival stamps jitter against each other); it is observed as
@@ -22,6 +36,7 @@ asks for it when started with ``--enable-feature=exemplar-storage``).
 Cardinality is bounded: ``target`` and ``scenario`` are fixed per observer (the target URL
 *template*, never a per-session URL), and at most ``max_hops`` distinct hop names are kept as
 label values (64 by default; the protocol allows any name); later ones are counted as ``other``.
+A result kind or figure name outside the known ones is counted as ``other`` too.
 
 The metric families of one :class:`~prometheus_client.CollectorRegistry` are made once and shared
 by every observer on it (Locust users in one worker, several runs in one process).
@@ -39,6 +54,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from probe.errors import ConfigError
+from probe.measure.conversation import FIGURES, RESULT_KINDS, Figure, ResultTiming
 from probe.measure.latency import RETURN_HOP
 from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
@@ -63,6 +79,26 @@ SEND_LAG_BUCKETS: tuple[float, ...] = (
 OTHER = "other"
 _MAX_ENDED = 10_000
 
+# Conversation figure -> (histogram name, help).
+_FIGURE_METRICS: dict[str, tuple[str, str]] = {
+    "first_interim": (
+        "probe_first_interim_seconds",
+        "An utterance's first speech sample sent to its first interim result.",
+    ),
+    "final_delay": (
+        "probe_final_delay_seconds",
+        "An utterance's last speech sample sent to its final result.",
+    ),
+    "barge_in": (
+        "probe_barge_in_latency_seconds",
+        "The first barge-in sample sent to the bot's returned audio falling silent.",
+    ),
+    "clear": (
+        "probe_barge_in_clear_seconds",
+        "The first barge-in sample sent to the bot's Twilio clear event.",
+    ),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class _Families:
@@ -71,6 +107,10 @@ class _Families:
     markers: Counter
     send_lag: Histogram
     reply: Histogram
+    result: Histogram
+    results: Counter
+    figures: dict[str, Histogram]
+    figures_missed: Counter
     sessions: Counter
     active: Gauge
     rejected: Counter
@@ -117,6 +157,38 @@ def _families_of(registry: CollectorRegistry) -> _Families:
                     "Voice-to-voice latency: end of an utterance to the onset of the reply.",
                     ["target", "scenario"],
                     buckets=LATENCY_BUCKETS,
+                    registry=registry,
+                ),
+                result=Histogram(
+                    "probe_result_latency_seconds",
+                    "A text result's latency: its arrival minus the send time of the last "
+                    "audio it covers, by kind (interim or final).",
+                    ["target", "scenario", "kind"],
+                    buckets=LATENCY_BUCKETS,
+                    registry=registry,
+                ),
+                results=Counter(
+                    "probe_results",
+                    "Text results that came back, by kind and whether they carried offsets "
+                    "(a result without offsets has no latency).",
+                    ["target", "scenario", "kind", "offsets"],
+                    registry=registry,
+                ),
+                figures={
+                    name: Histogram(
+                        metric,
+                        doc,
+                        ["target", "scenario"],
+                        buckets=LATENCY_BUCKETS,
+                        registry=registry,
+                    )
+                    for name, (metric, doc) in _FIGURE_METRICS.items()
+                },
+                figures_missed=Counter(
+                    "probe_conversation_missed",
+                    "Conversation figures that never happened within the marker timeout "
+                    "(an utterance never finalized, a bot that never fell silent), by figure.",
+                    ["target", "scenario", "figure"],
                     registry=registry,
                 ),
                 sessions=Counter(
@@ -254,6 +326,26 @@ class MetricsObserver(RunObserver):
         if latency_s is not None:
             self._m.reply.labels(self.target, self.scenario).observe(
                 max(0.0, latency_s), self._exemplar(session)
+            )
+
+    def result(self, r: ResultTiming) -> None:
+        kind = r.kind if r.kind in RESULT_KINDS else OTHER
+        placed = r.latency_s is not None
+        self._m.results.labels(self.target, self.scenario, kind, "yes" if placed else "no").inc()
+        if r.latency_s is not None:
+            self._m.result.labels(self.target, self.scenario, kind).observe(
+                max(0.0, r.latency_s), self._exemplar(r.session)
+            )
+
+    def figure(self, f: Figure) -> None:
+        if f.latency_s is None:
+            name = f.name if f.name in FIGURES else OTHER
+            self._m.figures_missed.labels(self.target, self.scenario, name).inc()
+            return
+        histogram = self._m.figures.get(f.name)
+        if histogram is not None:
+            histogram.labels(self.target, self.scenario).observe(
+                max(0.0, f.latency_s), self._exemplar(f.session)
             )
 
 

@@ -8,6 +8,12 @@ The trace of a session::
     +-- marker <hop>         a missed marker: send time -> when it was declared missed, ERROR
     +-- hop failed <hop>     a fork that broke (garbage, stall, dropped), ERROR
     +-- reply                voice-to-voice reply: utterance end -> reply onset (ERROR: none)
+    +-- result               a text result: send time of the audio it covers -> its arrival
+    |                        (a result without offsets: a point at its arrival)
+    +-- first_interim        conversation figures (probe.measure.conversation), each from its
+    +-- final_delay          start to start + latency; a missed one (it never happened) ends
+    +-- barge_in             when it was declared missed, ERROR with the reason
+    +-- clear
 
 Every span takes explicit start and end times from the run's clock (epoch seconds, the clock the
 registry stamps sends and arrivals with); marker spans are made when the detection (or miss) is
@@ -43,11 +49,14 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
+from probe.measure.conversation import Figure, ResultTiming
 from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
 from probe.protocol import TraceContext
 
 __all__ = [
+    "RESULT_SPAN",
+    "RESULT_TEXT_CHARS",
     "SESSION_SPAN",
     "TraceObserver",
     "otel_parent",
@@ -57,6 +66,8 @@ __all__ = [
 ]
 
 SESSION_SPAN = "probe session"
+RESULT_SPAN = "result"
+RESULT_TEXT_CHARS = 200
 _SCOPE = "probe"
 
 
@@ -283,6 +294,43 @@ class TraceObserver(RunObserver):
             span.end(end_time=to_ns(max(self._clock(), utterance_end)))
         else:
             span.end(end_time=to_ns(utterance_end + max(0.0, latency_s)))
+
+    def result(self, r: ResultTiming) -> None:
+        st = self._get(r.session)
+        if st is None:
+            return
+        attributes: dict[str, AttributeValue] = {
+            "probe.session": r.session,
+            "probe.result.kind": r.kind,
+            "probe.result.text": r.text[:RESULT_TEXT_CHARS],
+        }
+        if r.utterance is not None:
+            attributes["probe.result.utterance"] = r.utterance
+        if r.latency_s is not None:
+            attributes["probe.result.latency_ms"] = round(r.latency_s * 1000.0, 3)
+        start = r.covered_end_sent if r.covered_end_sent is not None else r.arrival
+        span = self._tracer.start_span(
+            RESULT_SPAN, context=st.parent, attributes=attributes, start_time=to_ns(start)
+        )
+        span.end(end_time=to_ns(max(r.arrival, start)))
+
+    def figure(self, f: Figure) -> None:
+        st = self._get(f.session)
+        if st is None:
+            return
+        attributes: dict[str, AttributeValue] = {"probe.session": f.session}
+        if f.utterance is not None:
+            attributes["probe.utterance"] = f.utterance
+        if f.latency_s is not None:
+            attributes["probe.latency_ms"] = round(f.latency_s * 1000.0, 3)
+        span = self._tracer.start_span(
+            f.name, context=st.parent, attributes=attributes, start_time=to_ns(f.start)
+        )
+        if f.latency_s is None:
+            span.set_status(Status(StatusCode.ERROR, f.why or f"{f.name} never happened"))
+            span.end(end_time=to_ns(max(self._clock(), f.start)))
+        else:
+            span.end(end_time=to_ns(f.start + max(0.0, f.latency_s)))
 
     def close(self) -> None:
         """End the spans of sessions still open (a run cut short)."""
