@@ -1,5 +1,8 @@
 """Regenerate the test audio in this folder: `python audio_fixtures/make_fixtures.py`.
 
+`python audio_fixtures/make_fixtures.py --scripts` only rewrites `scripts.json` (each speech
+fixture's sentences with their sample-accurate spans) from the WAVs already here.
+
 Every file is 16 kHz mono 16-bit PCM WAV and deterministic: speech comes from espeak-ng (same
 voice, speed and text each run), everything else from numpy with fixed seeds. Levels are set to
 about -20 dBFS (active speech level for speech, RMS for the rest). See PROVENANCE.md.
@@ -7,6 +10,8 @@ about -20 dBFS (active speech level for speech, RMS for the rest). See PROVENANC
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,6 +61,9 @@ SPEECH: dict[str, tuple[str, int, str]] = {
     ),
 }
 BABBLE_FROM = list(SPEECH)
+SCRIPTS = OUT / "scripts.json"
+LOUD = 1e-3  # a sentence spans from its first to one past its last sample this loud
+MIN_PAUSE = 0.2  # seconds below LOUD that part sentences (gaps between words are <= 0.15 s)
 
 
 def espeak_version() -> str:
@@ -161,7 +169,49 @@ def write(name: str, x: F64) -> None:
     print(f"{name}.wav  {len(x) / RATE:.2f} s  active level {level:.1f} dBFS")
 
 
+def sentences_of(text: str) -> list[str]:
+    """`text` cut into sentences (each ends with . ? or !)."""
+    return [p for p in re.split(r"(?<=[.?!])\s+", text.strip()) if p]
+
+
+def sentence_spans(x: F64, count: int, rate: int = RATE) -> list[tuple[int, int]]:
+    """[start, end) sample spans of the `count` sentences in `x`, parted by pauses of at least
+    MIN_PAUSE below LOUD; fails unless exactly `count` sentences are found."""
+    loud = np.flatnonzero(np.abs(x) >= LOUD)
+    if not len(loud):
+        raise ValueError("no speech found")
+    cuts = np.flatnonzero(np.diff(loud) > MIN_PAUSE * rate)
+    starts = [int(loud[0]), *(int(loud[i + 1]) for i in cuts)]
+    ends = [*(int(loud[i]) + 1 for i in cuts), int(loud[-1]) + 1]
+    if len(starts) != count:
+        raise ValueError(f"found {len(starts)} sentences parted by pauses, expected {count}")
+    return list(zip(starts, ends, strict=True))
+
+
+def write_scripts() -> None:
+    """Write scripts.json: every speech fixture's text and its sentences' spans (seconds at
+    RATE), found in the WAVs in this folder (which it does not change)."""
+    scripts: dict[str, object] = {}
+    for name, (_voice, _wpm, text) in SPEECH.items():
+        x, rate = sf.read(OUT / f"{name}.wav", dtype="float64")
+        assert rate == RATE, f"{name}.wav is at {rate} Hz, not {RATE}"
+        texts = sentences_of(text)
+        spans = sentence_spans(x, len(texts))
+        scripts[name] = {
+            "text": text,
+            "sentences": [
+                {"text": t, "start_s": a / RATE, "end_s": b / RATE}
+                for t, (a, b) in zip(texts, spans, strict=True)
+            ],
+        }
+        print(f"{name}: " + "  ".join(f"{a / RATE:.3f}-{b / RATE:.3f}" for a, b in spans))
+    SCRIPTS.write_text(json.dumps(scripts, indent=2) + "\n")
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--scripts"]:
+        write_scripts()
+        return 0
     voices = []
     for name, (voice, wpm, text) in SPEECH.items():
         x = speak(voice, wpm, text)
@@ -172,6 +222,7 @@ def main() -> int:
     write("pink_noise", to_level(p := pink_noise(), float(np.sqrt(np.mean(p**2)))))
     write("babble", to_level(b := babble(voices), float(np.sqrt(np.mean(b**2)))))
     write("silence", np.zeros(2 * RATE))
+    write_scripts()
     print(espeak_version())
     return 0
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -8,6 +10,8 @@ import soundfile as sf
 
 from probe.audio.fixtures import (
     SPEECH_FIXTURES,
+    Sentence,
+    fixture_script,
     fixtures_dir,
     list_fixtures,
     load_fixture,
@@ -113,3 +117,93 @@ def test_rate_out_of_range(tmp_path: Path, rate: int) -> None:
         load_wav(p)
     with pytest.raises(ConfigError, match="outside 8000 to 48000"):
         load_fixture("silence", rate=rate)
+
+
+# --- scripts ---------------------------------------------------------------------------------
+
+LOUD = 1e-3
+MIN_PAUSE = 0.2  # the pause that parts sentences in make_fixtures.py
+
+
+def _make_fixtures() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "audio_fixtures" / "make_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_fixtures", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", SPEECH_FIXTURES)
+def test_speech_fixture_scripts(name: str) -> None:
+    script = fixture_script(name)
+    assert script is not None
+    x, rate = load_fixture(name)
+    assert rate == 16000
+    mf = _make_fixtures()
+    text = mf.SPEECH[name][2]
+    assert " ".join(s.text for s in script) == text
+    assert len(script) == text.count(".") + text.count("?") + text.count("!") >= 2
+    loud = np.abs(x.astype(np.float64)) >= LOUD
+    previous_end = 0
+    for sentence in script:
+        assert isinstance(sentence, Sentence)
+        a, b = round(sentence.start_s * rate), round(sentence.end_s * rate)
+        assert a / rate == sentence.start_s and b / rate == sentence.end_s  # sample-accurate
+        assert 0 <= previous_end <= a < b <= len(x)
+        assert loud[a] and loud[b - 1], sentence.text  # loud at both ends...
+        assert loud[a:b].mean() > 0.5  # ...and mostly loud inside
+        # silent around: nothing loud between sentences, and the pause parts them
+        assert not loud[previous_end:a].any()
+        if previous_end:
+            assert (a - previous_end) / rate >= MIN_PAUSE
+        previous_end = b
+    assert not loud[previous_end:].any()
+
+
+def test_scripts_json_is_what_make_fixtures_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mf = _make_fixtures()
+    monkeypatch.setattr(mf, "OUT", fixtures_dir())
+    monkeypatch.setattr(mf, "SCRIPTS", tmp_path / "scripts.json")
+    mf.write_scripts()
+    written = (tmp_path / "scripts.json").read_text()
+    assert written == (fixtures_dir() / "scripts.json").read_text()
+    assert set(json.loads(written)) == set(SPEECH_FIXTURES)
+
+
+def test_sentence_spans_count_is_checked() -> None:
+    mf = _make_fixtures()
+    x = np.zeros(16000)
+    x[1000:3000] = 0.1
+    x[8000:9000] = 0.1
+    assert mf.sentence_spans(x, 2) == [(1000, 3000), (8000, 9000)]
+    with pytest.raises(ValueError, match="found 2 sentences parted by pauses, expected 3"):
+        mf.sentence_spans(x, 3)
+
+
+def test_no_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("music", "pink_noise", "babble", "silence", "nope"):
+        assert fixture_script(name) is None
+    assert fixture_script(fixtures_dir() / "speech_en_us.wav") is None  # a file by path
+    _write(tmp_path / "mine.wav", np.zeros(1600))
+    monkeypatch.setenv("PROBE_FIXTURES", str(tmp_path))
+    assert fixture_script("mine") is None  # a folder without scripts.json
+    assert fixture_script("speech_en_us") is None
+
+
+def test_broken_scripts_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROBE_FIXTURES", str(tmp_path))
+    (tmp_path / "scripts.json").write_text('{"a": {"sentences": [{"text": "x"}]}}')
+    with pytest.raises(ConfigError, match="cannot be read") as e:
+        fixture_script("a")
+    _one_sentence(e)
+    (tmp_path / "scripts.json").write_text(
+        '{"a": {"sentences": [{"text": "x", "start_s": 2, "end_s": 1}]}}'
+    )
+    with pytest.raises(ConfigError, match="bad span") as e:
+        fixture_script("a")
+    _one_sentence(e)

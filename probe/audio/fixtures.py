@@ -1,8 +1,12 @@
-"""Test audio: find the bundled fixtures and load WAV files as float32 mono, checked."""
+"""Test audio: find the bundled fixtures and load WAV files as float32 mono, checked; the speech
+fixtures' scripts (their sentences and where each lies in the file)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,22 @@ SPEECH_FIXTURES: tuple[str, ...] = (
     "speech_en_us_m5",
     "speech_en_klatt",
 )
+
+
+SCRIPTS_FILE = "scripts.json"
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One sentence of a fixture's script: its text and its span in the file, in seconds.
+
+    `start_s` is the sentence's first sample with |x| >= 1e-3 and `end_s` one past its last such
+    sample, both at the file's own rate (16 kHz), so `round(start_s * 16000)` is a sample index.
+    """
+
+    text: str
+    start_s: float
+    end_s: float
 
 
 def fixtures_dir() -> Path:
@@ -106,3 +126,30 @@ def load_fixture(
         known = ", ".join(list_fixtures()) or f"none found in {fixtures_dir()}"
         raise ConfigError(f"No audio fixture named {s!r}; known fixtures: {known}.")
     return load_wav(p, rate=rate, min_seconds=min_seconds)
+
+
+def fixture_script(name: str | os.PathLike[str]) -> tuple[Sentence, ...] | None:
+    """The sentences of the speech fixture `name`, from the fixture folder's scripts.json; None
+    for a fixture without a script (music, noise, silence) and for any file given by path."""
+    s = os.fspath(name)
+    if os.sep in s or "/" in s or Path(s).suffix:
+        return None
+    p = fixtures_dir() / SCRIPTS_FILE
+    if not p.is_file():
+        return None
+    try:
+        entry = json.loads(p.read_text(encoding="utf-8")).get(s)
+        if entry is None:
+            return None
+        sentences = tuple(
+            Sentence(str(d["text"]), float(d["start_s"]), float(d["end_s"]))
+            for d in entry["sentences"]
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        raise ConfigError(f"The fixture scripts in {p} cannot be read ({e!r}).") from None
+    for sentence in sentences:
+        if not (math.isfinite(sentence.end_s) and 0.0 <= sentence.start_s < sentence.end_s):
+            raise ConfigError(
+                f"The script of fixture {s} in {p} has a bad span for {sentence.text!r}."
+            )
+    return sentences
