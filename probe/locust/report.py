@@ -12,7 +12,14 @@ by the engine's registry). Entries, by request type and name:
   overloaded (probe.measure.health): unmeasured, not the hop's failure;
 - ``reply`` / ``voice`` (reply mode): one per utterance, response time = the voice-to-voice reply
   latency in ms (end of the utterance to the onset of the reply); an utterance with no reply
-  within the marker timeout is a failure.
+  within the marker timeout is a failure;
+- ``result`` / ``interim`` or ``final`` (text results, ``--results``): one per result, response
+  time = its result latency in ms (arrival minus the send time of the last audio it covers); a
+  result without offsets has no latency and fires nothing (the first one is logged, and all are
+  counted in the report and ``probe_results_total{offsets="no"}``);
+- ``conversation`` / *figure* (``first_interim``, ``final_delay``, ``barge_in``, ``clear``): one
+  per figure measured, response time in ms; one that never happened within the marker timeout is
+  a failure with its reason, the timeout as its response time.
 
 Exact values go to :class:`~probe.locust.hopstats.HopsStats` as well (every detection, every
 frame's lag). Session connect and stream entries are fired by the user, which knows the connect
@@ -21,15 +28,18 @@ time.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from probe.locust.hopstats import HopsStats
+from probe.measure.conversation import Figure, ResultTiming
 from probe.measure.observe import RunObserver
 from probe.measure.registry import Measurement, Missed
 
 __all__ = [
+    "ConversationMissed",
     "ForkFailed",
     "GeneratorOverloaded",
     "LocustReporter",
@@ -38,6 +48,8 @@ __all__ = [
     "SendLagWindow",
     "fire",
 ]
+
+log = logging.getLogger(__name__)
 
 LAG_WINDOW_FRAMES = 50
 
@@ -71,6 +83,11 @@ class NoReply(Exception):
     """The system did not answer an utterance within the marker timeout."""
 
 
+class ConversationMissed(Exception):
+    """A conversation figure never happened (an utterance never finalized, a bot never fell
+    silent or never sent ``clear``)."""
+
+
 class SendLagWindow:
     """Largest lag over each window of frames of one session."""
 
@@ -97,6 +114,7 @@ class LocustReporter(RunObserver):
         self.monotonic = monotonic
         self.marker_timeout_s = marker_timeout_s
         self._lag: dict[str, SendLagWindow] = {}
+        self.results_without_offsets = 0
 
     def _fire(self, kind: str, name: str, ms: float, exc: Exception | None) -> None:
         fire(self.events, kind, name, ms, exc)
@@ -127,6 +145,25 @@ class LocustReporter(RunObserver):
             self._fire("reply", "voice", self.marker_timeout_s * 1000.0, why)
         else:
             self._fire("reply", "voice", latency_s * 1000.0, None)
+
+    def result(self, r: ResultTiming) -> None:
+        if r.latency_s is None:
+            self.results_without_offsets += 1
+            if self.results_without_offsets == 1:
+                log.warning(
+                    "the target sends text results without offsets: their latency cannot be "
+                    "measured, so they make no Locust entries (counted in the report and in "
+                    "probe_results_total{offsets=\"no\"})"
+                )
+            return
+        self._fire("result", r.kind, max(0.0, r.latency_s) * 1000.0, None)
+
+    def figure(self, f: Figure) -> None:
+        if f.latency_s is None:
+            why = ConversationMissed(f.why or f"no {f.name} within {self.marker_timeout_s:g} s")
+            self._fire("conversation", f.name, self.marker_timeout_s * 1000.0, why)
+        else:
+            self._fire("conversation", f.name, max(0.0, f.latency_s) * 1000.0, None)
 
     def send_lag(self, session: str, lag_s: float) -> None:
         self.stats.add_send_lag(lag_s)
