@@ -13,6 +13,7 @@ from probe.canary.thresholds import (
     parse_thresholds,
 )
 from probe.errors import ConfigError
+from probe.measure.conversation import ConversationLog, Figure, ResultTiming, WordErrors
 
 
 def _summary(p50: float, p95: float, p99: float, count: int = 10) -> dict[str, Any]:
@@ -71,6 +72,18 @@ def _report(**over: Any) -> dict[str, Any]:
         ("sessions>=100%", "sessions", None, ">=", 100.0, None),
         ("hop=a.b-c_d markers>50%", "markers", None, ">", 50.0, "a.b-c_d"),
         ("mean>.5s", "latency", "mean", ">", 500.0, None),
+        ("result p95<300ms", "result", "p95", "<", 300.0, None),
+        ("result.p95<0.3s", "result", "p95", "<", 300.0, None),
+        ("result.interim p95<200ms", "result.interim", "p95", "<", 200.0, None),
+        ("result final p99 < 1s", "result.final", "p99", "<", 1000.0, None),
+        ("result.final.p99<1s", "result.final", "p99", "<", 1000.0, None),
+        ("first_interim p95<500ms", "first_interim", "p95", "<", 500.0, None),
+        ("final p99<1s", "final_delay", "p99", "<", 1000.0, None),
+        ("final_delay.p99<1s", "final_delay", "p99", "<", 1000.0, None),
+        ("barge_in p95<400ms", "barge_in", "p95", "<", 400.0, None),
+        ("clear p95<300ms", "clear", "p95", "<", 300.0, None),
+        ("wer<15%", "wer", None, "<", 15.0, None),
+        ("wer <= 0.15", "wer", None, "<=", 15.0, None),
     ],
 )
 def test_parse(
@@ -100,6 +113,13 @@ def test_parse(
         ("p95<-3ms", "0 or more"),
         ("p95 < fast", "not of the form"),
         ("model p95<250ms", "unknown metric 'model p95'"),
+        ("result p97<300ms", "unknown statistic 'p97' for result"),
+        ("result.partial p95<300ms", "unknown metric 'result.partial p95'"),
+        ("final p99<1", "needs a unit"),
+        ("hop=x result p95<1s", "does not apply to result"),
+        ("hop=x wer<15%", "does not apply to wer"),
+        ("wer<15", "fraction of 1"),
+        ("wer<15ms", "wer is a rate"),
     ],
 )
 def test_parse_errors_are_one_sentence(text: str, needle: str) -> None:
@@ -194,3 +214,88 @@ def test_format_verdict_is_compact_and_names_breaches() -> None:
     assert "canary: FAIL (1 breached)" in text
     assert "model" in text.splitlines()[2] and "9/10" in text.splitlines()[2]
     assert format_verdict(r, judge(r, [])).endswith("canary: PASS")
+
+
+def _conversation() -> dict[str, Any]:
+    """A conversation section as the registry's log makes it."""
+    log = ConversationLog()
+    for i, ms in enumerate((100, 120, 140, 160, 180)):
+        log.result(ResultTiming("s1", "interim", 1.0 + i, 1.0, ms / 1000.0, "the quick", 0))
+    for i, ms in enumerate((250, 400)):
+        log.result(ResultTiming("s1", "final", 5.0 + i, 5.0, ms / 1000.0, "the quick fox", 0))
+    log.result(ResultTiming("s1", "final", 9.0, None, None, "jumps", 1))
+    log.figure(Figure("s1", "first_interim", 0.5, 0.3, utterance=0))
+    log.figure(Figure("s1", "final_delay", 4.0, 0.8, utterance=0))
+    log.figure(Figure("s1", "final_delay", 8.0, None, "never finalized", 1))
+    log.word_errors(WordErrors("s1", 2, 20, "the quick fox", "the quick brown fox"))
+    log.word_errors(WordErrors("s2", 1, 20))
+    return log.report()
+
+
+def test_conversation_latencies_read_the_conversation_section() -> None:
+    r = _report(conversation=_conversation())
+    c = _check(r, "result.interim p50<200ms")
+    assert c.ok and c.value == pytest.approx(140.0)
+    assert "interim results' latency p50 over 5 samples" in c.detail
+    c = _check(r, "result.final max<300ms")
+    assert not c.ok and c.value == pytest.approx(400.0)
+    assert "1 result without offsets not timed" in c.detail
+    c = _check(r, "first_interim p95<500ms")
+    assert c.ok and c.value == pytest.approx(300.0)
+    # final = final_delay; the missed utterance is named, the check judged on what was measured.
+    for text in ("final p99<1s", "final_delay p99<1s"):
+        c = _check(r, text)
+        assert c.ok and c.value == pytest.approx(800.0), c.detail
+        assert "1 missed (never finalized: 1)" in c.detail
+    assert not _check(r, "final p99<0.5s").ok
+
+
+def test_result_pools_interim_and_final() -> None:
+    r = _report(conversation=_conversation())
+    # Mean and max pooled exactly; a percentile by the kind that makes the check harder.
+    assert _check(r, "result mean<1s").value == pytest.approx((700 + 650) / 7)
+    assert _check(r, "result max<1s").value == pytest.approx(400.0)
+    c = _check(r, "result p50<400ms")
+    assert c.ok and c.value == pytest.approx(325.0) and "the larger" in c.detail
+    c = _check(r, "result p50>100ms")
+    assert c.ok and c.value == pytest.approx(140.0) and "the smaller" in c.detail
+    assert not _check(r, "result p95<300ms").ok
+    # A pooled summary, where the report has one, is used as it is.
+    conv = _conversation()
+    conv["results"]["all"] = {"latency_ms": _summary(150, 290, 390, 7)}
+    c = _check(_report(conversation=conv), "result p95<300ms")
+    assert c.ok and c.value == 290
+    # Only one kind measured: that kind's figures, exactly.
+    log = ConversationLog()
+    log.result(ResultTiming("s", "final", 2.0, 1.9, 0.1, "x"))
+    c = _check(_report(conversation=log.report()), "result p99<300ms")
+    assert c.ok and c.value == pytest.approx(100.0)
+
+
+def test_wer_as_percent_or_fraction() -> None:
+    r = _report(conversation=_conversation())
+    c = _check(r, "wer<15%")
+    assert c.ok and c.value == pytest.approx(7.5)
+    assert "3 word errors in 40 script words over 2 sessions" in c.detail
+    assert _check(r, "wer<0.08").ok
+    assert not _check(r, "wer<0.05").ok
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["result p95<300ms", "result.interim p95<1s", "final p99<1s", "barge_in p95<1s",
+     "clear p95<1s", "first_interim p95<1s", "wer<15%"],
+)
+def test_conversation_thresholds_without_data_cannot_be_judged(text: str) -> None:
+    c = _check(_report(), text)
+    assert not c.ok and c.value is None
+    assert "cannot judge: no conversation timing was measured in this run" in c.detail
+    # A section with nothing for this figure: no samples (or no words), still a breach.
+    log = ConversationLog()
+    log.figure(Figure("s", "barge_in", 1.0, None, "the bot never fell silent"))
+    log.result(ResultTiming("s", "final", 2.0, None, None, "x"))
+    c = _check(_report(conversation=log.report()), text)
+    assert not c.ok and c.value is None and c.detail.startswith("cannot judge: ")
+    assert ("no final text was scored" if text.startswith("wer") else "has no samples") in c.detail
+    if text.startswith("barge_in"):
+        assert "1 missed (the bot never fell silent: 1)" in c.detail

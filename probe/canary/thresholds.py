@@ -9,16 +9,30 @@ Grammar (spaces around the operator are optional)::
                | "own." STAT              a hop's own latency (ms|s); needs hop=
                | "send_lag " STAT         frame send lag of the source (ms|s)
                | "reply " STAT            voice-to-voice reply latency (ms|s)
+               | "result " STAT           text results' latency, interim and final (ms|s)
+               | "result.interim " STAT   interim results' latency (ms|s)
+               | "result.final " STAT     final results' latency (ms|s)
+               | "first_interim " STAT    an utterance's speech start -> its first interim
+               | "final " STAT            an utterance's speech end -> its final (ms|s);
+                                          "final_delay " STAT is the same
+               | "barge_in " STAT         barge-in start -> the bot's audio silent (ms|s)
+               | "clear " STAT            barge-in start -> the bot's Twilio clear (ms|s)
+               | "wer"                    the run's word error rate: % or a fraction of 1
                | "markers"                detected / sent, in %, over all hops or hop=NAME
                | "sessions"               completed / started, in %
     STAT      := p50 | p90 | p95 | p99 | p999 | max | mean
     OP        := < | <= | > | >=
     UNIT      := ms | s | %
 
-``own``, ``send_lag`` and ``reply`` may be joined to the statistic by a space or a dot. A latency
-without ``hop=`` is end to end: the last hop of the report (pipeline order, ``return`` last). A
-threshold that cannot be evaluated (a hop never seen, no samples, no markers sent, no replies
-measured) is a breach with a message that says why, never a pass.
+Every word of a metric may be joined to the next by a space or a dot (``reply p99``,
+``reply.p99``, ``result.final p99``). A latency without ``hop=`` is end to end: the last hop of
+the report (pipeline order, ``return`` last). The conversation metrics (result .. wer) read the
+report's ``conversation`` section; ``result`` pools interim and final results, and where the
+report has only their separate summaries a percentile is judged by the one of the two that
+makes the check harder (the pooled one lies between them; mean and max are exact). A threshold
+that cannot be evaluated (a hop never seen, no samples, no markers sent, no replies or
+conversation figures measured, no words scored) is a breach with a message that says why, never
+a pass.
 """
 
 from __future__ import annotations
@@ -48,7 +62,7 @@ _HOP_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _RE = re.compile(
     r"""^\s*
     (?:hop=(?P<hop>\S*)\s+)?
-    (?P<metric>[A-Za-z_][A-Za-z0-9_]*(?:[ .]+[A-Za-z0-9_]+)?)
+    (?P<metric>[A-Za-z_][A-Za-z0-9_]*(?:[ .]+[A-Za-z0-9_]+){0,2})
     \s*(?P<op><=|>=|<|>|==|=)\s*
     (?P<value>[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)
     \s*(?P<unit>[A-Za-z%]*)\s*$""",
@@ -59,11 +73,32 @@ _GRAMMAR = "[hop=NAME ]METRIC OP VALUE[UNIT], e.g. 'hop=model p95<250ms' or 'mar
 # The implicit check a canary makes when no ``sessions`` threshold is given: the target is up.
 IMPLICIT_SESSIONS = "sessions>=100%"
 
+# Conversation latency metrics: the first word(s) -> Threshold.kind.
+_CONVERSATION = {
+    ("result",): "result",
+    ("result", "interim"): "result.interim",
+    ("result", "final"): "result.final",
+    ("first_interim",): "first_interim",
+    ("final",): "final_delay",
+    ("final_delay",): "final_delay",
+    ("barge_in",): "barge_in",
+    ("clear",): "clear",
+}
+_CONVERSATION_KINDS = frozenset(_CONVERSATION.values())
+_FIGURE_WHAT = {
+    "first_interim": "time to first interim",
+    "final_delay": "final delay",
+    "barge_in": "barge-in latency",
+    "clear": "barge-in clear",
+}
+
 
 @dataclass(frozen=True)
 class Threshold:
-    """One parsed threshold. ``kind`` is latency, own, send_lag, reply, markers or sessions;
-    ``stat`` the statistic for the latency kinds; ``limit`` is in ms for latencies, % otherwise."""
+    """One parsed threshold. ``kind`` is latency, own, send_lag, reply, markers, sessions, wer
+    or a conversation latency (result, result.interim, result.final, first_interim,
+    final_delay, barge_in, clear); ``stat`` the statistic for the latency kinds; ``limit`` is
+    in ms for latencies, % otherwise."""
 
     text: str
     kind: str
@@ -101,30 +136,48 @@ def parse_threshold(text: str) -> Threshold:
     stat: str | None
     if len(words) == 1 and words[0] in STATS:
         kind, stat = "latency", words[0]
-    elif len(words) == 1 and words[0] in ("markers", "sessions"):
+    elif len(words) == 1 and words[0] in ("markers", "sessions", "wer"):
         kind, stat = words[0], None
     elif len(words) == 2 and words[0] in ("own", "send_lag", "reply"):
         kind, stat = words[0], words[1]
-        if stat not in STATS:
-            raise ConfigError(
-                f"Threshold {shown!r}: unknown statistic {stat!r} for {kind}; "
-                f"use one of {', '.join(STATS)}."
-            )
+    elif len(words) >= 2 and tuple(words[:-1]) in _CONVERSATION:
+        kind, stat = _CONVERSATION[tuple(words[:-1])], words[-1]
     else:
         raise ConfigError(
             f"Threshold {shown!r}: unknown metric {metric.strip()!r}; use p50|p90|p95|p99|p999|"
-            "max|mean, own.p95, markers, sessions, 'send_lag p99' or 'reply p99'."
+            "max|mean, own.p95, markers, sessions, 'send_lag p99', 'reply p99', 'result p95', "
+            "'result.interim p95', 'result.final p99', 'first_interim p95', 'final p99', "
+            "'barge_in p95', 'clear p95' or wer."
+        )
+    if stat is not None and stat not in STATS:
+        raise ConfigError(
+            f"Threshold {shown!r}: unknown statistic {stat!r} for {kind}; "
+            f"use one of {', '.join(STATS)}."
         )
     if kind == "own" and hop is None:
         raise ConfigError(
             f"Threshold {shown!r}: own latency needs a hop, as in 'hop=NAME {metric}'."
         )
-    if kind in ("sessions", "send_lag", "reply") and hop is not None:
+    if (
+        kind in ("sessions", "send_lag", "reply", "wer") or kind in _CONVERSATION_KINDS
+    ) and hop is not None:
         raise ConfigError(f"Threshold {shown!r}: hop= does not apply to {kind}.")
     number = float(value)
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"Threshold {shown!r}: the value must be a finite number of 0 or more.")
-    if kind in ("markers", "sessions"):
+    if kind == "wer":
+        if unit not in ("%", ""):
+            raise ConfigError(
+                f"Threshold {shown!r}: wer is a rate; write it as a percentage or a fraction "
+                f"of 1, as in 'wer<15%' or 'wer<0.15', not with {unit!r}."
+            )
+        if unit == "" and number > 1:
+            raise ConfigError(
+                f"Threshold {shown!r}: a wer without % is a fraction of 1 (0.15 for 15%); "
+                f"write '{number:g}%' for a percentage."
+            )
+        limit = number if unit == "%" else number * 100.0
+    elif kind in ("markers", "sessions"):
         if unit != "%":
             raise ConfigError(
                 f"Threshold {shown!r}: {kind} is a percentage; write the value with %, "
@@ -216,6 +269,8 @@ def _measure(t: Threshold, report: Mapping[str, Any]) -> tuple[float | None, str
             where = f"to hop {t.hop!r}" if t.hop else "to any hop"
             return None, "%", f"no markers were sent {where}"
         return 100.0 * detected / sent, "%", f"{detected} of {sent} markers detected"
+    if t.kind == "wer" or t.kind in _CONVERSATION_KINDS:
+        return _measure_conversation(t, report)
     assert t.stat is not None
     summary: Mapping[str, Any] | None
     what: str
@@ -243,6 +298,72 @@ def _measure(t: Threshold, report: Mapping[str, Any]) -> tuple[float | None, str
         return None, "ms", f"{what} has no samples"
     n = int(summary["count"])
     return float(summary[t.stat]), "ms", f"{what} {t.stat} over {n} samples"
+
+
+def _measure_conversation(
+    t: Threshold, report: Mapping[str, Any]
+) -> tuple[float | None, str, str]:
+    """(value, unit, why-not) for a conversation threshold, from ``report["conversation"]``."""
+    unit = "%" if t.kind == "wer" else "ms"
+    conv = report.get("conversation")
+    if not conv:
+        return None, unit, "no conversation timing was measured in this run"
+    if t.kind == "wer":
+        wer = conv.get("wer") or {}
+        if wer.get("rate") is None:
+            return None, "%", "no final text was scored against a fixture's script"
+        n = len(wer.get("sessions") or [])
+        where = f" over {n} session{'s' if n != 1 else ''}" if n else ""
+        why = f"{wer.get('errors', 0)} word errors in {wer.get('words', 0)} script words{where}"
+        return 100.0 * float(wer["rate"]), "%", why
+    assert t.stat is not None
+    if t.kind.startswith("result"):
+        return _measure_results(t, conv.get("results") or {})
+    entry = conv.get(t.kind) or {}
+    summary = entry.get("latency_ms") or {}
+    what = _FIGURE_WHAT[t.kind]
+    missed = int(entry.get("missed") or 0)
+    missed_note = ""
+    if missed:
+        reasons = "; ".join(f"{why}: {n}" for why, n in (entry.get("missed_why") or {}).items())
+        missed_note = f", {missed} missed" + (f" ({reasons})" if reasons else "")
+    if not summary.get("count") or summary.get(t.stat) is None:
+        return None, "ms", f"{what} has no samples{missed_note}"
+    n = int(summary["count"])
+    return float(summary[t.stat]), "ms", f"{what} {t.stat} over {n} samples{missed_note}"
+
+
+def _measure_results(
+    t: Threshold, results: Mapping[str, Any]
+) -> tuple[float | None, str, str]:
+    assert t.stat is not None
+    kinds = [t.kind.split(".", 1)[1]] if "." in t.kind else ["interim", "final"]
+    what = f"{kinds[0]} results' latency" if len(kinds) == 1 else "results' latency"
+    unplaced = sum(int((results.get(k) or {}).get("without_offsets") or 0) for k in kinds)
+    plural = "s" if unplaced != 1 else ""
+    note = f", {unplaced} result{plural} without offsets not timed" if unplaced else ""
+    pooled = (results.get("all") or {}).get("latency_ms") if len(kinds) == 2 else None
+    summaries: list[Mapping[str, Any]] = (
+        [pooled] if pooled else [(results.get(k) or {}).get("latency_ms") or {} for k in kinds]
+    )
+    have = [s for s in summaries if s.get("count") and s.get(t.stat) is not None]
+    if not have:
+        return None, "ms", f"{what} has no samples{note}"
+    n = sum(int(s["count"]) for s in have)
+    values = [float(s[t.stat]) for s in have]
+    if len(have) == 1:
+        return values[0], "ms", f"{what} {t.stat} over {n} samples{note}"
+    if t.stat == "mean":
+        value = sum(float(s["mean"]) * int(s["count"]) for s in have) / n
+        return value, "ms", f"{what} mean over {n} samples{note}"
+    if t.stat == "max":
+        return max(values), "ms", f"{what} max over {n} samples{note}"
+    # Only the kinds' own percentiles are known; the pooled one lies between them.
+    harder = max(values) if t.op in ("<", "<=") else min(values)
+    bound = "the larger" if t.op in ("<", "<=") else "the smaller"
+    return harder, "ms", (
+        f"{what} {t.stat} over {n} samples, {bound} of interim's and final's{note}"
+    )
 
 
 def judge(
