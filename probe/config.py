@@ -54,6 +54,7 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
 DIALECTS = ("probe", "twilio")
+RESULT_PRESETS = ("seed", "deepgram", "generic")
 _HOP_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -333,11 +334,23 @@ OPTIONS: tuple[Option, ...] = (
            env="PROBE_REPLY", locust="reply"),
     Option("utterance", _number(above=0.0, least=0.5), 3.0, "seconds per utterance (reply)",
            env="PROBE_UTTERANCE_S", locust="utterance_s"),
-    Option("gap", _number(above=0.0, least=0.2), 3.0, "seconds of silence after each (reply)",
+    Option("gap", _number(above=0.0, least=0.2), 3.0, "seconds of silence after each (reply, results)",
            env="PROBE_GAP_S", locust="gap_s"),
     Option("reply_threshold", _number(above=-120.0, at_most=0.0), -40.0,
            "dBFS a reply must exceed (reply)", env="PROBE_REPLY_THRESHOLD",
            locust="reply_threshold_dbfs"),
+    Option("barge_in", _number(above=0.0, at_most=60.0), None,
+           "seconds into each reply to start speaking again, timing how fast the system "
+           "stops (reply)", env="PROBE_BARGE_IN", locust="barge_in_s"),
+    Option("results", _choice(RESULT_PRESETS), None,
+           "the target answers with JSON text results of this shape (seed, deepgram or "
+           "generic): send the fixture's sentences with gaps and time the results",
+           env="PROBE_RESULTS", locust="results"),
+    Option("result_fields", _text, None,
+           "key=value,... over the --results shape: kind, final, interim (values joined by a "
+           "vertical bar), "
+           "text, start, end, duration (dotted paths) and unit (s, ms or samples)",
+           env="PROBE_RESULT_FIELDS", locust="result_fields"),
     Option("json", _text, None, "write the JSON report here", scenario=False),
 )
 OPTION: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -372,6 +385,9 @@ class RunOptions:
     utterance: float = 3.0
     gap: float = 3.0
     reply_threshold: float = -40.0
+    barge_in: float | None = None
+    results: str | None = None
+    result_fields: str | None = None
     json: str | None = None
 
     @property
@@ -408,11 +424,25 @@ def run_options(options: Mapping[str, Any]) -> RunOptions:
     for o in OPTIONS:
         checked[o.name] = o.check(merged.get(o.name), o.flag)
     sink_tls(checked, "--sink-tls-cert", "--sink-tls-key")
+    conversation(checked)
     if checked.get("ca"):
         from probe.tls import client_context
 
         client_context(checked["ca"])
     return RunOptions(**checked)
+
+
+def conversation(opts: Mapping[str, Any]) -> None:
+    """One sentence when the conversation options do not fit together: ``barge_in`` needs
+    ``reply``; ``result_fields`` needs ``results`` and must parse over it."""
+    if opts.get("barge_in") is not None and not opts.get("reply"):
+        raise ConfigError("--barge-in times how a reply stops, so it needs --reply.")
+    if opts.get("result_fields") and not opts.get("results"):
+        raise ConfigError("--result-fields changes a --results shape, so it needs --results.")
+    if opts.get("results"):
+        from probe.measure.results import parse_shape
+
+        parse_shape(opts["results"], opts.get("result_fields"))
 
 
 def sink_tls(opts: Mapping[str, Any], cert_label: str, key_label: str) -> tuple[str, str] | None:

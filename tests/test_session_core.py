@@ -18,7 +18,8 @@ CTX = TraceContext("a" * 32, "b" * 16, 1)
 
 
 def _core(**kw: object) -> SessionCore:
-    cfg = SourceConfig(target="ws://127.0.0.1:1/{session}", duration_s=3.0, **kw)  # type: ignore[arg-type]
+    kw.setdefault("duration_s", 3.0)
+    cfg = SourceConfig(target="ws://127.0.0.1:1/{session}", **kw)  # type: ignore[arg-type]
     return SessionCore(cfg, "s-1", CTX, lambda i: session_payload(0xABCDEF, i))
 
 
@@ -86,3 +87,67 @@ def test_close_wording() -> None:
     assert core.incomplete(core.n_frames) is None
     assert core.incomplete(3) == f"stream ended after 3 of {core.n_frames} frames"
     assert core.connect_failed("HTTP 503") == "cannot connect to ws://127.0.0.1:1/s-1: HTTP 503"
+
+
+def test_results_mode_sends_whole_script_sentences_with_silent_gaps() -> None:
+    from probe.audio.fixtures import fixture_script
+
+    script = fixture_script("speech_en_us")
+    assert script
+    cfg = SourceConfig(target="ws://127.0.0.1:1/{session}", duration_s=12.0, results="generic",
+                       gap_s=1.0, rate=8000, encoding="mulaw")
+    core = SessionCore(cfg, "s-1", CTX, lambda i: session_payload(0xABCDEF, i))
+    texts = [u.text for u in core.utterances]
+    assert texts == [s.text for s in script][: len(texts)] and len(texts) >= 2
+    pcm = b"".join(bytes(core.message(n)) for n in range(core.n_frames))
+    x = decode(pcm, "mulaw")
+    for i, u in enumerate(core.utterances):
+        sentence = script[i % len(script)]
+        assert abs((u.end - u.start) - (sentence.end_s - sentence.start_s) * 8000) <= 1
+    for a, b in zip(core.utterances, core.utterances[1:], strict=False):
+        assert np.all(x[a.end : b.start] == 0)  # the gap after each is digital silence
+        assert b.start - a.end == 8000
+        assert x[a.end - 1] != 0 and x[a.start] != 0
+
+
+def test_a_barge_in_fills_the_gap_with_speech_from_the_requested_time() -> None:
+    core = _core(reply=True, utterance_s=1.0, gap_s=1.5, duration_s=4.0)
+    base = 50.0
+    sent = []
+    for n in range(core.n_frames):
+        if n == 60:  # 1.2 s: in the gap; the tap heard a reply onset and asks for 1.5 s
+            core.request_barge(base + 1.5)
+        msg = core.message(n)
+        s = core.sent(n, base + n * core.frame_s, 0.0)
+        sent.append((bytes(msg), s))
+    starts = [(n, s.barge) for n, (_, s) in enumerate(sent) if s.barge is not None]
+    assert len(starts) == 1
+    n0, (t0, t1) = starts[0]
+    assert n0 == 75 and abs(t0 - (base + 1.5)) < 1e-9
+    # It stops where the next utterance begins (2.5 s), 1 s of speech at most.
+    assert abs(t1 - (base + 2.5)) < 1e-9
+    x = decode(b"".join(m for m, _ in sent), "pcm_s16le")
+    assert np.all(x[int(1.0 * 16000) + 320 : int(1.5 * 16000)] == 0)
+    assert np.sqrt(np.mean(x[int(1.5 * 16000) : int(2.5 * 16000)] ** 2)) > 0.01
+
+
+def test_no_barge_in_over_the_probes_own_utterance() -> None:
+    core = _core(reply=True, utterance_s=1.0, gap_s=1.0, duration_s=3.0)
+    core.sent(0, 0.0, 0.0)
+    core.request_barge(0.5)
+    assert all(core.sent(n, n * core.frame_s, 0.0).barge is None
+               for n in range(1, core.n_frames) if core.message(n) is not None)
+
+
+def test_twilio_marks_are_answered_when_the_audio_before_them_has_played() -> None:
+    core = _core(dialect="twilio")
+    core.opening()
+    core.played(0.5, 10.0)  # half a second of the bot's audio arrived at 10.0
+    core.mark("reply-1", 10.01)
+    assert core.outgoing(10.2) == []
+    out = core.outgoing(10.5)
+    assert [json.loads(m)["mark"]["name"] for m in out] == ["reply-1"]
+    core.played(1.0, 11.0)
+    core.mark("reply-2", 11.0)
+    core.clear(11.3)  # queued audio dropped: pending marks are answered at once
+    assert [json.loads(m)["mark"]["name"] for m in core.outgoing(11.3)] == ["reply-2"]

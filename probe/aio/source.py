@@ -135,6 +135,8 @@ async def run_session(
                 await asyncio.sleep(delay)
             if receiving.done():
                 break
+            for owed in rec.outgoing(clock()):
+                await ws.send(owed)
             lag = loop.time() - due
             sent_at = clock()
             await ws.send(core.message(n))
@@ -142,8 +144,7 @@ async def run_session(
             core.prepare(n + 1)
         if not receiving.done():
             await ws.send(core.closing())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(receiving), timeout=cfg.drain_s)
+            await _drain(receiving, rec, cfg)
         if receiving.done() and receiving.exception() is None:
             closed = receiving.result()
             if closed is not None:
@@ -161,6 +162,26 @@ async def run_session(
         result.error = core.incomplete(rec.frames_sent)
     registry.close_session(session, error=result.error)
     return result
+
+
+async def _drain(
+    receiving: asyncio.Task[tuple[int, str] | None], rec: SessionRecorder, cfg: SourceConfig
+) -> None:
+    """After ``stop``: wait ``drain_s`` for the target to close, or, while text results are
+    still owed (an utterance without its final), up to ``settle_s``."""
+    if rec.results is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(receiving), timeout=cfg.drain_s)
+        return
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not receiving.done():
+        waited = loop.time() - start
+        limit = max(cfg.drain_s, cfg.settle_s)
+        if waited >= limit or rec.settled():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(receiving), timeout=min(0.05, limit - waited))
 
 
 async def _receive(

@@ -146,6 +146,8 @@ def run_session(
                 gevent.sleep(delay)
             if receiving.ready():
                 break
+            for owed in rec.outgoing(clock()):
+                ws.send(owed)
             message = core.message(n)
             lag = monotonic() - due
             sent_at = clock()
@@ -154,7 +156,7 @@ def run_session(
             core.prepare(n + 1)
         if not receiving.ready():
             ws.send(core.closing())
-            receiving.join(timeout=cfg.drain_s)
+            _drain(receiving, rec, cfg, monotonic)
         if receiving.ready() and receiving.successful():
             closed: tuple[int, str] | None = receiving.value
             if closed is not None:
@@ -181,6 +183,22 @@ def run_session(
     registry.close_session(session, error=out.error)
     out.duration_s = monotonic() - t_begin
     return out
+
+
+def _drain(receiving: Any, rec: SessionRecorder, cfg: SourceConfig,
+           monotonic: Callable[[], float]) -> None:
+    """After ``stop``: wait ``drain_s`` for the target to close, or, while text results are
+    still owed, up to ``settle_s``."""
+    if rec.results is None:
+        receiving.join(timeout=cfg.drain_s)
+        return
+    start = monotonic()
+    while not receiving.ready():
+        waited = monotonic() - start
+        limit = max(cfg.drain_s, cfg.settle_s)
+        if waited >= limit or rec.settled():
+            return
+        receiving.join(timeout=min(0.05, limit - waited))
 
 
 def _inline(fn: Callable[..., object], *args: object) -> None:

@@ -30,7 +30,7 @@ from gevent.pool import Group
 from locust import User, constant, task
 from locust.exception import StopUser
 
-from probe.config import OPTIONS, count_env, locust_env, positive_env
+from probe.config import OPTIONS, conversation, count_env, locust_env, positive_env
 from probe.errors import ConfigError
 from probe.locust.plugin import engine_of
 from probe.locust.report import fire
@@ -68,6 +68,11 @@ class AudioProbeUser(User):
     utterance_s: ClassVar[float] = 3.0
     gap_s: ClassVar[float] = 3.0
     reply_threshold_dbfs: ClassVar[float] = -40.0
+    # Barge-in (reply mode): seconds into each reply to speak again (see probe run --barge-in).
+    barge_in_s: ClassVar[float | None] = None
+    # Text results: the target's JSON result shape (see probe run --results).
+    results: ClassVar[str | None] = None
+    result_fields: ClassVar[str | None] = None
     meta: ClassVar[dict[str, str]] = {}
     # CA bundle (PEM) a wss:// host is checked against; None: the system's trust store.
     ca_file: ClassVar[str | None] = None
@@ -89,6 +94,7 @@ class AudioProbeUser(User):
             engine = engine_of(self.environment)
             names = {o.locust for o in OPTIONS if o.locust}
             o = locust_env(os.environ, {n: getattr(self, n) for n in names if hasattr(self, n)})
+            conversation(o)
             self._source = SourceConfig(
                 target=host,
                 dialect=o["dialect"],
@@ -106,6 +112,10 @@ class AudioProbeUser(User):
                 utterance_s=o["utterance"],
                 gap_s=o["gap"],
                 reply_threshold_dbfs=o["reply_threshold"],
+                barge_in_s=o.get("barge_in"),
+                results=o.get("results"),
+                result_fields=o.get("result_fields"),
+                settle_s=engine.cfg.marker_timeout_s,
                 ca_file=o.get("ca"),
             )
         return self._source

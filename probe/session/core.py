@@ -21,15 +21,21 @@ direction's detection stream and the reply-mode tap. It keeps no locks and start
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from probe.audio.formats import Encoding, decode
+import numpy as np
+
+from probe.audio.formats import Encoding, decode, encode
+from probe.measure.barge import BargeDone, BargeTracker
+from probe.measure.conversation import Figure, ResultTiming
 from probe.measure.latency import RETURN_HOP
 from probe.measure.registry import SessionRegistry
 from probe.measure.reply import ReplyTracker
+from probe.measure.results import Malformed, ResultTracker, Utterance, parse_shape
 from probe.protocol import (
     Audio,
     AudioFormat,
@@ -41,8 +47,8 @@ from probe.protocol import (
     TraceContext,
     to_json,
 )
-from probe.protocol.twilio import TwilioReturnReceiver, TwilioSender
-from probe.session.frames import SessionFrames, positions_in, shared_carrier
+from probe.protocol.twilio import Clear, Mark, TwilioReturnReceiver, TwilioSender
+from probe.session.frames import SessionFrames, carrier, positions_in, shared_carrier
 from probe.watermark.design import DEFAULT_EVERY_S, DEFAULT_LEVEL_DB
 from probe.watermark.embed import marker_positions
 
@@ -87,6 +93,15 @@ class SourceConfig:
     utterance_s: float = 3.0
     gap_s: float = 3.0
     reply_threshold_dbfs: float = -40.0
+    # Barge-in (reply mode): start speaking again this many seconds into each reply.
+    barge_in_s: float | None = None
+    # Text results (a speech-to-text target): the preset shape of its JSON results and the
+    # fields given over it (probe.measure.results.parse_shape). The stream is then the
+    # fixture script's whole sentences, each followed by gap_s of silence.
+    results: str | None = None
+    result_fields: str | None = None
+    # How long a session waits, after its last frame, for what it is still owed (finals).
+    settle_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.dialect == "twilio" and (self.rate != 8000 or self.encoding != "mulaw"):
@@ -107,12 +122,19 @@ def target_url(template: str, session: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Sent:
     """What handing frame ``n`` to the socket means: its lag (actual minus due), the markers it
-    carried (index, send time) and the utterances that ended in it (end time)."""
+    carried (index, send time), the utterances that ended in it (end time), its first sample's
+    send time ``at``, and, when a barge-in starts in it, the barge-in's (start, end) times."""
 
     n: int
     lag: float
     markers: tuple[tuple[int, float], ...] = ()
     utterance_ends: tuple[float, ...] = ()
+    at: float = 0.0
+    barge: tuple[float, float] | None = None
+
+
+# Seconds of speech the probe barges in with.
+BARGE_S = 1.0
 
 
 class SessionCore:
@@ -132,15 +154,20 @@ class SessionCore:
         self.trace = trace
         self.url = target_url(cfg.target, session)
         self.audio = AudioFormat(cfg.encoding, cfg.rate, 1)
-        turns = (cfg.utterance_s, cfg.gap_s) if cfg.reply else None
+        turns = (cfg.utterance_s, cfg.gap_s) if cfg.reply and not cfg.results else None
         shared = shared_carrier(
-            cfg.fixture, cfg.rate, cfg.duration_s, cfg.encoding, cfg.level_db, turns
+            cfg.fixture, cfg.rate, cfg.duration_s, cfg.encoding, cfg.level_db, turns,
+            cfg.gap_s if cfg.results else None,
         )
         positions = (
             positions_in(shared.spans, cfg.rate, cfg.every_s)
-            if cfg.reply
+            if cfg.reply or cfg.results
             else marker_positions(len(shared.samples), cfg.rate, every_s=cfg.every_s)
         )
+        self.utterances = [
+            Utterance(a, b, shared.texts[i] if i < len(shared.texts) else None)
+            for i, (a, b) in enumerate(shared.spans)
+        ]
         payloads = [payload_for(i) for i in range(len(positions))]
         self.frame_len = max(1, int(round(cfg.frame_ms * cfg.rate / 1000)))
         self.frame_s = self.frame_len / cfg.rate
@@ -165,6 +192,15 @@ class SessionCore:
                 stream_sid, call_sid, session, trace, sink=cfg.sink_url, meta=cfg.meta or None
             )
         self.returns = ReturnSide(self.audio, self.twilio.stream_sid if self.twilio else None)
+        # The run clock's time frame 0 was due (known from the first send).
+        self._t0: float | None = None
+        # Barge-in: the time the tap asked for one, and the frames it takes [n0, n1).
+        self._barge_req: float | None = None
+        self._barge: tuple[int, int] | None = None
+        self._barge_pcm = b""
+        # Twilio marks the system sent, answered when the audio before them has played.
+        self._playout_end = -math.inf
+        self._marks: list[tuple[float, str]] = []
 
     # -- what to send -----------------------------------------------------------------------
 
@@ -183,8 +219,77 @@ class SessionCore:
 
     def message(self, n: int) -> bytes | str:
         """The message carrying frame ``n`` (``n`` increasing)."""
-        pcm = self.frames.frame(n)
+        pcm = self._barge_frame(n)
+        if pcm is None:
+            pcm = self.frames.frame(n)
         return self.twilio.media(pcm) if self.twilio is not None else pcm
+
+    # -- barge-in ---------------------------------------------------------------------------
+
+    def request_barge(self, at: float) -> None:
+        """Start speaking again at ``at`` (run clock), if the stream is in a gap then. Safe to
+        call from another thread than the one sending (it only sets one attribute)."""
+        self._barge_req = at
+
+    def _barge_frame(self, n: int) -> bytes | None:
+        if self._barge_req is not None and self._t0 is not None:
+            at, self._barge_req = self._barge_req, None
+            self._plan_barge(max(n, math.ceil((at - self._t0) / self.frame_s - 1e-9)))
+        b = self._barge
+        if b is None or not b[0] <= n < b[1]:
+            return None
+        step = self.frame_len * self.frames.shared.width
+        at = (n - b[0]) * step
+        return self._barge_pcm[at : at + step]
+
+    def _plan_barge(self, n0: int) -> None:
+        """Barge in from frame ``n0`` for BARGE_S, inside the silent gap it falls in."""
+        shared = self.frames.shared
+        a = n0 * self.frame_len
+        nxt = len(shared.samples)
+        for start, stop in shared.spans:
+            if start <= a < stop + self.frame_len:
+                return  # the probe is still speaking: no barge-in over its own utterance
+            if start > a:
+                nxt = start
+                break
+        n1 = min(n0 + int(round(BARGE_S / self.frame_s)), nxt // self.frame_len)
+        if n1 <= n0:
+            return
+        # Unmarked speech from the first utterance (or the start of the carrier).
+        s0 = shared.spans[0][0] if shared.spans else 0
+        clip = carrier(self.cfg.fixture, self.cfg.rate, self.cfg.duration_s)[0]
+        need = (n1 - n0) * self.frame_len
+        speech = clip[s0 : s0 + need]
+        if len(speech) < need:
+            speech = np.concatenate([speech, np.zeros(need - len(speech), np.float32)])
+        self._barge_pcm = encode(speech, self.cfg.encoding)
+        self._barge = (n0, n1)
+
+    # -- Twilio marks -----------------------------------------------------------------------
+
+    def played(self, seconds: float, arrival: float) -> None:
+        """Returned audio of ``seconds`` arrived: it plays after what is queued."""
+        self._playout_end = max(self._playout_end, arrival) + seconds
+
+    def mark(self, name: str, arrival: float) -> None:
+        """The system sent a ``mark``: answer it once the audio before it has played."""
+        self._marks.append((max(arrival, self._playout_end), name))
+
+    def clear(self, arrival: float) -> None:
+        """The system sent ``clear``: queued audio is dropped, pending marks answered now."""
+        self._playout_end = arrival
+        self._marks = [(arrival, name) for _, name in self._marks]
+
+    def outgoing(self, now: float) -> list[str]:
+        """Messages due to the system by ``now`` (Twilio: answers to its marks)."""
+        if not self._marks or self.twilio is None:
+            return []
+        due = [name for t, name in self._marks if t <= now]
+        if not due:
+            return []
+        self._marks = [(t, name) for t, name in self._marks if t > now]
+        return [self.twilio.mark(name) for name in due]
 
     def prepare(self, n: int) -> None:
         """Make frame ``n``'s marked audio ahead of its due time (call right after a send)."""
@@ -198,10 +303,15 @@ class SessionCore:
         """Frame ``n`` was handed to the socket at ``sent_at`` (run clock), ``lag`` late."""
         lag = max(0.0, lag)
         t_frame = sent_at - lag if from_intended else sent_at
+        if self._t0 is None:
+            self._t0 = sent_at - lag - n * self.frame_s
         rate = self.cfg.rate
         marks = tuple((i, t_frame + off / rate) for i, off in self._markers.get(n, ()))
         ends = tuple(t_frame + off / rate for off in self._ends.get(n, ()))
-        return Sent(n, lag, marks, ends)
+        barge = None
+        if self._barge is not None and self._barge[0] == n:
+            barge = (t_frame, t_frame + (self._barge[1] - n) * self.frame_s)
+        return Sent(n, lag, marks, ends, t_frame, barge)
 
     def closing(self) -> str:
         """The message that ends the stream."""
@@ -256,16 +366,17 @@ class Violation:
 
 
 class ReturnSide:
-    """The return direction of either dialect, as audio, format changes and violations."""
+    """The return direction of either dialect, as audio, format changes, Twilio marks and
+    clears, and violations."""
 
     def __init__(self, audio: AudioFormat, twilio_sid: str | None) -> None:
         self._plain = ReturnReceiver(audio)
         self._twilio = TwilioReturnReceiver(twilio_sid) if twilio_sid is not None else None
         self.audio_format = audio
 
-    def receive(self, frame: bytes | str) -> list[Audio | AudioFormat | Violation]:
-        """One message back: its audio, a new audio format (probe dialect ``started``), or
-        why it broke the protocol."""
+    def receive(self, frame: bytes | str) -> list[Audio | AudioFormat | Mark | Clear | Violation]:
+        """One message back: its audio, a new audio format (probe dialect ``started``), a
+        Twilio ``mark`` or ``clear``, or why it broke the protocol."""
         try:
             if self._twilio is not None:
                 events: list[object] = list(
@@ -281,9 +392,9 @@ class ReturnSide:
                 )
         except ProtocolViolation as exc:
             return [Violation(exc.reason)]
-        out: list[Audio | AudioFormat | Violation] = []
+        out: list[Audio | AudioFormat | Mark | Clear | Violation] = []
         for ev in events:
-            if isinstance(ev, Audio):
+            if isinstance(ev, (Audio, Mark, Clear)):
                 out.append(ev)
             elif isinstance(ev, Started) and self._twilio is None:
                 self.audio_format = self._plain.audio_format
@@ -301,15 +412,37 @@ class DetectStream(Protocol):
 
 class ReplyTap:
     """Voice-to-voice timing of one session (reply mode): utterance ends and reply audio into
-    one :class:`ReplyTracker`, each answer (or its absence) into the registry. Not thread-safe:
-    the shells call it from one thread (the detection worker, or the greenlets' hub)."""
+    one :class:`ReplyTracker`, each answer (or its absence) into the registry; with barge-in,
+    each reply's onset asks ``core`` to barge in ``barge_in_s`` later and a
+    :class:`~probe.measure.barge.BargeTracker` times how the bot stops. Not thread-safe: the
+    shells call it from one thread (the detection worker, or the greenlets' hub)."""
 
-    def __init__(self, registry: SessionRegistry, session: str, threshold_dbfs: float) -> None:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        session: str,
+        threshold_dbfs: float,
+        *,
+        core: SessionCore | None = None,
+        barge_in_s: float | None = None,
+    ) -> None:
         self.tracker = ReplyTracker(
             threshold_dbfs=threshold_dbfs, max_wait_s=registry.marker_timeout
         )
         self.registry = registry
         self.session = session
+        self.core = core
+        self.barge_in_s = barge_in_s
+        self.barge = (
+            BargeTracker(
+                session,
+                threshold_dbfs=threshold_dbfs,
+                timeout_s=registry.marker_timeout,
+                expect_clear=core is not None and core.twilio is not None,
+            )
+            if barge_in_s is not None
+            else None
+        )
 
     def utterance_end(self, t: float) -> None:
         self.tracker.utterance_end(self.session, t)
@@ -323,8 +456,36 @@ class ReplyTap:
         self.tracker.feed(self.session, samples, fmt.sample_rate, arrival)
         for end, latency in self.tracker.answers[seen:]:
             self.registry.record_reply(self.session, end, latency)
+            if self.barge_in_s is not None and self.core is not None:
+                self.core.request_barge(end + latency + self.barge_in_s)
+        if self.barge is not None:
+            self._tell(self.barge.feed(samples, fmt.sample_rate, arrival))
+
+    def barged(self, t0: float, t1: float) -> None:
+        """The probe's barge-in speech went out from ``t0`` to ``t1``."""
+        if self.barge is not None:
+            self._tell(self.barge.barge(t0, t1))
+        # The barge-in is an utterance too: the bot's answer to it is a reply.
+        self.tracker.utterance_end(self.session, t1)
+
+    def clear(self, arrival: float) -> None:
+        if self.barge is not None:
+            self._tell(self.barge.clear(arrival))
+
+    def tick(self, now: float) -> None:
+        if self.barge is not None and self.barge.active:
+            self._tell(self.barge.tick(now))
+
+    def _tell(self, events: list[Figure | BargeDone]) -> None:
+        for ev in events:
+            if isinstance(ev, Figure):
+                self.registry.record_figure(ev)
+            else:
+                self.registry.record_barge_in(ev.session, talked_over=ev.talked_over)
 
     def close(self) -> None:
+        if self.barge is not None:
+            self._tell(self.barge.close())
         self.tracker.close(self.session)
         for m in self.tracker.expire(float("inf")):
             self.registry.record_reply(self.session, m.utterance_end, None)
@@ -332,7 +493,9 @@ class ReplyTap:
 
 class SessionRecorder:
     """What a session's sends and messages back mean, applied to the registry, the return
-    direction's detection stream and, in reply mode, the reply tap (run through ``run``)."""
+    direction's detection stream, in reply mode the reply tap (run through ``run``), and with
+    text results the session's :class:`~probe.measure.results.ResultTracker` (inline: parsing a
+    result is cheap)."""
 
     def __init__(
         self,
@@ -347,9 +510,27 @@ class SessionRecorder:
         self._run = run
         cfg = core.cfg
         self.tap = (
-            ReplyTap(registry, core.session, cfg.reply_threshold_dbfs) if cfg.reply else None
+            ReplyTap(
+                registry, core.session, cfg.reply_threshold_dbfs,
+                core=core, barge_in_s=cfg.barge_in_s,
+            )
+            if cfg.reply
+            else None
+        )
+        self.results = (
+            ResultTracker(
+                core.session,
+                shape=parse_shape(cfg.results, cfg.result_fields),
+                rate=cfg.rate,
+                frame_len=core.frame_len,
+                utterances=core.utterances,
+                timeout_s=registry.marker_timeout,
+            )
+            if cfg.results
+            else None
         )
         self._heard = False
+        self._barging = False
         self.frames_sent = 0
 
     def sent(self, n: int, sent_at: float, lag: float, *, from_intended: bool = False) -> Sent:
@@ -359,19 +540,54 @@ class SessionRecorder:
         self.registry.record_send_lag(session, s.lag)
         for index, t in s.markers:
             self.registry.record_send(session, index, t)
+        if self.results is not None:
+            self.results.frame_sent(n, s.at)
         if self.tap is not None:
             for t in s.utterance_ends:
                 self._run(self.tap.utterance_end, t)
+            if s.barge is not None:
+                self._barging = True
+                self._run(self.tap.barged, *s.barge)
+            if self._barging:
+                self._run(self.tap.tick, sent_at)
         return s
+
+    def outgoing(self, now: float) -> list[str]:
+        """Messages owed to the system by ``now`` (answers to Twilio marks)."""
+        return self.core.outgoing(now)
+
+    def settled(self) -> bool:
+        """Nothing more is owed by the system (every utterance sent whole has its final)."""
+        return self.results is None or self.results.settled()
 
     def received(self, frame: bytes | str, arrival: float) -> None:
         session = self.core.session
+        if self.results is not None and not isinstance(frame, bytes):
+            found = self.results.receive(frame, arrival)
+            for r in found:
+                if isinstance(r, ResultTiming):
+                    self.registry.record_result(r)
+                elif isinstance(r, Figure):
+                    self.registry.record_figure(r)
+                else:
+                    self.registry.record_malformed_result(session, r.reason)
+            if any(isinstance(r, (ResultTiming, Malformed)) for r in found):
+                return
         for ev in self.core.returns.receive(frame):
             if isinstance(ev, Violation):
                 self.registry.hop_error(RETURN_HOP, session, ev.reason)
             elif isinstance(ev, AudioFormat):
                 self.stream.set_format(ev)
+            elif isinstance(ev, Mark):
+                self.core.mark(ev.name, arrival)
+                self.registry.record_bot_mark(session)
+            elif isinstance(ev, Clear):
+                self.core.clear(arrival)
+                if self.tap is not None:
+                    self._run(self.tap.clear, arrival)
             else:
+                fmt = self.core.returns.audio_format
+                self.core.played(len(ev.data) / fmt.frame_width / fmt.sample_rate, arrival)
                 if self.tap is None:
                     if not self._heard:
                         # Audio comes back, so the return direction owes every marker.
@@ -379,11 +595,18 @@ class SessionRecorder:
                         self.registry.hop_connected(RETURN_HOP, session)
                 else:
                     # A reply in the system's own voice: timed by the tap, not as a hop.
-                    self._run(self.tap.feed, self.core.returns.audio_format, ev.data, arrival)
+                    self._run(self.tap.feed, fmt, ev.data, arrival)
                 self.stream.feed(ev.data, arrival)
 
     def close(self) -> None:
-        """The stream is over: the detection stream ends and pending replies settle."""
+        """The stream is over: the detection stream ends, pending replies and results
+        settle."""
         self.stream.close()
         if self.tap is not None:
             self._run(self.tap.close)
+        if self.results is not None:
+            figures, words = self.results.close()
+            for f in figures:
+                self.registry.record_figure(f)
+            if words is not None:
+                self.registry.record_word_errors(words)

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from probe.audio.fixtures import load_fixture
+from probe.audio.fixtures import fixture_script, load_fixture
 from probe.audio.formats import Encoding, bytes_per_sample, encode
 from probe.watermark.design import MARKER_S, Float32Array, marker_waveform
 from probe.watermark.embed import Placement, active_rms, marker_amplitude
@@ -32,6 +32,7 @@ __all__ = [
     "SharedCarrier",
     "carrier",
     "positions_in",
+    "sentence_layout",
     "shared_carrier",
     "turn_layout",
 ]
@@ -71,6 +72,33 @@ def turn_layout(
     return out, ends, spans
 
 
+def sentence_layout(
+    samples: Float32Array, rate: int, sentences: Sequence[tuple[int, int, str]], n: int,
+    gap_s: float,
+) -> tuple[Float32Array, list[int], list[tuple[int, int]], list[str]]:
+    """``n`` samples of whole sentences of ``samples`` (``(start, stop, text)``, in order,
+    repeated), each followed by ``gap_s`` of digital silence; a sentence that would not fit
+    whole is left out (silence fills the rest).
+
+    Returns the audio, each sentence's end, its ``(start, stop)`` range and its text."""
+    g = max(0, int(round(gap_s * rate)))
+    out = np.zeros(n, dtype=np.float32)
+    ends: list[int] = []
+    spans: list[tuple[int, int]] = []
+    texts: list[str] = []
+    at = 0
+    while sentences:
+        for a, b, text in sentences:
+            if at + (b - a) > n:
+                return out, ends, spans, texts
+            out[at : at + b - a] = samples[a:b]
+            spans.append((at, at + b - a))
+            ends.append(at + b - a)
+            texts.append(text)
+            at += b - a + g
+    return out, ends, spans, texts
+
+
 def positions_in(spans: Sequence[tuple[int, int]], rate: int, every_s: float) -> list[int]:
     """Marker starts every ``every_s`` inside each speech span, wholly inside it."""
     length = int(round(MARKER_S * rate))
@@ -93,9 +121,11 @@ class SharedCarrier:
     encoding: Encoding
     width: int
     amp: np.float32
-    # Reply mode: where each utterance ends and the spans that hold speech (empty otherwise).
+    # Reply and results modes: where each utterance ends and the spans that hold speech
+    # (empty otherwise); results mode: each span's script (None when the fixture has none).
     ends: tuple[int, ...] = ()
     spans: tuple[tuple[int, int], ...] = ()
+    texts: tuple[str | None, ...] = ()
 
 
 @lru_cache(maxsize=16)
@@ -106,14 +136,32 @@ def shared_carrier(
     encoding: Encoding,
     level_db: float,
     turns: tuple[float, float] | None = None,
+    sentences_gap: float | None = None,
 ) -> SharedCarrier:
     """The carrier for sessions of this fixture, length, encoding and marker level, cut into
-    (utterance, gap) seconds turns when ``turns`` is given (cached)."""
+    (utterance, gap) seconds turns when ``turns`` is given, or into the fixture script's whole
+    sentences with ``sentences_gap`` seconds of silence after each when that is given and the
+    fixture has a script (cached)."""
     samples, ref_rms = carrier(fixture, rate, duration_s)
     ends: list[int] = []
     spans: list[tuple[int, int]] = []
-    if turns is not None:
-        samples, ends, spans = turn_layout(samples, rate, *turns)
+    texts: list[str | None] = []
+    script = fixture_script(fixture) if sentences_gap is not None else None
+    if script:
+        clip, _ = load_fixture(fixture, rate=rate)
+        cuts = [
+            (int(round(s.start_s * rate)), min(len(clip), int(round(s.end_s * rate))), s.text)
+            for s in script
+        ]
+        samples, ends, spans, said = sentence_layout(
+            np.asarray(clip, dtype=np.float32), rate, cuts, len(samples), sentences_gap or 0.0
+        )
+        texts = list(said)
+        samples.setflags(write=False)
+    elif turns is not None or sentences_gap is not None:
+        utterance, gap = turns if turns is not None else (3.0, sentences_gap or 0.0)
+        samples, ends, spans = turn_layout(samples, rate, utterance, gap)
+        texts = [None] * len(spans)
         samples.setflags(write=False)
     return SharedCarrier(
         samples=samples,
@@ -125,6 +173,7 @@ def shared_carrier(
         amp=np.float32(marker_amplitude(ref_rms, level_db)),
         ends=tuple(ends),
         spans=tuple(spans),
+        texts=tuple(texts),
     )
 
 
