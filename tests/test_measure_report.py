@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from probe.errors import ConfigError
+from probe.measure.conversation import Figure, ResultTiming, WordErrors
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import SCHEMA, build_report, format_table, load_report, write_report
 from probe.measure.stats import SUMMARY_KEYS
@@ -178,3 +179,49 @@ def test_an_interrupted_run_settles_what_is_pending_as_unmeasured() -> None:
                             "still open: 1; 2 markers still pending")
     whole = build_report(reg, target="ws://h/", started_at=0.0, duration_s=6.5)
     assert whole["interrupted"] is None and "INTERRUPTED" not in format_table(whole)
+
+
+def test_conversation_section_and_its_summary_lines() -> None:
+    reg = SessionRegistry(clock=FakeClock())
+    reg.open_session("s1")
+    for i, ms in enumerate((100, 200, 300)):
+        reg.record_result(ResultTiming("s1", "interim", 1.0 + i, 1.0, ms / 1000.0, "the", 0))
+    reg.record_result(ResultTiming("s1", "final", 4.0, 3.6, 0.4, "the quick brown fox", 0))
+    reg.record_result(ResultTiming("s1", "final", 6.0, None, None, "jumps", 1))
+    reg.record_malformed_result("s1", "not JSON")
+    reg.record_figure(Figure("s1", "first_interim", 0.5, 0.6, utterance=0))
+    reg.record_figure(Figure("s1", "final_delay", 3.6, 0.4, utterance=0))
+    reg.record_figure(Figure("s1", "final_delay", 5.6, None, "never finalized", 1))
+    reg.record_barge_in("s1", talked_over=True)
+    reg.record_barge_in("s1", talked_over=False)
+    reg.record_figure(Figure("s1", "barge_in", 7.0, 0.25))
+    reg.record_figure(Figure("s1", "barge_in", 9.0, None, "the bot never fell silent"))
+    reg.record_word_errors(WordErrors("s1", 1, 20, "the quick brown fox", "the quick brown fox."))
+    reg.close_session("s1")
+    report = build_report(reg, target="t", started_at=0.0, duration_s=10.0)
+    conv = report["conversation"]
+    assert conv["results"]["final"]["count"] == 2
+    assert conv["results"]["final"]["without_offsets"] == 1
+    assert conv["barge_in"]["talked_over"] == 1 and conv["wer"]["rate"] == 0.05
+    lines = format_table(report).splitlines()
+    assert "interim results (ms): p50 200.0, p95 290.0, p99 298.0, max 300.0 (n=3)" in lines
+    assert (
+        "final results (ms): p50 400.0, p95 400.0, p99 400.0, max 400.0 (n=1), "
+        "1 of 2 without offsets (not timed)" in lines
+    )
+    assert "malformed results: 1 (not JSON: 1)" in lines
+    assert "first interim (ms): p50 600.0, p95 600.0, p99 600.0, max 600.0 (n=1)" in lines
+    assert (
+        "final delay (ms): p50 400.0, p95 400.0, p99 400.0, max 400.0 (n=1), "
+        "1 missed (never finalized: 1)" in lines
+    )
+    assert (
+        "barge-in (ms): p50 250.0, p95 250.0, p99 250.0, max 250.0 (n=1), 2 barge-ins, "
+        "1 talked over, 1 missed (the bot never fell silent: 1)" in lines
+    )
+    assert "WER 5.0% (1 word error in 20 script words)" in lines
+    assert not any(line.startswith("clear") for line in lines)
+    # A run without conversation timing has neither the section nor the lines.
+    plain = build_report(run(), target="t", started_at=0.0, duration_s=5.0)
+    assert "conversation" not in plain
+    assert "results" not in format_table(plain) and "WER" not in format_table(plain)

@@ -202,9 +202,51 @@ def _line(name: str, summary: Mapping[str, Any]) -> str:
     return f"{name} (ms): {parts} (n={summary['count']})"
 
 
+def _conversation_lines(conv: Mapping[str, Any] | None) -> list[str]:
+    """The ``conversation`` section in a few lines: only what the run measured."""
+    if not conv:
+        return []
+    lines: list[str] = []
+    for kind, r in (conv.get("results") or {}).items():
+        if kind in ("interim", "final") and r.get("count"):
+            line = _line(f"{kind} results", r["latency_ms"])
+            if r.get("without_offsets"):
+                line += f", {r['without_offsets']} of {r['count']} without offsets (not timed)"
+            lines.append(line)
+    bad = conv.get("malformed_results") or {}
+    if bad:
+        why = ", ".join(f"{reason}: {n}" for reason, n in bad.items())
+        lines.append(f"malformed results: {sum(bad.values())} ({why})")
+    for name, label in (
+        ("first_interim", "first interim"),
+        ("final_delay", "final delay"),
+        ("barge_in", "barge-in"),
+        ("clear", "clear"),
+    ):
+        f = conv.get(name) or {}
+        attempts = int(f.get("attempts") or 0)
+        if not (f.get("latency_ms") or {}).get("count") and not f.get("missed") and not attempts:
+            continue
+        line = _line(label, f.get("latency_ms") or {})
+        if name == "barge_in":
+            line += f", {attempts} barge-ins, {f.get('talked_over', 0)} talked over"
+        if f.get("missed"):
+            why = "; ".join(f"{w}: {n}" for w, n in (f.get("missed_why") or {}).items())
+            line += f", {f['missed']} missed" + (f" ({why})" if why else "")
+        lines.append(line)
+    wer = conv.get("wer") or {}
+    if wer.get("rate") is not None:
+        errors = "word error" + ("" if wer["errors"] == 1 else "s")
+        lines.append(
+            f"WER {100.0 * wer['rate']:.1f}% ({wer['errors']} {errors} in {wer['words']} "
+            "script words)"
+        )
+    return lines
+
+
 def format_table(report: Mapping[str, Any]) -> str:
     """A plain-text table for people: per hop, cumulative and own latency (ms), marker counts and
-    the configured delay where known; then sessions, send lag and replies."""
+    the configured delay where known; then sessions, send lag, replies and conversation timing."""
     head = (
         "hop",
         "p50",
@@ -262,6 +304,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         if "reply_missed" in report:
             line += f", {report['reply_missed']} missed"
         lines.append(line)
+    lines.extend(_conversation_lines(report.get("conversation")))
     warning = overload_warning(report)
     if warning:
         lines[:0] = [warning, ""]
