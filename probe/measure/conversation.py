@@ -144,15 +144,21 @@ class ConversationLog:
 
     def report(self) -> dict[str, Any]:
         """The report's ``conversation`` section (docs/report.md)."""
+        results: dict[str, Any] = {
+            kind: {
+                "count": self.results_count[kind],
+                "without_offsets": self.results_unplaced[kind],
+                "latency_ms": summarize_ms(self.results.get(kind, [])),
+            }
+            for kind in RESULT_KINDS
+        }
+        results["all"] = {
+            "count": sum(self.results_count.values()),
+            "without_offsets": sum(self.results_unplaced.values()),
+            "latency_ms": summarize_ms(v for k in RESULT_KINDS for v in self.results.get(k, [])),
+        }
         out: dict[str, Any] = {
-            "results": {
-                kind: {
-                    "count": self.results_count[kind],
-                    "without_offsets": self.results_unplaced[kind],
-                    "latency_ms": summarize_ms(self.results.get(kind, [])),
-                }
-                for kind in RESULT_KINDS
-            },
+            "results": results,
             "malformed_results": dict(sorted(self.malformed.items())),
         }
         for name in FIGURES:
