@@ -11,6 +11,12 @@ truth the probe's measurements are checked against.
 - `resample`: a streaming resampler with a ~3 ms hold-back (soxr QQ + a Kaiser FIR). Pure.
 - `hop`: `HopCore`, one hop of one session, sans-I/O: bytes and arrival times in, timed
   emissions out. The timing rule lives here.
+- `stt`: `SpeechToTextCore`, the text hop (`name:DELAY:text...`, last hop only) of one session,
+  sans-I/O: a stand-in streaming speech-to-text service that recognises only the shipped
+  fixtures' script sentences; decoded samples and arrival times in, JSON text results with
+  their send times out (interims every 250 ms of an utterance, DELAY after the audio they cover
+  arrived; a final DELAY after the 250 ms endpoint; presets seed, deepgram, generic).
+  `configured_conversation(hops)` gives the figures a run through it should measure.
 - `server`: the asyncio shell, `ReferencePipeline` and `run_pipeline`.
 """
 
@@ -26,7 +32,13 @@ from probe.pipeline.server import (
     child_context,
     run_pipeline,
 )
-from probe.pipeline.spec import HopSpec, check_hops, format_hops, parse_hops
+from probe.pipeline.spec import HopSpec, TextSpec, check_hops, format_hops, parse_hops
+from probe.pipeline.stt import (
+    SentenceBank,
+    SpeechToTextCore,
+    TextResult,
+    configured_conversation,
+)
 
 __all__ = [
     "CLOSE_INTERNAL",
@@ -36,9 +48,14 @@ __all__ = [
     "HopSpec",
     "LowLatencyResampler",
     "ReferencePipeline",
+    "SentenceBank",
     "SpanRecord",
+    "SpeechToTextCore",
+    "TextResult",
+    "TextSpec",
     "check_hops",
     "child_context",
+    "configured_conversation",
     "format_hops",
     "output_format",
     "parse_hops",

@@ -27,6 +27,11 @@ stop), `close@S` (the session is torn down, ingress closed with 1011), `garbage`
 sends non-JSON and random bytes), `nofork`, `refuse` (1008 at start). A sink that cannot be
 reached, or drops a fork, costs only that fork: one warning per sink URL, and the session goes on.
 
+A text hop (`name:DELAY:text...`, last hop only; `stt.py` holds its rules) takes the place of
+the return: it consumes the audio that reaches it (no fork, no audio back) and sends its JSON
+results as text frames on the ingress connection at their due times, in either dialect; when
+the stream ends and its last result is out, it sends `stop` (probe dialect) and closes.
+
 Memory per session is bounded: each stage holds at most `MAX_PENDING` chunks (more means the
 client sends faster than real time; the excess is dropped with one warning).
 
@@ -55,16 +60,19 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
 from probe.aio.wsstamp import StampedServerConnection, server_factory
+from probe.audio.formats import decode
 from probe.config import parse_host_port
 from probe.errors import ConfigError, ProtocolError
 from probe.heap import TRIM_EVERY_S, collect_and_trim
 from probe.pipeline.hop import Emission, HopCore, output_format
 from probe.pipeline.spec import HopSpec, check_hops, parse_hops
+from probe.pipeline.stt import SentenceBank, SpeechToTextCore, TextResult
 from probe.protocol import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
     CLOSE_UNSUPPORTED,
     Audio,
+    AudioFormat,
     ForkStart,
     IngressReceiver,
     IngressStart,
@@ -315,7 +323,7 @@ class _Stage:
 
 
 class _Hop(_Stage):
-    def __init__(self, session: _Session, spec: HopSpec, core: HopCore, nxt: _Stage,
+    def __init__(self, session: _Session, spec: HopSpec, core: HopCore, nxt: _Stage | _Text,
                  fork: _Fork | None) -> None:
         super().__init__(session, spec.name, core)
         self.next = nxt
@@ -362,6 +370,66 @@ class _Return(_Stage):
             await self.ws.close(CLOSE_NORMAL)
 
 
+class _Text:
+    """The text hop of one session: a `SpeechToTextCore` fed the audio that reaches it, and the
+    task that sends its results on the ingress connection when due, then ends the connection."""
+
+    def __init__(self, session: _Session, spec: HopSpec, in_format: AudioFormat,
+                 ws: ServerConnection, twilio: bool) -> None:
+        assert spec.text is not None
+        self.session = session
+        self.name = spec.name
+        self.encoding = in_format.encoding
+        self.core = SpeechToTextCore(
+            spec.text, delay=spec.delay, rate=in_format.sample_rate,
+            bank=SentenceBank.shipped(in_format.sample_rate),
+            trace_id=session.start.traceparent.trace_id,
+        )
+        self.ws = ws
+        self.twilio = twilio
+        self._items: deque[TextResult | _End] = deque()
+        self._wake = asyncio.Event()
+        self._open = True
+
+    def feed(self, data: bytes, t: float) -> None:
+        self._enqueue(self.core.push(decode(data, self.encoding), t))
+
+    def end(self, t: float) -> None:
+        self._enqueue(self.core.finish(t))
+        self._items.append(_End(t))
+        self._wake.set()
+
+    def _enqueue(self, results: list[TextResult]) -> None:
+        if len(self._items) + len(results) > MAX_PENDING:
+            self.session.warn_once(f"text hop {self.name!r} holds {MAX_PENDING} results; "
+                                   "results dropped.")
+            results = results[: max(0, MAX_PENDING - len(self._items))]
+        self._items.extend(results)
+        if results:
+            self._wake.set()
+
+    async def run(self) -> None:
+        pipeline = self.session.pipeline
+        while True:
+            while not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+            item = self._items.popleft()
+            if isinstance(item, _End):
+                self.session.end_span(self.name, item.t, None)
+                with contextlib.suppress(ConnectionClosed):
+                    if self._open and not self.twilio:
+                        await self.ws.send(to_json(Stop()))
+                    await self.ws.close(CLOSE_NORMAL)
+                return
+            await _sleep_until(item.due, pipeline.clock, pipeline.spin)
+            if self._open:
+                try:
+                    await self.ws.send(item.message)
+                except ConnectionClosed:
+                    self._open = False
+
+
 class _Session:
     """One ingress stream through every hop."""
 
@@ -372,6 +440,7 @@ class _Session:
         self.start = start
         self.t0 = t0
         self.ended = False
+        self.text: _Text | None = None
         self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         sink = start.sink or pipeline.sink
@@ -407,10 +476,13 @@ class _Session:
             contexts.append(ctx)
             parent = ctx
         stages: list[_Hop] = []
-        nxt: _Stage = self.ret
+        nxt: _Stage | _Text = self.ret
         for i in reversed(range(len(pipeline.hops))):
             spec = pipeline.hops[i]
             seed = f"{base}/{i}/{spec.name}"
+            if spec.text is not None:  # the last hop (check_hops): results replace the return
+                nxt = self.text = _Text(self, spec, formats[i], ws, responder is not None)
+                continue
             fork = None
             if sink is not None and spec.fork:
                 if spec.garbage:
@@ -426,10 +498,10 @@ class _Session:
             nxt = _Hop(self, spec, core, nxt, fork)
             stages.append(nxt)
         self.hops = stages[::-1]
-        self.first: _Stage = nxt
+        self.first: _Stage | _Text = nxt
         self.forks = [h.fork for h in self.hops if h.fork is not None]
         self._fork_tasks = list(self._tasks)
-        self._spawn(self.ret.run())
+        self._spawn(self.ret.run() if self.text is None else self.text.run())
         for hop in self.hops:
             self._spawn(hop.run())
         closers = [h for h in pipeline.hops if h.close_at is not None]
@@ -575,6 +647,9 @@ class ReferencePipeline:
         """Listen on `host:port` (0: any free port); returns the ws:// URL actually bound."""
         if self._server is not None:
             raise ConfigError("This pipeline is already started; stop it first.")
+        if self.hops and self.hops[-1].text is not None:
+            for rate in (8000, 16000):  # load the text hop's sentences before any session waits
+                SentenceBank.shipped(rate)
         try:
             self._server = await serve(self._handler, host, port, compression=None,
                                        create_connection=server_factory(self.clock),

@@ -15,6 +15,19 @@ A spec is comma-separated hops, each `name:delay[:option]...`:
   `refuse` (ingress closes with 1008 at start; first hop only). `S` takes `ms` or `s`, seconds if
   bare.
 
+A text hop (last hop only) stands in for a streaming speech-to-text service: it consumes the
+audio that reaches it and sends JSON text results on the client connection (see `stt.py`):
+
+    name:DELAY:text[=seed|deepgram|generic][:every=DUR][:endpoint=DUR][:nooffsets][:nofinal][:badjson]
+
+- `text=PRESET`: the JSON shape of its results (default `seed`); `every=DUR` (default 250ms): an
+  interim result per that much of an utterance's audio; `endpoint=DUR` (default 250ms): the
+  non-speech that ends an utterance. An interim is sent DELAY after the audio it covers up to
+  arrived, a final DELAY after the endpoint. `DELAY` is a plain delay (no jitter or step).
+- faults: `nooffsets` (results carry no offsets), `nofinal` (no final results), `badjson` (every
+  third result is not valid JSON).
+- a text hop takes no audio options (it emits no audio, so it has no fork either).
+
 Every mistake raises `ConfigError` with one sentence naming the piece that is wrong.
 """
 
@@ -28,9 +41,24 @@ from typing import Literal
 
 from probe.errors import ConfigError
 
-__all__ = ["MAX_DELAY", "Codec", "HopSpec", "check_hops", "format_hops", "parse_hops"]
+__all__ = [
+    "MAX_DELAY",
+    "TEXT_PRESETS",
+    "Codec",
+    "HopSpec",
+    "TextPreset",
+    "TextSpec",
+    "check_hops",
+    "format_hops",
+    "parse_hops",
+]
 
 Codec = Literal["mulaw", "alaw"]
+TextPreset = Literal["seed", "deepgram", "generic"]
+TEXT_PRESETS: tuple[TextPreset, ...] = ("seed", "deepgram", "generic")
+_TEXT_DEFAULT_EVERY = 0.25
+_TEXT_DEFAULT_ENDPOINT = 0.25
+_TEXT_MIN_DUR = 0.01
 
 MAX_DELAY = 60.0  # seconds; bounds the audio a hop holds per session
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -44,6 +72,41 @@ def _fmt(seconds: float) -> str:
     if ms >= 1000.0 and float(ms).is_integer() and int(ms) % 1000 == 0:
         return f"{int(ms) // 1000}s"
     return f"{ms:g}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class TextSpec:
+    """What a text hop does besides its delay (module docstring). Times are in seconds."""
+
+    preset: TextPreset = "seed"
+    every: float = _TEXT_DEFAULT_EVERY
+    endpoint: float = _TEXT_DEFAULT_ENDPOINT
+    offsets: bool = True
+    final: bool = True
+    badjson: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset not in TEXT_PRESETS:
+            raise ConfigError(
+                f"The text preset must be one of {', '.join(TEXT_PRESETS)}, got {self.preset!r}."
+            )
+        for label, value in (("every", self.every), ("endpoint", self.endpoint)):
+            if not math.isfinite(value) or not _TEXT_MIN_DUR <= value <= MAX_DELAY:
+                raise ConfigError(
+                    f"The text option {label}= must be from {_fmt(_TEXT_MIN_DUR)} to "
+                    f"{MAX_DELAY:g} s, got {value!r}."
+                )
+
+    def options(self) -> list[str]:
+        """This text hop's options in `--hops` syntax (after `name:DELAY`)."""
+        parts = ["text" if self.preset == "seed" else f"text={self.preset}"]
+        if self.every != _TEXT_DEFAULT_EVERY:
+            parts.append(f"every={_fmt(self.every)}")
+        if self.endpoint != _TEXT_DEFAULT_ENDPOINT:
+            parts.append(f"endpoint={_fmt(self.endpoint)}")
+        return parts + [flag for flag, on in (("nooffsets", not self.offsets),
+                                              ("nofinal", not self.final),
+                                              ("badjson", self.badjson)) if on]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +129,7 @@ class HopSpec:
     garbage: bool = False
     fork: bool = True
     refuse: bool = False
+    text: TextSpec | None = None
 
     def __post_init__(self) -> None:
         where = f"hop {self.name!r}"
@@ -122,6 +186,25 @@ class HopSpec:
             )
         if not 0.0 <= self.loss_pct <= 100.0:
             raise ConfigError(f"The loss of {where} must be from 0 to 100 %, got {self.loss_pct}.")
+        if self.text is not None:
+            self._check_text(where)
+
+    def _check_text(self, where: str) -> None:
+        if not isinstance(self.text, TextSpec):
+            raise ConfigError(f"The text of {where} must be a TextSpec, not {self.text!r}.")
+        audio = [label for label, on in (
+            ("jitter", self.jitter > 0.0), ("a delay step", self.step_delay is not None),
+            ("mulaw8k/alaw8k", self.codec is not None), ("rate=", self.rate is not None),
+            ("gain=", self.gain_db is not None), ("noise=", self.noise_snr_db is not None),
+            ("loss=", self.loss_pct > 0.0), ("stall@", self.stall_at is not None),
+            ("close@", self.close_at is not None), ("garbage", self.garbage),
+            ("nofork", not self.fork), ("refuse", self.refuse),
+        ) if on]
+        if audio:
+            raise ConfigError(
+                f"{where.capitalize()} is a text hop and takes only text options (text=, every=, "
+                f"endpoint=, nooffsets, nofinal, badjson), not {', '.join(audio)}."
+            )
 
     def delay_at(self, session_time: float) -> tuple[float, float]:
         """(delay, jitter) in force at `session_time` seconds into the session."""
@@ -135,7 +218,8 @@ class HopSpec:
     def max_delay(self) -> float:
         """The largest delay this hop can apply, jitter included."""
         step = 0.0 if self.step_delay is None else self.step_delay + self.step_jitter
-        return max(self.delay + self.jitter, step)
+        endpoint = 0.0 if self.text is None else self.text.endpoint
+        return max(self.delay + self.jitter, step) + endpoint
 
     def to_spec(self) -> str:
         """This hop in `--hops` syntax; `parse_hops(h.to_spec()) == [h]`."""
@@ -145,6 +229,8 @@ class HopSpec:
             delay += f"~{_fmt(self.step_jitter)}" if self.step_jitter else ""
             delay += "@" + _fmt(self.step_at)
         parts = [self.name, delay]
+        if self.text is not None:
+            return ":".join(parts + self.text.options())
         if self.codec is not None:
             parts.append(f"{self.codec}8k")
         if self.rate is not None and self.codec is None:
@@ -215,6 +301,8 @@ def _hop(piece: str) -> HopSpec:
         args["step_delay"], args["step_jitter"] = _delay_part(after, where)
         args["step_at"] = _duration(at, f"The step time of {where}", bare_seconds=True)
     seen: set[str] = set()
+    text: dict[str, object] | None = None
+    text_options: list[str] = []
     for option in fields[2:]:
         key = re.split(r"[=@]", option, maxsplit=1)[0]
         if key in seen:
@@ -246,12 +334,49 @@ def _hop(piece: str) -> HopSpec:
             args["stall_at"] = _duration(value, f"The stall time of {where}", bare_seconds=True)
         elif option.startswith("close@"):
             args["close_at"] = _duration(value, f"The close time of {where}", bare_seconds=True)
+        elif option == "text" or option.startswith("text="):
+            text = {} if option == "text" else {"preset": _text_preset(value, where)}
+        elif key in ("every", "endpoint", "nooffsets", "nofinal", "badjson"):
+            text_options.append(option)
         else:
             raise ConfigError(
                 f"Unknown option {option!r} for {where}; use mulaw8k, alaw8k, rate=HZ, gain=DB, "
-                "noise=SNR_DB, loss=PCT, stall@S, close@S, garbage, nofork or refuse."
+                "noise=SNR_DB, loss=PCT, stall@S, close@S, garbage, nofork, refuse or text "
+                "(with every=DUR, endpoint=DUR, nooffsets, nofinal, badjson)."
             )
+    if text_options and text is None:
+        raise ConfigError(
+            f"Option {text_options[0]!r} of {where} belongs to a text hop; add the text option, "
+            f"like {name}:150ms:text:{text_options[0]}."
+        )
+    if text is not None:
+        args["text"] = TextSpec(**_text_args(text, text_options, where))  # type: ignore[arg-type]
     return HopSpec(**args)  # type: ignore[arg-type]
+
+
+def _text_preset(value: str, where: str) -> str:
+    if value not in TEXT_PRESETS:
+        raise ConfigError(
+            f"The text preset {value!r} of {where} is unknown; use {', '.join(TEXT_PRESETS)}."
+        )
+    return value
+
+
+def _text_args(args: dict[str, object], options: list[str], where: str) -> dict[str, object]:
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in ("every", "endpoint"):
+            if not value:
+                raise ConfigError(f"The text option {key}= of {where} needs a duration, like "
+                                  f"{key}=250ms.")
+            args[key] = _duration(value, f"The text option {key}= of {where}", bare_seconds=False)
+        elif value or option != key:
+            raise ConfigError(f"The text option {key!r} of {where} takes no value.")
+        else:
+            args[{"nooffsets": "offsets", "nofinal": "final", "badjson": "badjson"}[key]] = (
+                key == "badjson"
+            )
+    return args
 
 
 def parse_hops(text: str) -> list[HopSpec]:
@@ -279,6 +404,11 @@ def check_hops(hops: Sequence[HopSpec]) -> None:
         seen.add(hop.name)
         if hop.refuse and i:
             raise ConfigError(f"Only the first hop can refuse streams, not hop {hop.name!r}.")
+        if hop.text is not None and i != len(hops) - 1:
+            raise ConfigError(
+                f"Text hop {hop.name!r} must be the last hop; it turns audio into text, so no "
+                "hop can follow it."
+            )
 
 
 def format_hops(hops: Iterable[HopSpec]) -> str:
