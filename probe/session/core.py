@@ -256,9 +256,13 @@ class SessionCore:
         n1 = min(n0 + int(round(BARGE_S / self.frame_s)), nxt // self.frame_len)
         if n1 <= n0:
             return
-        # Unmarked speech from the first utterance (or the start of the carrier).
+        # Unmarked speech from the first utterance (or the start of the carrier), from its
+        # first clearly audible sample: the barge-in is timed from its first sample sent, so
+        # it must not open with the recording's lead-in.
         s0 = shared.spans[0][0] if shared.spans else 0
         clip = carrier(self.cfg.fixture, self.cfg.rate, self.cfg.duration_s)[0]
+        loud = np.flatnonzero(np.abs(clip[s0:]) >= 0.01)
+        s0 += int(loud[0]) if len(loud) else 0
         need = (n1 - n0) * self.frame_len
         speech = clip[s0 : s0 + need]
         if len(speech) < need:
