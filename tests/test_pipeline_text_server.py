@@ -88,9 +88,9 @@ def _expected_send(run: Run, index: int, rate: int) -> float:
     return run.frame_sends[index // n] + (index % n) / rate
 
 
-def _check_timing(run: Run, results: list[dict[str, Any]], rate: int, lead: int, end: int,
+def _check_timing(run: Run, results: list[dict[str, Any]], rate: int, end: int,
                   end_of: Any) -> tuple[list[float], list[float]]:
-    """(errors of each result's arrival against its configured time, per result) in seconds."""
+    """Each result's arrival minus its configured time (seconds), and their absolute values."""
     errors = []
     for (arrival, _), msg in zip(run.texts, results, strict=True):
         stop = end_of(msg)
@@ -139,7 +139,7 @@ def test_text_hop_sends_timed_results_on_the_client_connection() -> None:
         assert len(interims[-1]["text"].split()) >= len(words) - 1
         assert finals == [{"type": "result", "final": True, "text": text, "start_ms": 200,
                            "end_ms": end * 1000 / rate, "trace_id": TRACE_ID}]
-        errors, absolute = _check_timing(run, msgs, rate, lead, end,
+        errors, absolute = _check_timing(run, msgs, rate, end,
                                          lambda m: round(m["end_ms"] * rate / 1000))
         if statistics.median(absolute) < 0.002 and max(absolute) < 0.005 * FACTOR:
             break
