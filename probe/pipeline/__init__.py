@@ -17,11 +17,16 @@ truth the probe's measurements are checked against.
   their send times out (interims every 250 ms of an utterance, DELAY after the audio they cover
   arrived; a final DELAY after the 250 ms endpoint; presets seed, deepgram, generic).
   `configured_conversation(hops)` gives the figures a run through it should measure.
+- `bot`: `ReplyBot`, the reply hop (`name:DELAY:reply...`, last hop only) of one session,
+  sans-I/O: a loopback voice bot fed the caller's audio and arrival times that says what to send
+  when (its reply in 20 ms frames DELAY after each utterance ends, Twilio marks, and on barge-in
+  silence `stop` later with a Twilio clear).
 - `server`: the asyncio shell, `ReferencePipeline` and `run_pipeline`.
 """
 
 from __future__ import annotations
 
+from probe.pipeline.bot import ReplyBot, ReplyConfig
 from probe.pipeline.hop import Emission, HopCore, output_format
 from probe.pipeline.resample import LowLatencyResampler
 from probe.pipeline.server import (
@@ -48,6 +53,8 @@ __all__ = [
     "HopSpec",
     "LowLatencyResampler",
     "ReferencePipeline",
+    "ReplyBot",
+    "ReplyConfig",
     "SentenceBank",
     "SpanRecord",
     "SpeechToTextCore",

@@ -32,6 +32,13 @@ the return: it consumes the audio that reaches it (no fork, no audio back) and s
 results as text frames on the ingress connection at their due times, in either dialect; when
 the stream ends and its last result is out, it sends `stop` (probe dialect) and closes.
 
+A reply hop (`name:DELAY:reply...`, last hop only; `bot.py` holds its rules) takes the place of
+the return too: a loopback voice bot that hears the audio reaching it (no fork) and sends its
+own reply on the ingress connection, binary frames in the ingress format or Twilio `media`,
+`mark` and `clear` events, nothing between replies. Its task sleeps until the bot's next output
+is due, or until new input arrives (a barge-in changes what is due); after the stream ends and
+the last reply is out, it sends `stop` (probe dialect) and closes.
+
 Memory per session is bounded: each stage holds at most `MAX_PENDING` chunks (more means the
 client sends faster than real time; the excess is dropped with one warning).
 
@@ -64,6 +71,7 @@ from probe.audio.formats import decode
 from probe.config import parse_host_port
 from probe.errors import ConfigError, ProtocolError
 from probe.heap import TRIM_EVERY_S, collect_and_trim
+from probe.pipeline.bot import BotAudio, BotMark, BotOutput, ReplyBot, reply_clip
 from probe.pipeline.hop import Emission, HopCore, output_format
 from probe.pipeline.spec import HopSpec, check_hops, parse_hops
 from probe.pipeline.stt import SentenceBank, SpeechToTextCore, TextResult
@@ -323,7 +331,8 @@ class _Stage:
 
 
 class _Hop(_Stage):
-    def __init__(self, session: _Session, spec: HopSpec, core: HopCore, nxt: _Stage | _Text,
+    def __init__(self, session: _Session, spec: HopSpec, core: HopCore,
+                 nxt: _Stage | _Text | _Bot,
                  fork: _Fork | None) -> None:
         super().__init__(session, spec.name, core)
         self.next = nxt
@@ -430,6 +439,72 @@ class _Text:
                     self._open = False
 
 
+class _Bot:
+    """The reply hop of one session: a `ReplyBot` fed the audio that reaches it, and the task
+    that sends the bot's frames (and Twilio marks and clears) on the ingress connection when
+    due, then, once the stream ended and the last reply is out, ends the connection."""
+
+    def __init__(self, session: _Session, spec: HopSpec, in_format: AudioFormat,
+                 ws: ServerConnection, responder: TwilioResponder | None) -> None:
+        assert spec.reply is not None
+        self.session = session
+        self.name = spec.name
+        self.bot = ReplyBot(spec.reply, spec.delay, in_format, session.start.audio,
+                            marks=responder is not None)
+        self.ws = ws
+        self.responder = responder
+        self._wake = asyncio.Event()
+        self._open = True
+        self._end: float | None = None
+
+    def feed(self, data: bytes, t: float) -> None:
+        self.bot.push(data, t)
+        self._wake.set()
+
+    def end(self, t: float) -> None:
+        self.bot.finish(t)
+        self._end = t
+        self._wake.set()
+
+    async def run(self) -> None:
+        pipeline = self.session.pipeline
+        bot = self.bot
+        loop = asyncio.get_running_loop()
+        while not bot.done:
+            due = bot.next_due()
+            if due is None or due - pipeline.clock() > pipeline.spin:
+                # Sleep until the next output is due, or until new input may change what is.
+                self._wake.clear()
+                timeout = None if due is None else due - pipeline.clock() - pipeline.spin
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            end = loop.time() + (due - pipeline.clock())
+            while loop.time() < end:
+                await asyncio.sleep(0)
+            for out in bot.pop_due(max(due, pipeline.clock())):
+                await self._send(out)
+        ended = pipeline.clock() if self._end is None else max(self._end, pipeline.clock())
+        self.session.end_span(self.name, ended, None)
+        with contextlib.suppress(ConnectionClosed):
+            if self._open and self.responder is None:
+                await self.ws.send(to_json(Stop()))
+            await self.ws.close(CLOSE_NORMAL)
+
+    async def _send(self, out: BotOutput) -> None:
+        if not self._open:
+            return
+        responder = self.responder
+        try:
+            if isinstance(out, BotAudio):
+                await self.ws.send(out.data if responder is None else responder.media(out.data))
+            elif responder is not None:
+                await self.ws.send(responder.mark(out.name) if isinstance(out, BotMark)
+                                   else responder.clear())
+        except ConnectionClosed:
+            self._open = False
+
+
 class _Session:
     """One ingress stream through every hop."""
 
@@ -441,6 +516,7 @@ class _Session:
         self.t0 = t0
         self.ended = False
         self.text: _Text | None = None
+        self.bot: _Bot | None = None
         self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         sink = start.sink or pipeline.sink
@@ -476,12 +552,15 @@ class _Session:
             contexts.append(ctx)
             parent = ctx
         stages: list[_Hop] = []
-        nxt: _Stage | _Text = self.ret
+        nxt: _Stage | _Text | _Bot = self.ret
         for i in reversed(range(len(pipeline.hops))):
             spec = pipeline.hops[i]
             seed = f"{base}/{i}/{spec.name}"
             if spec.text is not None:  # the last hop (check_hops): results replace the return
                 nxt = self.text = _Text(self, spec, formats[i], ws, responder is not None)
+                continue
+            if spec.reply is not None:  # the last hop (check_hops): the bot replaces the return
+                nxt = self.bot = _Bot(self, spec, formats[i], ws, responder)
                 continue
             fork = None
             if sink is not None and spec.fork:
@@ -498,10 +577,11 @@ class _Session:
             nxt = _Hop(self, spec, core, nxt, fork)
             stages.append(nxt)
         self.hops = stages[::-1]
-        self.first: _Stage | _Text = nxt
+        self.first: _Stage | _Text | _Bot = nxt
         self.forks = [h.fork for h in self.hops if h.fork is not None]
         self._fork_tasks = list(self._tasks)
-        self._spawn(self.ret.run() if self.text is None else self.text.run())
+        self._spawn(self.bot.run() if self.bot is not None
+                    else self.ret.run() if self.text is None else self.text.run())
         for hop in self.hops:
             self._spawn(hop.run())
         closers = [h for h in pipeline.hops if h.close_at is not None]
@@ -650,6 +730,10 @@ class ReferencePipeline:
         if self.hops and self.hops[-1].text is not None:
             for rate in (8000, 16000):  # load the text hop's sentences before any session waits
                 SentenceBank.shipped(rate)
+        last = self.hops[-1] if self.hops else None
+        if last is not None and last.reply is not None:
+            for rate in (8000, 16000):  # load and trim the reply before any session waits
+                reply_clip(last.reply.say, rate)
         try:
             self._server = await serve(self._handler, host, port, compression=None,
                                        create_connection=server_factory(self.clock),

@@ -28,6 +28,23 @@ audio that reaches it and sends JSON text results on the client connection (see 
   third result is not valid JSON).
 - a text hop takes no audio options (it emits no audio, so it has no fork either).
 
+A reply hop (last hop only) is a loopback voice bot that answers in its own voice (see `bot.py`
+for its exact rules): it consumes the audio that reaches it and sends its reply on the client
+connection (binary audio frames in the ingress format, or Twilio `media`, `mark` and `clear`
+events):
+
+    name:DELAY:reply[:stop=DUR][:say=DUR][:talkover][:noclear]
+
+- `DELAY`: from the end of the caller's utterance (one past its last 10 ms frame above -50
+  dBFS, once 200 ms of non-speech follow) to the first reply frame; below 200 ms the reply
+  starts when the end is known, 200 ms after it. A plain delay (no jitter or step).
+- `say=DUR` (default 2s): how long each reply is (speech from the `speech_en_gb` fixture, in
+  20 ms frames paced in real time; in Twilio a `mark` named `reply-N` after its last media).
+- `stop=DUR` (default 100ms): barge-in, caller speech starting while the bot talks makes it fall
+  silent that long after (in Twilio a `clear` at that instant, unless `noclear`).
+- `talkover` (a fault): the bot resumes the rest of its reply 300 ms after stopping.
+- a reply hop takes no audio options and has no fork.
+
 Every mistake raises `ConfigError` with one sentence naming the piece that is wrong.
 """
 
@@ -40,12 +57,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from probe.errors import ConfigError
+from probe.pipeline.bot import ENDPOINT, RESUME_AFTER, ReplyConfig
 
 __all__ = [
     "MAX_DELAY",
     "TEXT_PRESETS",
     "Codec",
     "HopSpec",
+    "ReplyConfig",
     "TextPreset",
     "TextSpec",
     "check_hops",
@@ -130,6 +149,7 @@ class HopSpec:
     fork: bool = True
     refuse: bool = False
     text: TextSpec | None = None
+    reply: ReplyConfig | None = None
 
     def __post_init__(self) -> None:
         where = f"hop {self.name!r}"
@@ -188,6 +208,8 @@ class HopSpec:
             raise ConfigError(f"The loss of {where} must be from 0 to 100 %, got {self.loss_pct}.")
         if self.text is not None:
             self._check_text(where)
+        if self.reply is not None:
+            self._check_reply(where)
 
     def _check_text(self, where: str) -> None:
         if not isinstance(self.text, TextSpec):
@@ -206,6 +228,24 @@ class HopSpec:
                 f"endpoint=, nooffsets, nofinal, badjson), not {', '.join(audio)}."
             )
 
+    def _check_reply(self, where: str) -> None:
+        if not isinstance(self.reply, ReplyConfig):
+            raise ConfigError(f"The reply of {where} must be a ReplyConfig, not {self.reply!r}.")
+        audio = [label for label, on in (
+            ("text", self.text is not None), ("jitter", self.jitter > 0.0),
+            ("a delay step", self.step_delay is not None),
+            ("mulaw8k/alaw8k", self.codec is not None), ("rate=", self.rate is not None),
+            ("gain=", self.gain_db is not None), ("noise=", self.noise_snr_db is not None),
+            ("loss=", self.loss_pct > 0.0), ("stall@", self.stall_at is not None),
+            ("close@", self.close_at is not None), ("garbage", self.garbage),
+            ("nofork", not self.fork), ("refuse", self.refuse),
+        ) if on]
+        if audio:
+            raise ConfigError(
+                f"{where.capitalize()} is a reply hop and takes only reply options (stop=, say=, "
+                f"talkover, noclear), not {', '.join(audio)}."
+            )
+
     def delay_at(self, session_time: float) -> tuple[float, float]:
         """(delay, jitter) in force at `session_time` seconds into the session."""
         if self.step_at is not None and self.step_delay is not None and (
@@ -219,6 +259,9 @@ class HopSpec:
         """The largest delay this hop can apply, jitter included."""
         step = 0.0 if self.step_delay is None else self.step_delay + self.step_jitter
         endpoint = 0.0 if self.text is None else self.text.endpoint
+        if self.reply is not None:  # the bot may still be talking this long after the input
+            r = self.reply
+            endpoint += ENDPOINT + r.say + (r.stop + RESUME_AFTER if r.talkover else 0.0)
         return max(self.delay + self.jitter, step) + endpoint
 
     def to_spec(self) -> str:
@@ -231,6 +274,8 @@ class HopSpec:
         parts = [self.name, delay]
         if self.text is not None:
             return ":".join(parts + self.text.options())
+        if self.reply is not None:
+            return ":".join([*parts, "reply", *self.reply.options()])
         if self.codec is not None:
             parts.append(f"{self.codec}8k")
         if self.rate is not None and self.codec is None:
@@ -303,6 +348,8 @@ def _hop(piece: str) -> HopSpec:
     seen: set[str] = set()
     text: dict[str, object] | None = None
     text_options: list[str] = []
+    reply = False
+    reply_options: list[str] = []
     for option in fields[2:]:
         key = re.split(r"[=@]", option, maxsplit=1)[0]
         if key in seen:
@@ -338,11 +385,16 @@ def _hop(piece: str) -> HopSpec:
             text = {} if option == "text" else {"preset": _text_preset(value, where)}
         elif key in ("every", "endpoint", "nooffsets", "nofinal", "badjson"):
             text_options.append(option)
+        elif option == "reply":
+            reply = True
+        elif key in ("stop", "say", "talkover", "noclear"):
+            reply_options.append(option)
         else:
             raise ConfigError(
                 f"Unknown option {option!r} for {where}; use mulaw8k, alaw8k, rate=HZ, gain=DB, "
-                "noise=SNR_DB, loss=PCT, stall@S, close@S, garbage, nofork, refuse or text "
-                "(with every=DUR, endpoint=DUR, nooffsets, nofinal, badjson)."
+                "noise=SNR_DB, loss=PCT, stall@S, close@S, garbage, nofork, refuse, text "
+                "(with every=DUR, endpoint=DUR, nooffsets, nofinal, badjson) or reply (with "
+                "stop=DUR, say=DUR, talkover, noclear)."
             )
     if text_options and text is None:
         raise ConfigError(
@@ -351,6 +403,13 @@ def _hop(piece: str) -> HopSpec:
         )
     if text is not None:
         args["text"] = TextSpec(**_text_args(text, text_options, where))  # type: ignore[arg-type]
+    if reply_options and not reply:
+        raise ConfigError(
+            f"Option {reply_options[0]!r} of {where} belongs to a reply hop; add the reply "
+            f"option, like {name}:800ms:reply:{reply_options[0]}."
+        )
+    if reply:
+        args["reply"] = _reply_config(reply_options, where)
     return HopSpec(**args)  # type: ignore[arg-type]
 
 
@@ -377,6 +436,26 @@ def _text_args(args: dict[str, object], options: list[str], where: str) -> dict[
                 key == "badjson"
             )
     return args
+
+
+def _reply_config(options: list[str], where: str) -> ReplyConfig:
+    args: dict[str, float | bool] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in ("stop", "say"):
+            if not value:
+                raise ConfigError(f"The reply option {key}= of {where} needs a duration, like "
+                                  f"{key}=100ms.")
+            args[key] = _duration(value, f"The reply option {key}= of {where}",
+                                  bare_seconds=False)
+        elif option != key:
+            raise ConfigError(f"The reply option {key!r} of {where} takes no value.")
+        else:
+            args["talkover" if key == "talkover" else "clear"] = key == "talkover"
+    try:
+        return ReplyConfig(**args)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(f"{where.capitalize()}: {exc}") from None
 
 
 def parse_hops(text: str) -> list[HopSpec]:
@@ -408,6 +487,11 @@ def check_hops(hops: Sequence[HopSpec]) -> None:
             raise ConfigError(
                 f"Text hop {hop.name!r} must be the last hop; it turns audio into text, so no "
                 "hop can follow it."
+            )
+        if hop.reply is not None and i != len(hops) - 1:
+            raise ConfigError(
+                f"Reply hop {hop.name!r} must be the last hop; it answers in its own voice, so "
+                "no hop can follow it."
             )
 
 
