@@ -261,3 +261,13 @@ def test_input_and_output_formats_may_differ() -> None:
     out = drive(bot, caller(PCM16K, 1.0, [(0.1, 0.4)]))
     assert [len(f.data) for f in audio(out)] == [160] * 5
     assert rel(audio(out)[0].due) == pytest.approx(0.65)
+
+
+def test_configured_reply() -> None:
+    from probe.pipeline import configured_reply, parse_hops
+
+    assert configured_reply(parse_hops("a:20ms")) is None
+    got = configured_reply(parse_hops("a:20ms,b:30ms,bot:800ms:reply:stop=150ms"))
+    assert got == pytest.approx({"reply": 0.85, "barge_in": 0.2, "clear": 0.2})
+    assert configured_reply(parse_hops("bot:50ms:reply")) == pytest.approx(
+        {"reply": 0.2, "barge_in": 0.1, "clear": 0.1})

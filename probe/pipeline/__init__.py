@@ -20,13 +20,14 @@ truth the probe's measurements are checked against.
 - `bot`: `ReplyBot`, the reply hop (`name:DELAY:reply...`, last hop only) of one session,
   sans-I/O: a loopback voice bot fed the caller's audio and arrival times that says what to send
   when (its reply in 20 ms frames DELAY after each utterance ends, Twilio marks, and on barge-in
-  silence `stop` later with a Twilio clear).
+  silence `stop` later with a Twilio clear). `configured_reply(hops)` gives the figures a run
+  through it should measure.
 - `server`: the asyncio shell, `ReferencePipeline` and `run_pipeline`.
 """
 
 from __future__ import annotations
 
-from probe.pipeline.bot import ReplyBot, ReplyConfig
+from probe.pipeline.bot import ReplyBot, ReplyConfig, configured_reply
 from probe.pipeline.hop import Emission, HopCore, output_format
 from probe.pipeline.resample import LowLatencyResampler
 from probe.pipeline.server import (
@@ -63,6 +64,7 @@ __all__ = [
     "check_hops",
     "child_context",
     "configured_conversation",
+    "configured_reply",
     "format_hops",
     "output_format",
     "parse_hops",

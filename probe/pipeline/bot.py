@@ -43,8 +43,9 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +54,9 @@ from probe.audio.fixtures import load_fixture
 from probe.audio.formats import decode, encode
 from probe.errors import ConfigError
 from probe.protocol import AudioFormat
+
+if TYPE_CHECKING:
+    from probe.pipeline.spec import HopSpec
 
 __all__ = [
     "ENDPOINT",
@@ -68,6 +72,7 @@ __all__ = [
     "BotOutput",
     "ReplyBot",
     "ReplyConfig",
+    "configured_reply",
     "reply_clip",
 ]
 
@@ -162,6 +167,22 @@ class BargeIn:
     t: float
     stop_at: float
     reply: int
+
+
+def configured_reply(hops: Sequence[HopSpec]) -> dict[str, float] | None:
+    """What a reply-mode run through `hops` ending in a reply hop should measure, in seconds:
+    `reply` (utterance end to reply onset, for utterances whose last 10 ms frame is speech),
+    `barge_in` (first barge-in sample sent to the bot falling silent, before the probe's 10 ms
+    framing) and `clear` (to the Twilio clear), the delays of the hops before included, the
+    network's not. None when the last hop is no reply hop."""
+    reply = hops[-1].reply if hops else None
+    if reply is None:
+        return None
+    last = hops[-1]
+    before = sum(h.delay for h in hops[:-1])
+    stop = reply.stop
+    return {"reply": before + max(last.delay, ENDPOINT), "barge_in": before + stop,
+            "clear": before + stop}
 
 
 @functools.lru_cache(maxsize=16)
