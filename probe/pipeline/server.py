@@ -470,7 +470,7 @@ class _Bot:
         pipeline = self.session.pipeline
         bot = self.bot
         loop = asyncio.get_running_loop()
-        while not bot.done:
+        while not bot.done and self._open:  # a caller that hung up hears nothing more
             due = bot.next_due()
             if due is None or due - pipeline.clock() > pipeline.spin:
                 # Sleep until the next output is due, or until new input may change what is.
