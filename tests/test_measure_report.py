@@ -8,7 +8,14 @@ import pytest
 from probe.errors import ConfigError
 from probe.measure.conversation import Figure, ResultTiming, WordErrors
 from probe.measure.registry import SessionRegistry
-from probe.measure.report import SCHEMA, build_report, format_table, load_report, write_report
+from probe.measure.report import (
+    SCHEMA,
+    build_report,
+    format_table,
+    json_ready,
+    load_report,
+    write_report,
+)
 from probe.measure.stats import SUMMARY_KEYS
 
 DELAYS = {"ingress": 0.05, "asr": 0.2, "return": 0.35}
@@ -99,7 +106,7 @@ def test_report_shape() -> None:
         "latency_ms": 50.0,
         "outcome": "detected",
     }
-    json.dumps(report, allow_nan=False)
+    json.dumps(json_ready(report), allow_nan=False)
 
 
 def test_no_reply_key_without_replies() -> None:

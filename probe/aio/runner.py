@@ -334,6 +334,7 @@ async def _run(
             }
         ),
     )
+    registry.close()  # the spooled history's file: the report's series keeps its own map of it
     if observer is not None:
         observer.run_finished(report)
     return report

@@ -22,7 +22,15 @@ from probe.measure.registry import (
     token_for,
 )
 from probe.measure.reply import MissedReply, ReplyTracker
-from probe.measure.report import SCHEMA, build_report, format_table, load_report, write_report
+from probe.measure.report import (
+    SCHEMA,
+    SeriesRows,
+    build_report,
+    format_table,
+    json_ready,
+    load_report,
+    write_report,
+)
 from probe.measure.stats import LatencyStats, summarize_ms
 
 __all__ = [
@@ -35,11 +43,13 @@ __all__ = [
     "Missed",
     "MissedReply",
     "ReplyTracker",
+    "SeriesRows",
     "SessionCounts",
     "SessionRegistry",
     "build_report",
     "format_table",
     "hop_order",
+    "json_ready",
     "load_report",
     "own_latencies",
     "summarize_ms",

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import statistics
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from probe.measure.registry import Measurement
 
-__all__ = ["RETURN_HOP", "OwnLatencyJoin", "hop_order", "own_latencies"]
+__all__ = ["RETURN_HOP", "OwnLatencyJoin", "hop_order", "hop_order_by_median", "own_latencies"]
 
 # The audio that comes back on the client's own connection: always the end of the pipeline.
 RETURN_HOP = "return"
@@ -36,6 +36,16 @@ def hop_order(
     for m in measurements:
         by_hop.setdefault(m.hop, []).append(m.latency_s)
     medians = {hop: statistics.median(v) for hop, v in by_hop.items()}
+    return hop_order_by_median(medians, declared, known=known)
+
+
+def hop_order_by_median(
+    medians: Mapping[str, float],
+    declared: Sequence[str] | None = None,
+    *,
+    known: Iterable[str] = (),
+) -> list[str]:
+    """:func:`hop_order` given each measured hop's median cumulative latency (seconds)."""
     head = list(dict.fromkeys(declared or ()))
     measured = sorted((h for h in medians if h not in head), key=lambda h: (medians[h], h))
     unmeasured = [h for h in dict.fromkeys(known) if h not in head and h not in medians]

@@ -31,8 +31,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
+
 from probe.errors import ConfigError
 from probe.measure.conversation import ConversationLog, Figure, ResultTiming, WordErrors
+from probe.measure.spool import SERIES_DTYPE, Spool
 from probe.measure.stats import LatencyStats
 from probe.watermark.design import PAYLOAD_BYTES, session_payload, split_session_payload
 
@@ -53,6 +57,7 @@ __all__ = [
     "Measurement",
     "Missed",
     "SessionCounts",
+    "SeriesRecords",
     "SessionRegistry",
     "token_for",
 ]
@@ -167,6 +172,7 @@ class _Session:
         "hops",
         "id",
         "last_activity",
+        "number",
         "opened",
         "seen",
         "pending",
@@ -178,8 +184,9 @@ class _Session:
         "token",
     )
 
-    def __init__(self, session_id: str, token: int, now: float) -> None:
+    def __init__(self, session_id: str, token: int, now: float, number: int) -> None:
         self.id = session_id
+        self.number = number  # its index in the registry's session names (series records)
         self.token = token
         self.last_activity = now
         self.opened = now
@@ -259,11 +266,16 @@ class SessionRegistry:
         self._failed = 0
         self.history = history
         self._session_errors: deque[ErrorNote] = deque(maxlen=None if history else MAX_ERRORS)
-        self._send_lag = LatencyStats()
+        # With history, what the report lists is spooled as compact records (probe.measure.spool):
+        # memory stays flat however long the run.
+        self._send_lag = Spool(np.float64)
         self._reply: list[float] = []
         self._reply_missed = 0
         self.conversation = ConversationLog(history=history)
-        self._series: list[Measurement | Missed] = []
+        self._series = Spool(SERIES_DTYPE)
+        self._hop_names: list[str] = []
+        self._hop_numbers: dict[str, int] = {}
+        self._session_names: list[str] = []
         self._send_listeners: list[Callable[[str, bytes, float, float], None]] = []
         self.health = health
         self._key = key
@@ -287,7 +299,9 @@ class SessionRegistry:
             while token in self._by_token:
                 attempt += 1
                 token = token_for(session_id, attempt, self._key)
-            s = _Session(session_id, token, now)
+            s = _Session(session_id, token, now, len(self._session_names))
+            if self.history:
+                self._session_names.append(session_id)
             self._sessions[session_id] = s
             self._by_token[token] = s
             self._started += 1
@@ -394,7 +408,7 @@ class SessionRegistry:
             if s is not None:
                 s.last_activity = self._clock()
             if self.history:
-                self._send_lag.add(lag_s)
+                self._send_lag.append(lag_s)
             if self.health is not None:
                 self.health.frame_lag(self._clock(), lag_s)
         if self.observer is not None:
@@ -627,8 +641,18 @@ class SessionRegistry:
                 score=score,
             )
             if self.history:
-                self._series.append(m)
+                self._series.append(
+                    (self._hop_number(hop), 0, s.number, seq, send_time, arrival_time,
+                     m.latency_s, score)
+                )
             return m
+
+    def _hop_number(self, hop: str) -> int:
+        n = self._hop_numbers.get(hop)
+        if n is None:
+            n = self._hop_numbers[hop] = len(self._hop_names)
+            self._hop_names.append(hop)
+        return n
 
     @staticmethod
     def _resolve(s: _Session, m8: int, arrival_time: float) -> int | None:
@@ -727,7 +751,10 @@ class SessionRegistry:
             self._tally[hop].missed += 1
         m = Missed(hop=hop, session=s.id, seq=seq, send_time=send_time, unmeasured=unmeasured)
         if self.history:
-            self._series.append(m)
+            self._series.append(
+                (self._hop_number(hop), 2 if unmeasured else 1, s.number, seq, send_time,
+                 0.0, 0.0, 0.0)
+            )
         return m
 
     def _drop_stale(self, now: float) -> None:
@@ -805,24 +832,64 @@ class SessionRegistry:
     def send_lag(self) -> LatencyStats:
         """A copy of the frame send lags recorded (seconds)."""
         with self._lock:
-            out = LatencyStats()
-            out.merge(self._send_lag)
-            return out
+            return LatencyStats(self._send_lag.view())
+
+    def series_records(self) -> SeriesRecords:
+        """Every measurement and miss so far as compact records (in the order they were settled),
+        read from the spool: what the report is built from without a Python object per row."""
+        with self._lock:
+            return SeriesRecords(
+                self._series.view(), tuple(self._hop_names), tuple(self._session_names)
+            )
 
     def series(self) -> list[Measurement | Missed]:
         """Every measurement and miss so far, in the order they were settled."""
-        with self._lock:
-            return list(self._series)
+        return self.series_records().items()
 
     def measurements(self) -> list[Measurement]:
         """Every measurement so far."""
-        with self._lock:
-            return [m for m in self._series if isinstance(m, Measurement)]
+        return [m for m in self.series() if isinstance(m, Measurement)]
 
     def misses(self) -> list[Missed]:
         """Every miss so far."""
+        return [m for m in self.series() if isinstance(m, Missed)]
+
+    def close(self) -> None:
+        """Release the spooled history (its temporary files); reports already built keep theirs."""
         with self._lock:
-            return [m for m in self._series if isinstance(m, Missed)]
+            self._series.close()
+            self._send_lag.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRecords:
+    """A registry's series as records (:data:`probe.measure.spool.SERIES_DTYPE`, read-only) with
+    the names their ``hop`` and ``session`` fields index; ``outcome`` is 0 detected, 1 missed,
+    2 unmeasured."""
+
+    records: npt.NDArray[np.void]
+    hops: tuple[str, ...]
+    sessions: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def items(self) -> list[Measurement | Missed]:
+        """Every record as the registry's object (a Python object per row: for tests and small
+        runs; the report reads the records)."""
+        out: list[Measurement | Missed] = []
+        for hop, outcome, session, seq, send, arrival, latency, score in self.records.tolist():
+            if outcome == 0:
+                out.append(Measurement(
+                    hop=self.hops[hop], session=self.sessions[session], seq=seq, send_time=send,
+                    arrival_time=arrival, latency_s=latency, score=score,
+                ))
+            else:
+                out.append(Missed(
+                    hop=self.hops[hop], session=self.sessions[session], seq=seq, send_time=send,
+                    unmeasured=outcome == 2,
+                ))
+        return out
 
 
 def _check_seq(seq: int) -> None:

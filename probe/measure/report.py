@@ -10,23 +10,27 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, overload
+
+import numpy as np
+import numpy.typing as npt
 
 from probe.errors import ConfigError
-from probe.measure.latency import hop_order as _hop_order
-from probe.measure.latency import own_latencies
-from probe.measure.registry import Measurement, SessionRegistry
+from probe.measure.latency import hop_order_by_median
+from probe.measure.registry import SeriesRecords, SessionRegistry
 from probe.measure.stats import summarize_ms
 
 __all__ = [
     "DEFAULT_CLOCKS",
     "SCHEMA",
+    "SeriesRows",
     "build_report",
     "format_table",
     "interrupted_note",
+    "json_ready",
     "load_report",
     "overload_warning",
     "write_report",
@@ -39,8 +43,107 @@ _TOP_KEYS = ("schema", "target", "started_at", "duration_s", "clocks", "sessions
 _MARKER_KEYS = ("sent", "detected", "missed", "unmeasured", "duplicates", "unmatched", "late")
 
 
+_OUTCOMES = ("detected", "missed", "unmeasured")
+# Rows turned into dicts at a time when the series is read through.
+_ROWS_AT_ONCE = 8192
+
+F64 = npt.NDArray[np.float64]
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
+
+
+class SeriesRows(Sequence[dict[str, Any]]):
+    """The report's ``series`` as :func:`build_report` makes it: a read-only sequence of the row
+    dicts docs/report.md describes (``hop``, ``session``, ``marker``, ``send_time``,
+    ``latency_ms``, ``outcome``), in report order (send time, session, marker, hop order), each
+    made when it is read from the registry's spooled records (:mod:`probe.measure.spool`), so a
+    long run's report never holds a Python object per row. It compares equal to a list of the
+    same rows; ``list(rows)`` gives that list. :func:`write_report` streams it."""
+
+    __slots__ = ("_order", "_rec")
+
+    def __init__(self, rec: SeriesRecords, hop_order: Sequence[str]) -> None:
+        self._rec = rec
+        r = rec.records
+        rank = {hop: i for i, hop in enumerate(hop_order)}
+        hop_rank = np.array([rank.get(h, len(rank)) for h in rec.hops], dtype=np.int64)
+        names = {name: i for i, name in enumerate(sorted(set(rec.sessions)))}
+        session_rank = np.array([names[n] for n in rec.sessions], dtype=np.int64)
+        # lexsort is stable and sorts by its last key first: ties keep the settlement order.
+        self._order: npt.NDArray[np.intp] = np.lexsort(
+            (hop_rank[r["hop"]], r["seq"], session_rank[r["session"]], r["send"])
+        )
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def _rows(self, at: npt.NDArray[np.intp]) -> list[dict[str, Any]]:
+        hops, sessions = self._rec.hops, self._rec.sessions
+        return [
+            {
+                "hop": hops[hop],
+                "session": sessions[session],
+                "marker": seq,
+                "send_time": send,
+                "latency_ms": _ms(latency) if outcome == 0 else None,
+                "outcome": _OUTCOMES[outcome],
+            }
+            for hop, outcome, session, seq, send, _arrival, latency, _score in (
+                self._rec.records[at].tolist()
+            )
+        ]
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return self._rows(self._order[i])
+        n = len(self._order)
+        if not -n <= i < n:
+            raise IndexError("series row out of range")
+        return self._rows(self._order[i : i + 1 if i != -1 else None])[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self._order), _ROWS_AT_ONCE):
+            yield from self._rows(self._order[start : start + _ROWS_AT_ONCE])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SeriesRows | list | tuple):
+            return len(self) == len(other) and all(
+                a == b for a, b in zip(self, other, strict=True)
+            )
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<SeriesRows: {len(self)} rows>"
+
+
+def _own_latencies(
+    rec: SeriesRecords, detected: npt.NDArray[np.bool_], order: Sequence[str]
+) -> dict[str, F64]:
+    """Each hop's own latencies (seconds), by :func:`probe.measure.latency.own_latencies`'s rule,
+    computed over the records: sorted by marker and hop rank, each detection minus the one before
+    it of the same marker."""
+    r = rec.records
+    rank = {hop: i for i, hop in enumerate(order)}
+    hop_rank = np.array([rank.get(h, -1) for h in rec.hops], dtype=np.int64)[r["hop"]]
+    keep = detected & (hop_rank >= 0)
+    session, seq, ranks = r["session"][keep], r["seq"][keep], hop_rank[keep]
+    latency = np.asarray(r["latency"][keep], dtype=np.float64)
+    at = np.lexsort((ranks, seq, session))
+    session, seq, ranks, latency = session[at], seq[at], ranks[at], latency[at]
+    own = latency.copy()
+    same = (session[1:] == session[:-1]) & (seq[1:] == seq[:-1])
+    own[1:][same] -= latency[:-1][same]
+    return {hop: own[ranks == i] for i, hop in enumerate(order)}
 
 
 def build_report(
@@ -57,7 +160,9 @@ def build_report(
     interrupted: Mapping[str, Any] | None = None,
     invalid: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report of a run as a JSON-ready dict.
+    """The report of a run as a dict, JSON-ready except ``series``: a :class:`SeriesRows`, read
+    from the registry's spool as it is used (:func:`write_report` streams it; :func:`json_ready`
+    makes it a list, for a small report).
 
     ``started_at`` is epoch seconds; ``reply`` are voice-to-voice latencies in seconds (and
     ``reply_missed`` the utterances that got none); ``configured`` is each hop's configured delay
@@ -67,14 +172,20 @@ def build_report(
     ``invalid`` says why the probe itself failed during the run (``reason``, ``after_s``): its
     figures from then on measure nothing; None when it did not.
     """
-    series = registry.series()
-    measurements = [m for m in series if isinstance(m, Measurement)]
+    rec = registry.series_records()
+    r = rec.records
     counts = registry.hop_counts()
-    order = _hop_order(measurements, hop_order, known=counts)
-    own = own_latencies(measurements, order)
-    cumulative: dict[str, list[float]] = {hop: [] for hop in order}
-    for m in measurements:
-        cumulative[m.hop].append(m.latency_s)
+    detected = r["outcome"] == 0
+    hop_col = r["hop"]
+    latency = r["latency"]
+    cumulative_of = {
+        hop: latency[detected & (hop_col == i)] for i, hop in enumerate(rec.hops)
+    }
+    medians = {hop: float(np.median(v)) for hop, v in cumulative_of.items() if len(v)}
+    order = hop_order_by_median(medians, hop_order, known=counts)
+    empty = np.empty(0, dtype=np.float64)
+    cumulative = {hop: cumulative_of.get(hop, empty) for hop in order}
+    own = _own_latencies(rec, detected, order)
     hop_errors = registry.hop_errors()
     hops: list[dict[str, Any]] = []
     for hop in order:
@@ -89,8 +200,6 @@ def build_report(
         if configured is not None and hop in configured:
             entry["configured_ms"] = _ms(configured[hop])
         hops.append(entry)
-    rank = {hop: i for i, hop in enumerate(order)}
-    rows = sorted(series, key=lambda r: (r.send_time, r.session, r.seq, rank.get(r.hop, len(rank))))
     sc = registry.session_counts()
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -127,31 +236,28 @@ def build_report(
     conversation = registry.conversation_report()
     if conversation is not None:
         report["conversation"] = conversation
-    report["series"] = [
-        {
-            "hop": r.hop,
-            "session": r.session,
-            "marker": r.seq,
-            "send_time": r.send_time,
-            "latency_ms": _ms(r.latency_s) if isinstance(r, Measurement) else None,
-            "outcome": (
-                "detected"
-                if isinstance(r, Measurement)
-                else "unmeasured" if r.unmeasured else "missed"
-            ),
-        }
-        for r in rows
-    ]
+    report["series"] = SeriesRows(rec, order)
     return report
 
 
+def json_ready(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report with a lazy ``series`` made a list: a dict ``json.dumps`` takes. The list holds
+    a dict per row: for small reports and tests (:func:`write_report` needs no such copy)."""
+    out = dict(report)
+    if "series" in out and not isinstance(out["series"], list):
+        out["series"] = list(out["series"])
+    return out
+
+
 def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write the report as JSON, atomically (a temporary file beside it, then a rename)."""
+    """Write the report as JSON, atomically (a temporary file beside it, then a rename). A
+    ``series`` that is not a list (:class:`SeriesRows`) is streamed a row at a time: the file is
+    the same as for the list of its rows."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, allow_nan=False)
+            _dump(report, f)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -159,6 +265,24 @@ def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _dump(report: Mapping[str, Any], f: IO[str]) -> None:
+    """``json.dump(report, f, indent=2, allow_nan=False)``, with ``series`` streamed."""
+    series = report.get("series")
+    if isinstance(series, list) or series is None:
+        json.dump(report, f, indent=2, allow_nan=False)
+        return
+    head = json.dumps(
+        {k: v for k, v in report.items() if k != "series"}, indent=2, allow_nan=False
+    )
+    f.write(head[:-2] + ',\n  "series": ' if len(head) > 2 else '{\n  "series": ')
+    first = True
+    for row in series:
+        f.write("[\n    " if first else ",\n    ")
+        f.write(json.dumps(row, indent=2, allow_nan=False).replace("\n", "\n    "))
+        first = False
+    f.write("[]\n}" if first else "\n  ]\n}")
 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -47,6 +47,8 @@ def _summary(values: F64) -> dict[str, float | int | None]:
 def summarize_ms(values: Iterable[float]) -> dict[str, float | int | None]:
     """Summary of latencies given in seconds: p50, p90, p95, p99, p999, max, mean in ms (rounded
     to 0.001) and count; an empty input gives count 0 and None for the rest."""
+    if isinstance(values, np.ndarray):
+        return _summary(np.asarray(values, dtype=np.float64).ravel())
     return _summary(np.fromiter((float(v) for v in values), dtype=np.float64))
 
 
@@ -90,7 +92,10 @@ class LatencyStats:
 
     def extend(self, values: Iterable[float]) -> None:
         """Add many latencies in seconds."""
-        a = np.fromiter((float(v) for v in values), dtype=np.float64)
+        if isinstance(values, np.ndarray):
+            a = np.asarray(values, dtype=np.float64).ravel()
+        else:
+            a = np.fromiter((float(v) for v in values), dtype=np.float64)
         self._reserve(len(a))
         self._buf[self._n : self._n + len(a)] = a
         self._n += len(a)
