@@ -15,9 +15,12 @@ searched in well under 200 MB. The watermark core does the work, unchanged:
   markers) are whole-signal functions, so they run on one window of the file at a time: each
   window owns a stretch of the file (a minute by default) and reads seconds of context either
   side, enough that every search of a marker it owns sees exactly the audio a whole-file run
-  would. ``follow_markers`` also carries state from marker to marker (the last delay, whether
-  the stream drifts): each window replays the 16 sent markers before its own to rebuild it, and
-  lists the next send of each payload after them, which bounds their search as in a whole run.
+  would. A series' missing markers are predicted once for the whole file, and a window owns
+  those predicted in its stretch (owned by where a window found them, a marker on a window's
+  edge was listed twice or not at all). ``follow_markers`` also carries state from marker to
+  marker (the last delay, whether the stream drifts): each window replays the 16 sent markers
+  before its own to rebuild it, and lists the next send of each payload after them, which
+  bounds their search as in a whole run.
   Memory then grows with ``--max-delay`` (the window reaches that far past its last marker).
 """
 
@@ -37,7 +40,7 @@ import soundfile as sf
 from probe.audio.fixtures import F32, open_audio
 from probe.errors import ConfigError
 from probe.outfiles import check_output
-from probe.watermark.design import MARKER_S
+from probe.watermark.design import DETECT_RATE, MARKER_S
 from probe.watermark.detect import Detection, MarkerDetector
 from probe.watermark.embed import (
     ActiveLevel,
@@ -46,7 +49,7 @@ from probe.watermark.embed import (
     marker_amplitude,
     marker_positions,
 )
-from probe.watermark.informed import Sent, follow_markers, recover_missing
+from probe.watermark.informed import Sent, follow_markers, search_gaps, series_gaps
 
 __all__ = ["BLOCK_S", "WINDOW_S", "detect_file", "follow_file", "mark_file", "sent_in_file"]
 
@@ -167,14 +170,22 @@ def detect_file(
     out = [(d, "blind") for d in blind]
     if len(blind) >= 2:  # a series needs two
         with open_audio(path) as f:
-            total, own, context = int(f.frames), window_s * rate, _CONTEXT_S
-            for c0 in range(0, total, own):
-                c1 = min(total, c0 + own)
-                a, b = _window_start(c0 / rate - context, rate), min(total, c1 + context)
-                here = [_shifted(d, -a, rate) for d in blind]
-                for d in recover_missing(_read(f, a, b - a), rate, here):
-                    if c0 <= d.position + a < c1:
-                        out.append((_shifted(d, a, rate), "series"))
+            total = int(f.frames)
+            # Predicted once for the whole file: a window owns the markers predicted in its own
+            # stretch, so each is searched once. (Owned by where a window found it, a marker on
+            # a window's edge, searched by both, could be kept by both or by neither.)
+            gaps = series_gaps(blind, rate, total)
+            own = window_s * DETECT_RATE
+            for c0 in range(0, total, window_s * rate):
+                c1 = min(total, c0 + window_s * rate)
+                lo = c0 * DETECT_RATE // rate
+                mine = [g for g in gaps if lo <= g.centre < lo + own]
+                if not mine:
+                    continue
+                a = _window_start(c0 / rate - _CONTEXT_S, rate)
+                b = min(total, c1 + _CONTEXT_S * rate)  # a marker at the stretch's end, whole
+                for d in search_gaps(_read(f, a, b - a), rate, mine, first=a):
+                    out.append((_shifted(d, a, rate), "series"))
     return rate, sorted(out, key=lambda f: f[0].position)
 
 

@@ -76,6 +76,30 @@ def test_detecting_in_windows_finds_what_the_whole_file_functions_find(tmp_path:
         < 1e-4
 
 
+def test_a_marker_on_a_window_edge_is_listed_once(tmp_path: Path) -> None:
+    """Markers every 0.5 s from 0.25 s, the recording delayed 250 ms: one sits on every window
+    edge. A window read 2 samples (not 2 s) past its stretch and kept what it found inside it,
+    so such a marker was searched cut short by one window and whole by the next, and could be
+    kept by both (7201 rows for 7200 markers of a 1-hour file) or by neither (here 3 of 5 were
+    lost). Each is now owned by where the series predicts it and searched whole."""
+    rate = 16000
+    x = _speech(rate, 30.0)
+    marked, placed = embed(x, rate, lambda i: session_payload(0x5EC7, i))
+    noise = 0.9 * (_noisy(marked, x, rate) - marked)  # ~1 dB under the speech
+    shift = rate // 4  # noise alone in front: the markers start at whole half-seconds
+    y = np.concatenate([noise[:shift], marked + noise]).astype(np.float32)
+    rec = tmp_path / "rec.wav"
+    sf.write(rec, y, rate, subtype="FLOAT")
+    blind = detect_all(y, rate)
+    whole = sorted(d.sample for d in [*blind, *recover_missing(y, rate, blind)])
+    assert 2 <= len(blind) < len(placed) // 2 and len(whole) == len(placed)
+    _, got = detect_file(str(rec), block_s=1.0, window_s=5)
+    samples = [d.sample for d, _ in got]
+    assert len(samples) == len(set(samples)) == len(placed)
+    assert samples == whole
+    assert {p.sample + shift for p in placed} == set(samples)
+
+
 @pytest.mark.parametrize("series", ["session", "fixed"])
 def test_following_in_windows_finds_what_follow_markers_finds(
     series: str, tmp_path: Path
