@@ -2,7 +2,8 @@
 probe.integrations.pipecat. It runs in Pipecat's own environment (PROBE_PIPECAT_PYTHON), with
 the repository on PYTHONPATH, and prints ``PORT <n>`` when it listens.
 
-    python tests/pipecat_bot.py [--port 0]     # then ws://127.0.0.1:PORT/echo/8000, /reply/16000
+    python tests/pipecat_bot.py [--port 0]     # then ws://127.0.0.1:PORT/echo/8000, /reply/16000,
+                                               # /barge/8000
 
 The URL's path picks the stage and the pipeline's sample rate. Each connection is one pipeline,
 as Pipecat's Twilio examples build it:
@@ -14,7 +15,18 @@ as Pipecat's Twilio examples build it:
 ``echo`` turns each input audio frame into an output audio frame (the same samples); ``reply``
 hears an utterance end (HANGOVER silent 20 ms frames after sound) and REPLY_DELAY later answers
 with a 0.6 s tone as TTS audio frames, pushed at once as a TTS service does (the output transport
-paces them).
+paces them). ``barge`` is a bot with Pipecat's own interruptions, as its examples build one:
+
+    ... tap bot.in -> VADProcessor(Silero) -> UserTurnProcessor -> Talker -> tap bot.out ...
+
+Silero VAD (the model ships in the wheel; defaults: confidence 0.7, start 0.2 s, stop 0.2 s,
+min volume 0.6) tells the ``UserTurnProcessor`` the user started or stopped speaking; its
+strategies start a turn on VAD (``enable_interruptions=True``, Pipecat's default) and end it
+STOP_TIMEOUT after VAD heard the speech stop (no speech-to-text here). A turn's start broadcasts
+``UserStartedSpeakingFrame`` and an ``InterruptionFrame``: the output transport drops the audio it
+has queued and the ``TwilioFrameSerializer`` sends a Twilio ``clear``. ``Talker`` answers each
+turn's end (``UserStoppedSpeakingFrame``) with TALK_S of tone pushed at once, as a TTS service
+does, and drops a reply not yet pushed when interrupted.
 """
 
 from __future__ import annotations
@@ -35,13 +47,17 @@ if str(ROOT) not in sys.path:
 import uvicorn  # noqa: E402
 from fastapi import FastAPI, WebSocket  # noqa: E402
 from loguru import logger  # noqa: E402
+from pipecat.audio.vad.silero import SileroVADAnalyzer  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     InputAudioRawFrame,
+    InterruptionFrame,
     OutputAudioRawFrame,
     TTSAudioRawFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
+from pipecat.processors.audio.vad_processor import VADProcessor  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 from pipecat.runner.utils import parse_telephony_websocket  # noqa: E402
 from pipecat.serializers.twilio import TwilioFrameSerializer  # noqa: E402
@@ -49,6 +65,10 @@ from pipecat.transports.websocket.fastapi import (  # noqa: E402
     FastAPIWebsocketParams,
     FastAPIWebsocketTransport,
 )
+from pipecat.turns.user_start import VADUserTurnStartStrategy  # noqa: E402
+from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy  # noqa: E402
+from pipecat.turns.user_turn_processor import UserTurnProcessor  # noqa: E402
+from pipecat.turns.user_turn_strategies import UserTurnStrategies  # noqa: E402
 from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from probe.integrations.pipecat import ProbeTapProcessor  # noqa: E402
@@ -56,6 +76,8 @@ from probe.integrations.pipecat import ProbeTapProcessor  # noqa: E402
 REPLY_DELAY = 0.3
 HANGOVER = 25
 LOUD = 64  # int16: above the resampler's tail after speech, far below speech
+TALK_S = 2.0  # the barge stage's reply
+STOP_TIMEOUT = 0.6  # Pipecat's default user_speech_timeout
 
 
 class Echo(FrameProcessor):
@@ -115,13 +137,62 @@ class Replier(FrameProcessor):
             )
 
 
+class Talker(FrameProcessor):
+    """Answers each user turn with TALK_S of tone, all pushed at once; an interruption drops a
+    reply not yet pushed (what was pushed is the output transport's to drop)."""
+
+    def __init__(self, rate: int) -> None:
+        super().__init__()
+        self._rate = rate
+        self._tone = _tone(rate, TALK_S)
+        self._task: asyncio.Task[None] | None = None
+
+    async def process_frame(self, frame: Any, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            return
+        if isinstance(frame, InterruptionFrame) and self._task is not None:
+            await self.cancel_task(self._task)
+            self._task = None
+        elif isinstance(frame, UserStoppedSpeakingFrame) and direction == FrameDirection.DOWNSTREAM:
+            self._task = self.create_task(self._reply())
+        await self.push_frame(frame, direction)
+
+    async def _reply(self) -> None:
+        for chunk in self._tone:
+            await self.push_frame(
+                TTSAudioRawFrame(audio=chunk, sample_rate=self._rate, num_channels=1)
+            )
+        self._task = None
+
+
+def _stage(mode: str, rate: int) -> list[FrameProcessor]:
+    if mode == "echo":
+        return [Echo()]
+    if mode == "reply":
+        return [Replier(rate)]
+    turns = UserTurnStrategies(
+        start=[VADUserTurnStartStrategy()],
+        stop=[
+            SpeechTimeoutUserTurnStopStrategy(
+                user_speech_timeout=STOP_TIMEOUT, wait_for_transcript=False
+            )
+        ],
+    )
+    return [
+        VADProcessor(vad_analyzer=SileroVADAnalyzer()),
+        UserTurnProcessor(user_turn_strategies=turns),
+        Talker(rate),
+    ]
+
+
 def make_app() -> FastAPI:
     app = FastAPI()
 
     @app.websocket("/{mode}/{rate}")
     async def twilio(websocket: WebSocket, mode: str, rate: int) -> None:
-        if mode not in ("echo", "reply"):
-            await websocket.close(1008, "the path is /echo/RATE or /reply/RATE")
+        if mode not in ("echo", "reply", "barge"):
+            await websocket.close(1008, "the path is /echo/RATE, /reply/RATE or /barge/RATE")
             return
         await websocket.accept()
         _, call_data = await parse_telephony_websocket(websocket)
@@ -139,12 +210,11 @@ def make_app() -> FastAPI:
                 serializer=serializer,
             ),
         )
-        stage = Echo() if mode == "echo" else Replier(rate)
         pipeline = Pipeline(
             [
                 transport.input(),
                 ProbeTapProcessor(hop="bot.in", frames="input", context=call_data),
-                stage,
+                *_stage(mode, rate),
                 ProbeTapProcessor(hop="bot.out", context=call_data),
                 transport.output(),
             ]
