@@ -104,3 +104,15 @@ def test_no_clear_is_missed_in_twilio() -> None:
     out += tr.close()
     clear = _figures(out, "clear")
     assert clear and clear[0].latency_s is None and clear[0].why == "no clear event"
+
+
+def test_a_barge_in_open_at_the_end_is_judged_at_that_time() -> None:
+    tr = BargeTracker("s", silence_s=0.2)
+    out = _play(tr, 0.0, 1.0, loud_until=None)
+    out += tr.barge(0.8)
+    out += tr.ended(1.8)
+    # Nothing more arrives; the stream ends at 2.0.
+    out += tr.tick(2.0) + tr.close()
+    fig = _figures(out, "barge_in")
+    assert [f.latency_s for f in fig] == [pytest.approx(0.2)]
+    assert [e for e in out if isinstance(e, BargeDone)] == [BargeDone("s", False)]

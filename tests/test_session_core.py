@@ -120,9 +120,10 @@ def test_a_barge_in_fills_the_gap_with_speech_from_the_requested_time() -> None:
         msg = core.message(n)
         s = core.sent(n, base + n * core.frame_s, 0.0)
         sent.append((bytes(msg), s))
-    starts = [(n, s.barge) for n, (_, s) in enumerate(sent) if s.barge is not None]
-    assert len(starts) == 1
-    n0, (t0, t1) = starts[0]
+    starts = [(n, s.barge_start) for n, (_, s) in enumerate(sent) if s.barge_start is not None]
+    ends = [s.barge_end for _, s in sent if s.barge_end is not None]
+    assert len(starts) == 1 and len(ends) == 1
+    (n0, t0), t1 = starts[0], ends[0]
     assert n0 == 75 and abs(t0 - (base + 1.5)) < 1e-9
     # It stops where the next utterance begins (2.5 s), 1 s of speech at most.
     assert abs(t1 - (base + 2.5)) < 1e-9
@@ -131,11 +132,19 @@ def test_a_barge_in_fills_the_gap_with_speech_from_the_requested_time() -> None:
     assert np.sqrt(np.mean(x[int(1.5 * 16000) : int(2.5 * 16000)] ** 2)) > 0.01
 
 
+def test_no_barge_in_shorter_than_half_a_second() -> None:
+    core = _core(reply=True, utterance_s=1.0, gap_s=1.0, duration_s=3.0)
+    core.sent(0, 0.0, 0.0)
+    core.request_barge(1.6)  # 0.4 s before the next utterance
+    assert all(core.sent(n, n * core.frame_s, 0.0).barge_start is None
+               for n in range(1, core.n_frames) if core.message(n) is not None)
+
+
 def test_no_barge_in_over_the_probes_own_utterance() -> None:
     core = _core(reply=True, utterance_s=1.0, gap_s=1.0, duration_s=3.0)
     core.sent(0, 0.0, 0.0)
     core.request_barge(0.5)
-    assert all(core.sent(n, n * core.frame_s, 0.0).barge is None
+    assert all(core.sent(n, n * core.frame_s, 0.0).barge_start is None
                for n in range(1, core.n_frames) if core.message(n) is not None)
 
 

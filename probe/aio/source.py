@@ -155,7 +155,7 @@ async def run_session(
         code, reason = close_of(exc)
         result.error = core.closed(code, reason, rec.frames_sent)
     finally:
-        rec.close()
+        rec.close(clock())
         await ws.close()
     result.frames_sent = rec.frames_sent
     if result.error is None:

@@ -175,7 +175,7 @@ def run_session(
     finally:
         if receiving is not None:
             receiving.kill(block=False)
-        rec.close()
+        rec.close(clock())
         ws.close()
     out.frames_sent = rec.frames_sent
     if out.error is None:

@@ -20,6 +20,7 @@ Not thread-safe: feed one tracker from one thread.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,7 @@ class BargeTracker:
         session: str,
         *,
         threshold_dbfs: float = -40.0,
-        silence_s: float = 0.3,
+        silence_s: float = 0.2,
         min_loud_s: float = 0.03,
         timeout_s: float = 10.0,
         expect_clear: bool = False,
@@ -82,12 +83,18 @@ class BargeTracker:
     def active(self) -> bool:
         return self._barge is not None
 
-    def barge(self, t0: float, t1: float) -> list[Figure | BargeDone]:
-        """The probe's barge-in speech was sent from ``t0`` to ``t1``; an earlier barge-in
-        still open is settled first."""
+    def barge(self, t0: float, t1: float = math.inf) -> list[Figure | BargeDone]:
+        """The probe's barge-in speech began going out at ``t0`` (and ends at ``t1``, when
+        known; else :meth:`ended` says); an earlier barge-in still open is settled first."""
         out = self._settle(final=True) if self._barge is not None else []
         self._barge = _Barge(t0, t1)
         return out
+
+    def ended(self, t1: float) -> list[Figure | BargeDone]:
+        """The probe's barge-in speech was all sent by ``t1``."""
+        if self._barge is not None:
+            self._barge.t1 = t1
+        return []
 
     def clear(self, arrival: float) -> list[Figure | BargeDone]:
         """The bot sent a Twilio ``clear``: queued audio is dropped."""

@@ -123,18 +123,22 @@ def target_url(template: str, session: str) -> str:
 class Sent:
     """What handing frame ``n`` to the socket means: its lag (actual minus due), the markers it
     carried (index, send time), the utterances that ended in it (end time), its first sample's
-    send time ``at``, and, when a barge-in starts in it, the barge-in's (start, end) times."""
+    send time ``at``, and the send times of a barge-in's first sample and of the end of its last
+    frame, when a barge-in starts or ends in it."""
 
     n: int
     lag: float
     markers: tuple[tuple[int, float], ...] = ()
     utterance_ends: tuple[float, ...] = ()
     at: float = 0.0
-    barge: tuple[float, float] | None = None
+    barge_start: float | None = None
+    barge_end: float | None = None
 
 
-# Seconds of speech the probe barges in with.
+# Seconds of speech the probe barges in with, and the least it makes a barge-in of (a shorter
+# stretch of the gap is left silent: too short for a bot to hear as an interruption).
 BARGE_S = 1.0
+MIN_BARGE_S = 0.5
 
 
 class SessionCore:
@@ -254,7 +258,7 @@ class SessionCore:
                 nxt = start
                 break
         n1 = min(n0 + int(round(BARGE_S / self.frame_s)), nxt // self.frame_len)
-        if n1 <= n0:
+        if n1 - n0 < max(1, int(round(MIN_BARGE_S / self.frame_s))):
             return
         # Unmarked speech from the first utterance (or the start of the carrier), from its
         # first clearly audible sample: the barge-in is timed from its first sample sent, so
@@ -312,10 +316,13 @@ class SessionCore:
         rate = self.cfg.rate
         marks = tuple((i, t_frame + off / rate) for i, off in self._markers.get(n, ()))
         ends = tuple(t_frame + off / rate for off in self._ends.get(n, ()))
-        barge = None
-        if self._barge is not None and self._barge[0] == n:
-            barge = (t_frame, t_frame + (self._barge[1] - n) * self.frame_s)
-        return Sent(n, lag, marks, ends, t_frame, barge)
+        start = end = None
+        if self._barge is not None:
+            if self._barge[0] == n:
+                start = t_frame
+            if self._barge[1] - 1 == n:
+                end = t_frame + self.frame_s
+        return Sent(n, lag, marks, ends, t_frame, start, end)
 
     def closing(self) -> str:
         """The message that ends the stream."""
@@ -447,6 +454,7 @@ class ReplyTap:
             if barge_in_s is not None
             else None
         )
+        self._barges: set[float] = set()
 
     def utterance_end(self, t: float) -> None:
         self.tracker.utterance_end(self.session, t)
@@ -460,16 +468,24 @@ class ReplyTap:
         self.tracker.feed(self.session, samples, fmt.sample_rate, arrival)
         for end, latency in self.tracker.answers[seen:]:
             self.registry.record_reply(self.session, end, latency)
-            if self.barge_in_s is not None and self.core is not None:
+            # One barge-in per reply to the probe's own utterances, none into the answer to a
+            # barge-in (that would chain barge-ins through the gap).
+            if self.barge_in_s is not None and self.core is not None and end not in self._barges:
                 self.core.request_barge(end + latency + self.barge_in_s)
         if self.barge is not None:
             self._tell(self.barge.feed(samples, fmt.sample_rate, arrival))
 
-    def barged(self, t0: float, t1: float) -> None:
-        """The probe's barge-in speech went out from ``t0`` to ``t1``."""
+    def barged(self, t0: float) -> None:
+        """The probe's barge-in speech began going out at ``t0``."""
         if self.barge is not None:
-            self._tell(self.barge.barge(t0, t1))
+            self._tell(self.barge.barge(t0))
+
+    def barge_ended(self, t1: float) -> None:
+        """The probe's barge-in speech was all sent by ``t1``."""
+        if self.barge is not None:
+            self._tell(self.barge.ended(t1))
         # The barge-in is an utterance too: the bot's answer to it is a reply.
+        self._barges.add(t1)
         self.tracker.utterance_end(self.session, t1)
 
     def clear(self, arrival: float) -> None:
@@ -487,8 +503,10 @@ class ReplyTap:
             else:
                 self.registry.record_barge_in(ev.session, talked_over=ev.talked_over)
 
-    def close(self) -> None:
+    def close(self, now: float | None = None) -> None:
         if self.barge is not None:
+            if now is not None:
+                self._tell(self.barge.tick(now))
             self._tell(self.barge.close())
         self.tracker.close(self.session)
         for m in self.tracker.expire(float("inf")):
@@ -549,9 +567,11 @@ class SessionRecorder:
         if self.tap is not None:
             for t in s.utterance_ends:
                 self._run(self.tap.utterance_end, t)
-            if s.barge is not None:
+            if s.barge_start is not None:
                 self._barging = True
-                self._run(self.tap.barged, *s.barge)
+                self._run(self.tap.barged, s.barge_start)
+            if s.barge_end is not None:
+                self._run(self.tap.barge_ended, s.barge_end)
             if self._barging:
                 self._run(self.tap.tick, sent_at)
         return s
@@ -602,12 +622,12 @@ class SessionRecorder:
                     self._run(self.tap.feed, fmt, ev.data, arrival)
                 self.stream.feed(ev.data, arrival)
 
-    def close(self) -> None:
-        """The stream is over: the detection stream ends, pending replies and results
-        settle."""
+    def close(self, now: float | None = None) -> None:
+        """The stream is over (at ``now``, the run clock, when known): the detection stream
+        ends, pending replies, barge-ins and results settle."""
         self.stream.close()
         if self.tap is not None:
-            self._run(self.tap.close)
+            self._run(self.tap.close, now)
         if self.results is not None:
             figures, words = self.results.close()
             for f in figures:
