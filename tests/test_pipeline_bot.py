@@ -274,3 +274,18 @@ def test_configured_reply() -> None:
     assert got == pytest.approx({"reply": 0.85, "barge_in": 0.2, "clear": 0.2})
     assert configured_reply(parse_hops("bot:50ms:reply")) == pytest.approx(
         {"reply": 0.2, "barge_in": 0.1, "clear": 0.1})
+
+
+def test_the_bot_core_is_sans_io() -> None:
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "probe" / "pipeline" / "bot.py"
+    shell = {"socket", "asyncio", "gevent", "threading", "websockets", "selectors", "time"}
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    assert [n for n in names if n.split(".")[0] in shell] == []
