@@ -113,7 +113,8 @@ class ReplyConfig:
     def __post_init__(self) -> None:
         if not math.isfinite(self.stop) or not 0.0 <= self.stop <= MAX_STOP:
             raise ConfigError(
-                f"The reply's stop delay must be from 0 to {MAX_STOP:g} s, got {self.stop!r}."
+                f"The reply's stop delay (stop=) must be from 0 to {MAX_STOP:g} s, got "
+                f"{self.stop!r}."
             )
         if not math.isfinite(self.say) or not REPLY_FRAME <= self.say <= MAX_SAY:
             raise ConfigError(

@@ -455,7 +455,8 @@ def _reply_config(options: list[str], where: str) -> ReplyConfig:
     try:
         return ReplyConfig(**args)  # type: ignore[arg-type]
     except ConfigError as exc:
-        raise ConfigError(f"{where.capitalize()}: {exc}") from None
+        text = str(exc)
+        raise ConfigError(f"In {where}, {text[:1].lower()}{text[1:]}") from None
 
 
 def parse_hops(text: str) -> list[HopSpec]:
