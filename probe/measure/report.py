@@ -409,6 +409,9 @@ def format_table(report: Mapping[str, Any]) -> str:
         for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if not report["hops"]:
+        # Nothing came back to find markers in (a text or voice reply, --no-sink).
+        lines = ["no hop reported markers"]
     s = report["sessions"]
     lines.append("")
     lines.append(
