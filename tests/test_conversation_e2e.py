@@ -175,8 +175,13 @@ def test_twilio_clear_and_marks(tmp_path: Path) -> None:
     conv = report["conversation"]
     _near(conv["clear"]["latency_ms"], 150.0, "clear")
     assert conv["barge_in"]["attempts"] >= 2
-    # The bot marks the end of each reply; the probe answers them as Twilio does.
+    # The bot marks the end of each reply; the probe answers them as Twilio does, once the
+    # audio before them has played: the bot paces its reply, so at most its last frame later.
     assert conv["bot_marks"] >= 1
+    # Each is answered, or named as cut off by the end of the stream.
+    assert conv["mark"]["latency_ms"]["count"] + conv["mark"]["missed"] == conv["bot_marks"]
+    assert conv["mark"]["latency_ms"]["count"] >= 2
+    assert conv["mark"]["latency_ms"]["max"] <= 20.0 + TOLERANCE_MS
 
 
 def test_twilio_without_clear_is_a_named_miss(tmp_path: Path) -> None:

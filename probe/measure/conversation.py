@@ -16,6 +16,8 @@ the registry, which also tells the run's observers):
   final_delay    an utterance's last speech sample sent -> its final result
   barge_in       the first barge-in sample sent -> the bot's returned audio silent
   clear          the first barge-in sample sent -> the bot's Twilio ``clear`` event
+  mark           a bot's Twilio ``mark`` arrived -> the audio before it had played (the
+                 probe answers it then, as Twilio does)
   ============== ===================================================================
 
   ``latency_s`` None means the figure never happened within the marker timeout (an utterance
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 RESULT_KINDS = ("interim", "final")
-FIGURES = ("first_interim", "final_delay", "barge_in", "clear")
+FIGURES = ("first_interim", "final_delay", "barge_in", "clear", "mark")
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,6 +346,7 @@ def _conversation_lines(conv: Mapping[str, Any] | None) -> list[str]:
         ("final_delay", "final delay"),
         ("barge_in", "barge-in"),
         ("clear", "clear"),
+        ("mark", "bot marks played"),
     ):
         f = conv.get(name) or {}
         attempts = int(f.get("attempts") or 0)

@@ -204,7 +204,8 @@ class SessionCore:
         self._barge_pcm = b""
         # Twilio marks the system sent, answered when the audio before them has played.
         self._playout_end = -math.inf
-        self._marks: list[tuple[float, str]] = []
+        # (when it is answered, its name, when it arrived)
+        self._marks: list[tuple[float, str, float]] = []
 
     # -- what to send -----------------------------------------------------------------------
 
@@ -282,22 +283,33 @@ class SessionCore:
 
     def mark(self, name: str, arrival: float) -> None:
         """The system sent a ``mark``: answer it once the audio before it has played."""
-        self._marks.append((max(arrival, self._playout_end), name))
+        self._marks.append((max(arrival, self._playout_end), name, arrival))
 
     def clear(self, arrival: float) -> None:
         """The system sent ``clear``: queued audio is dropped, pending marks answered now."""
         self._playout_end = arrival
-        self._marks = [(arrival, name) for _, name in self._marks]
+        self._marks = [(arrival, name, got) for _, name, got in self._marks]
 
     def outgoing(self, now: float) -> list[str]:
         """Messages due to the system by ``now`` (Twilio: answers to its marks)."""
+        return [m for m, _, _ in self.answers(now)]
+
+    def unanswered(self) -> list[float]:
+        """The arrivals of the system's marks never answered (the stream ended first); they
+        are forgotten."""
+        out, self._marks = [got for _, _, got in self._marks], []
+        return out
+
+    def answers(self, now: float) -> list[tuple[str, float, float]]:
+        """Answers due to the system's marks by ``now``: (message, the mark's arrival, when the
+        audio before it had played)."""
         if not self._marks or self.twilio is None:
             return []
-        due = [name for t, name in self._marks if t <= now]
+        due = [(t, name, got) for t, name, got in self._marks if t <= now]
         if not due:
             return []
-        self._marks = [(t, name) for t, name in self._marks if t > now]
-        return [self.twilio.mark(name) for name in due]
+        self._marks = [m for m in self._marks if m[0] > now]
+        return [(self.twilio.mark(name), got, t) for t, name, got in due]
 
     def prepare(self, n: int) -> None:
         """Make frame ``n``'s marked audio ahead of its due time (call right after a send)."""
@@ -577,8 +589,13 @@ class SessionRecorder:
         return s
 
     def outgoing(self, now: float) -> list[str]:
-        """Messages owed to the system by ``now`` (answers to Twilio marks)."""
-        return self.core.outgoing(now)
+        """Messages owed to the system by ``now`` (answers to Twilio marks); each answered mark
+        is a timing point: from its arrival to the moment the audio before it had played."""
+        out = []
+        for message, got, played in self.core.answers(now):
+            out.append(message)
+            self.registry.record_figure(Figure(self.core.session, "mark", got, played - got))
+        return out
 
     def settled(self) -> bool:
         """Nothing more is owed by the system (every utterance sent whole has its final)."""
@@ -628,6 +645,9 @@ class SessionRecorder:
         self.stream.close()
         if self.tap is not None:
             self._run(self.tap.close, now)
+        for got in self.core.unanswered():
+            why = "the stream ended before its audio played"
+            self.registry.record_figure(Figure(self.core.session, "mark", got, None, why=why))
         if self.results is not None:
             figures, words = self.results.close()
             for f in figures:

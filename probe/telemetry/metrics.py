@@ -18,6 +18,8 @@ metric                               type       labels
 ``probe_final_delay_seconds``        histogram  target, scenario (exemplar: trace_id)
 ``probe_barge_in_latency_seconds``   histogram  target, scenario (exemplar: trace_id)
 ``probe_barge_in_clear_seconds``     histogram  target, scenario (exemplar: trace_id)
+``probe_bot_mark_played_seconds``    histogram  target, scenario (exemplar: trace_id): a bot's
+                                                Twilio mark received to its audio played
 ``probe_conversation_missed_total``  counter    target, scenario, figure (first_interim,
                                                 final_delay, barge_in, clear): it never happened
 ``probe_sessions_total``             counter    outcome (completed, failed)
@@ -96,6 +98,10 @@ _FIGURE_METRICS: dict[str, tuple[str, str]] = {
     "clear": (
         "probe_barge_in_clear_seconds",
         "The first barge-in sample sent to the bot's Twilio clear event.",
+    ),
+    "mark": (
+        "probe_bot_mark_played_seconds",
+        "A bot's Twilio mark received to the audio before it played out (answered then).",
     ),
 }
 
