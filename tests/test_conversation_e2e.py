@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from conftest import SLOW, free_port, wait_port
 
 # Loopback transit and the probe's own scheduling add a little to every configured delay.
 TOLERANCE_MS = 2.0 * SLOW
+ATTEMPTS = 3
 
 
 @contextmanager
@@ -46,6 +47,21 @@ def _run(target: str, tmp: Path, *args: str, expect_rc: int = 0) -> dict[str, An
     return report
 
 
+def _judged(
+    make: Callable[[], dict[str, Any]], check: Callable[[dict[str, Any]], None]
+) -> None:
+    """Run and check, again up to ATTEMPTS times when the check fails: the timing checks hold
+    to 2 ms, which a machine shared with other work can stall a run past."""
+    for attempt in range(ATTEMPTS):
+        report = make()
+        try:
+            check(report)
+            return
+        except AssertionError:
+            if attempt == ATTEMPTS - 1:
+                raise
+
+
 def _near(summary: dict[str, Any], configured_ms: float, what: str) -> None:
     assert summary["count"], (what, summary)
     p50 = summary["p50"]
@@ -53,9 +69,15 @@ def _near(summary: dict[str, Any], configured_ms: float, what: str) -> None:
 
 
 def test_text_results_are_timed_against_the_configured_delays(tmp_path: Path) -> None:
-    with _pipeline("stt:150ms:text") as url:
-        report = _run(url, tmp_path, "--results", "seed", "--duration", "12", "--gap", "1",
-                      "--sessions", "2", "--concurrency", "2")
+    def make() -> dict[str, Any]:
+        with _pipeline("stt:150ms:text") as url:
+            return _run(url, tmp_path, "--results", "seed", "--duration", "12", "--gap", "1",
+                        "--sessions", "2", "--concurrency", "2")
+
+    _judged(make, _check_text_results)
+
+
+def _check_text_results(report: dict[str, Any]) -> None:
     conv = report["conversation"]
     # Interims: 150 ms after the audio they cover; finals and the finalization delay: the
     # hop's 250 ms endpoint plus 150 ms; the first interim: 250 ms of speech plus 150 ms.
@@ -75,13 +97,18 @@ def test_text_results_are_timed_against_the_configured_delays(tmp_path: Path) ->
 
 @pytest.mark.parametrize("preset", ["deepgram", "generic"])
 def test_every_preset_reads_its_own_shape(tmp_path: Path, preset: str) -> None:
-    with _pipeline(f"stt:100ms:text={preset}") as url:
-        report = _run(url, tmp_path, "--results", preset, "--duration", "8", "--gap", "1")
-    conv = report["conversation"]
-    _near(conv["results"]["interim"]["latency_ms"], 100.0, "interim")
-    _near(conv["final_delay"]["latency_ms"], 350.0, "final_delay")
-    assert conv["malformed_results"] == {}
-    assert conv["wer"]["rate"] == 0.0
+    def make() -> dict[str, Any]:
+        with _pipeline(f"stt:100ms:text={preset}") as url:
+            return _run(url, tmp_path, "--results", preset, "--duration", "8", "--gap", "1")
+
+    def check(report: dict[str, Any]) -> None:
+        conv = report["conversation"]
+        _near(conv["results"]["interim"]["latency_ms"], 100.0, "interim")
+        _near(conv["final_delay"]["latency_ms"], 350.0, "final_delay")
+        assert conv["malformed_results"] == {}
+        assert conv["wer"]["rate"] == 0.0
+
+    _judged(make, check)
 
 
 def test_a_shape_that_does_not_match_counts_nothing_as_a_result(tmp_path: Path) -> None:
@@ -99,26 +126,36 @@ def test_a_shape_that_does_not_match_counts_nothing_as_a_result(tmp_path: Path) 
 
 
 def test_results_without_offsets_are_counted_not_timed(tmp_path: Path) -> None:
-    with _pipeline("stt:150ms:text:nooffsets") as url:
-        report = _run(url, tmp_path, "--results", "seed", "--duration", "8", "--gap", "1")
-    conv = report["conversation"]
-    for kind in ("interim", "final"):
-        r = conv["results"][kind]
-        assert r["count"] > 0 and r["without_offsets"] == r["count"], r
-        assert r["latency_ms"]["count"] == 0
-    # Placed by arrival instead, the utterance figures are still measured.
-    _near(conv["final_delay"]["latency_ms"], 400.0, "final_delay")
-    _near(conv["first_interim"]["latency_ms"], 400.0, "first_interim")
+    def make() -> dict[str, Any]:
+        with _pipeline("stt:150ms:text:nooffsets") as url:
+            return _run(url, tmp_path, "--results", "seed", "--duration", "8", "--gap", "1")
+
+    def check(report: dict[str, Any]) -> None:
+        conv = report["conversation"]
+        for kind in ("interim", "final"):
+            r = conv["results"][kind]
+            assert r["count"] > 0 and r["without_offsets"] == r["count"], r
+            assert r["latency_ms"]["count"] == 0
+        # Placed by arrival instead, the utterance figures are still measured.
+        _near(conv["final_delay"]["latency_ms"], 400.0, "final_delay")
+        _near(conv["first_interim"]["latency_ms"], 400.0, "first_interim")
+
+    _judged(make, check)
 
 
 def test_malformed_json_is_counted_and_the_rest_still_timed(tmp_path: Path) -> None:
-    with _pipeline("stt:150ms:text:badjson") as url:
-        report = _run(url, tmp_path, "--results", "seed", "--duration", "8", "--gap", "1")
-    conv = report["conversation"]
-    assert conv["malformed_results"].get("not JSON", 0) > 0
-    _near(conv["results"]["interim"]["latency_ms"], 150.0, "interim")
-    # Malformed results are not the return hop's protocol errors.
-    assert all(h["name"] != "return" for h in report["hops"])
+    def make() -> dict[str, Any]:
+        with _pipeline("stt:150ms:text:badjson") as url:
+            return _run(url, tmp_path, "--results", "seed", "--duration", "8", "--gap", "1")
+
+    def check(report: dict[str, Any]) -> None:
+        conv = report["conversation"]
+        assert conv["malformed_results"].get("not JSON", 0) > 0
+        _near(conv["results"]["interim"]["latency_ms"], 150.0, "interim")
+        # Malformed results are not the return hop's protocol errors.
+        assert all(h["name"] != "return" for h in report["hops"])
+
+    _judged(make, check)
 
 
 def test_a_service_that_never_finalizes_is_named_and_judged(tmp_path: Path) -> None:
@@ -152,7 +189,10 @@ def _barge_run(tmp: Path, hops: str, dialect: str = "probe") -> dict[str, Any]:
 
 
 def test_barge_in_is_timed_to_the_bot_falling_silent(tmp_path: Path) -> None:
-    report = _barge_run(tmp_path, "bot:500ms:reply:stop=100ms")
+    _judged(lambda: _barge_run(tmp_path, "bot:500ms:reply:stop=100ms"), _check_barge_in)
+
+
+def _check_barge_in(report: dict[str, Any]) -> None:
     barge = report["conversation"]["barge_in"]
     assert barge["attempts"] >= 2 and barge["talked_over"] == 0, barge
     # The bot stops 100 ms after it hears the caller; the probe sees it silent from the first
@@ -171,7 +211,11 @@ def test_a_bot_that_talks_over_the_caller_is_counted(tmp_path: Path) -> None:
 
 
 def test_twilio_clear_and_marks(tmp_path: Path) -> None:
-    report = _barge_run(tmp_path, "bot:500ms:reply:stop=150ms", "twilio")
+    _judged(lambda: _barge_run(tmp_path, "bot:500ms:reply:stop=150ms", "twilio"),
+            _check_clear_and_marks)
+
+
+def _check_clear_and_marks(report: dict[str, Any]) -> None:
     conv = report["conversation"]
     _near(conv["clear"]["latency_ms"], 150.0, "clear")
     assert conv["barge_in"]["attempts"] >= 2
