@@ -33,7 +33,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from probe.measure.stats import summarize_ms
+import numpy as np
+
+from probe.measure.stats import LatencyStats
 
 __all__ = [
     "FIGURES",
@@ -96,13 +98,18 @@ class ConversationLog:
     are left to the observers: nothing grows with the run's length."""
 
     history: bool = True
-    results: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in RESULT_KINDS})
+    # Latencies in seconds, 8 bytes each (a long run's results stay compact).
+    results: dict[str, LatencyStats] = field(
+        default_factory=lambda: {k: LatencyStats() for k in RESULT_KINDS}
+    )
     results_count: Counter[str] = field(default_factory=Counter)
     # Results that came back without offsets (no latency can be measured for them).
     results_unplaced: Counter[str] = field(default_factory=Counter)
     # Messages that looked like results but broke the configured shape, per reason.
     malformed: Counter[str] = field(default_factory=Counter)
-    figures: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in FIGURES})
+    figures: dict[str, LatencyStats] = field(
+        default_factory=lambda: {k: LatencyStats() for k in FIGURES}
+    )
     figures_missed: dict[str, Counter[str]] = field(
         default_factory=lambda: {k: Counter() for k in FIGURES}
     )
@@ -118,13 +125,13 @@ class ConversationLog:
         if r.latency_s is None:
             self.results_unplaced[r.kind] += 1
         elif self.history:
-            self.results.setdefault(r.kind, []).append(r.latency_s)
+            self.results.setdefault(r.kind, LatencyStats()).add(r.latency_s)
 
     def figure(self, f: Figure) -> None:
         if f.latency_s is None:
             self.figures_missed.setdefault(f.name, Counter())[f.why or "missed"] += 1
         elif self.history:
-            self.figures.setdefault(f.name, []).append(f.latency_s)
+            self.figures.setdefault(f.name, LatencyStats()).add(f.latency_s)
 
     def word_errors(self, w: WordErrors) -> None:
         self._errors += w.errors
@@ -137,7 +144,7 @@ class ConversationLog:
         return bool(
             sum(self.results_count.values())
             or sum(self.malformed.values())
-            or any(self.figures.values())
+            or any(len(v) for v in self.figures.values())
             or any(sum(c.values()) for c in self.figures_missed.values())
             or self._ref_words
             or self.barge_ins
@@ -150,14 +157,16 @@ class ConversationLog:
             kind: {
                 "count": self.results_count[kind],
                 "without_offsets": self.results_unplaced[kind],
-                "latency_ms": summarize_ms(self.results.get(kind, [])),
+                "latency_ms": self.results.get(kind, LatencyStats()).summary_ms(),
             }
             for kind in RESULT_KINDS
         }
         results["all"] = {
             "count": sum(self.results_count.values()),
             "without_offsets": sum(self.results_unplaced.values()),
-            "latency_ms": summarize_ms(v for k in RESULT_KINDS for v in self.results.get(k, [])),
+            "latency_ms": LatencyStats(
+                np.concatenate([self.results.get(k, LatencyStats()).values() for k in RESULT_KINDS])
+            ).summary_ms(),
         }
         out: dict[str, Any] = {
             "results": results,
@@ -166,7 +175,7 @@ class ConversationLog:
         for name in FIGURES:
             missed = self.figures_missed.get(name, Counter())
             out[name] = {
-                "latency_ms": summarize_ms(self.figures.get(name, [])),
+                "latency_ms": self.figures.get(name, LatencyStats()).summary_ms(),
                 "missed": sum(missed.values()),
                 "missed_why": dict(sorted(missed.items())),
             }
