@@ -389,6 +389,39 @@ def test_reply_mode_from_the_environment_times_each_answer(tmp_path: Path) -> No
     assert 780.0 <= float(voice["Median Response Time"]) <= 900.0, voice
 
 
+def test_text_results_and_barge_in_from_the_environment(tmp_path: Path) -> None:
+    """PROBE_RESULTS makes each text result a ``result`` entry and each utterance's figures
+    ``conversation`` entries (the reference text hop: interims 150 ms after their audio);
+    PROBE_BARGE_IN interrupts the reference reply bot (it stops 100 ms after the caller)."""
+    with pipeline("stt:150ms:text") as (url, _):
+        res = run_locust(
+            ["-f", REFERENCE, "--headless", "-u", "1", "-r", "1", "-t", "10s", "--host", url,
+             "--csv", str(tmp_path / "stt"), "--exit-code-on-error", "0"],
+            locust_env(PROBE_RESULTS="seed", PROBE_GAP_S="1", PROBE_SESSION_S="8",
+                       PROBE_NO_SINK="1"),
+        )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_csv(tmp_path / "stt_stats.csv")
+    interim = stat(rows, "result", "interim")
+    assert int(interim["Request Count"]) >= 5 and int(interim["Failure Count"]) == 0, interim
+    # Locust's median is rounded to two significant figures.
+    assert 140.0 <= float(interim["Median Response Time"]) <= 170.0, interim
+    delay = stat(rows, "conversation", "final_delay")
+    assert int(delay["Request Count"]) >= 2, delay
+    assert 390.0 <= float(delay["Median Response Time"]) <= 420.0, delay
+    with pipeline("bot:500ms:reply:stop=100ms") as (url, _):
+        res = run_locust(
+            ["-f", REFERENCE, "--headless", "-u", "1", "-r", "1", "-t", "12s", "--host", url,
+             "--csv", str(tmp_path / "bot"), "--exit-code-on-error", "0"],
+            locust_env(PROBE_REPLY="1", PROBE_BARGE_IN="0.5", PROBE_UTTERANCE_S="3",
+                       PROBE_GAP_S="4", PROBE_SESSION_S="10", PROBE_NO_SINK="1"),
+        )
+    assert res.returncode == 0, res.stderr[-3000:]
+    barge = stat(read_csv(tmp_path / "bot_stats.csv"), "conversation", "barge_in")
+    assert int(barge["Request Count"]) >= 1 and int(barge["Failure Count"]) == 0, barge
+    assert 95.0 <= float(barge["Median Response Time"]) <= 130.0, barge
+
+
 def test_a_bad_environment_value_is_one_sentence_and_exit_code_2() -> None:
     res = run_locust(
         ["-f", REFERENCE, "--headless", "-u", "1", "-r", "1", "-t", "3s",
