@@ -94,7 +94,8 @@ DEFAULT_STOP = 0.100
 DEFAULT_SAY = 2.0
 
 
-def _fmt(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``20ms``, ``1.5s`` style, as hop specs write durations."""
     ms = seconds * 1000.0
     if ms >= 1000.0 and float(ms).is_integer() and int(ms) % 1000 == 0:
         return f"{int(ms) // 1000}s"
@@ -125,9 +126,9 @@ class ReplyConfig:
         """This config's `--hops` options after `reply` (defaults left out)."""
         out: list[str] = []
         if self.stop != DEFAULT_STOP:
-            out.append(f"stop={_fmt(self.stop)}")
+            out.append(f"stop={format_duration(self.stop)}")
         if self.say != DEFAULT_SAY:
-            out.append(f"say={_fmt(self.say)}")
+            out.append(f"say={format_duration(self.say)}")
         if self.talkover:
             out.append("talkover")
         if not self.clear:

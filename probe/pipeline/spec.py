@@ -58,6 +58,7 @@ from typing import Literal
 
 from probe.errors import ConfigError
 from probe.pipeline.bot import ENDPOINT, RESUME_AFTER, ReplyConfig
+from probe.pipeline.bot import format_duration as _fmt
 
 __all__ = [
     "MAX_DELAY",
@@ -84,13 +85,6 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NUMBER = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"
 _DURATION = re.compile(rf"({_NUMBER})(ms|s)?")
 _RATE_MIN, _RATE_MAX = 8000, 48000
-
-
-def _fmt(seconds: float) -> str:
-    ms = seconds * 1000.0
-    if ms >= 1000.0 and float(ms).is_integer() and int(ms) % 1000 == 0:
-        return f"{int(ms) // 1000}s"
-    return f"{ms:g}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +208,16 @@ class HopSpec:
     def _check_text(self, where: str) -> None:
         if not isinstance(self.text, TextSpec):
             raise ConfigError(f"The text of {where} must be a TextSpec, not {self.text!r}.")
-        audio = [label for label, on in (
+        audio = self._audio_options()
+        if audio:
+            raise ConfigError(
+                f"{where.capitalize()} is a text hop and takes only text options (text=, every=, "
+                f"endpoint=, nooffsets, nofinal, badjson), not {', '.join(audio)}."
+            )
+
+    def _audio_options(self) -> list[str]:
+        """The options given that only a hop passing audio on can take."""
+        return [label for label, on in (
             ("jitter", self.jitter > 0.0), ("a delay step", self.step_delay is not None),
             ("mulaw8k/alaw8k", self.codec is not None), ("rate=", self.rate is not None),
             ("gain=", self.gain_db is not None), ("noise=", self.noise_snr_db is not None),
@@ -222,24 +225,11 @@ class HopSpec:
             ("close@", self.close_at is not None), ("garbage", self.garbage),
             ("nofork", not self.fork), ("refuse", self.refuse),
         ) if on]
-        if audio:
-            raise ConfigError(
-                f"{where.capitalize()} is a text hop and takes only text options (text=, every=, "
-                f"endpoint=, nooffsets, nofinal, badjson), not {', '.join(audio)}."
-            )
 
     def _check_reply(self, where: str) -> None:
         if not isinstance(self.reply, ReplyConfig):
             raise ConfigError(f"The reply of {where} must be a ReplyConfig, not {self.reply!r}.")
-        audio = [label for label, on in (
-            ("text", self.text is not None), ("jitter", self.jitter > 0.0),
-            ("a delay step", self.step_delay is not None),
-            ("mulaw8k/alaw8k", self.codec is not None), ("rate=", self.rate is not None),
-            ("gain=", self.gain_db is not None), ("noise=", self.noise_snr_db is not None),
-            ("loss=", self.loss_pct > 0.0), ("stall@", self.stall_at is not None),
-            ("close@", self.close_at is not None), ("garbage", self.garbage),
-            ("nofork", not self.fork), ("refuse", self.refuse),
-        ) if on]
+        audio = (["text"] if self.text is not None else []) + self._audio_options()
         if audio:
             raise ConfigError(
                 f"{where.capitalize()} is a reply hop and takes only reply options (stop=, say=, "
