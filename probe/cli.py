@@ -122,7 +122,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="serve the reference multi-hop pipeline")
     pl.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT")
-    pl.add_argument("--hops", default=DEMO_HOPS, help="e.g. a:20ms,b:35ms:mulaw8k,c:120ms")
+    pl.add_argument(
+        "--hops", default=DEMO_HOPS,
+        help="e.g. a:20ms,b:35ms:mulaw8k,c:120ms; the last hop may answer instead of passing "
+        "the audio on: stt:150ms:text (JSON text results) or bot:500ms:reply (a voice bot); "
+        "docs/commands.md",
+    )
     pl.add_argument("--dialect", choices=("probe", "twilio"), default="probe")
     pl.add_argument(
         "--idle-timeout", type=flag_type("--idle-timeout", number_rule(above=0.0, at_most=86400.0)),
