@@ -227,3 +227,13 @@ def test_word_errors() -> None:
     assert word_errors(["a", "b", "c", "d"], ["a", "b", "c"]) == 1
     assert word_errors([], ["a", "b"]) == 2
     assert set(PRESETS) == {"seed", "deepgram", "generic"}
+
+
+def test_a_stream_the_probe_cut_short_owes_no_pending_final() -> None:
+    t = _tracker()
+    _send_all(t)
+    t.receive(_generic("final", "hello there world", 0.5, 2.0), T0 + 2.3)
+    figures, words = t.close(cut=True)
+    assert figures == []
+    # Only the finalized utterance is scored.
+    assert words is not None and words.words == 3 and words.errors == 0

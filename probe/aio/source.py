@@ -122,6 +122,7 @@ async def run_session(
         else LocalStream(registry, worker, RETURN_HOP, core.audio, session, book)
     )
     rec = SessionRecorder(core, registry, stream, worker.submit)
+    stopped = False
     try:
         for message in core.opening():
             await ws.send(message)
@@ -154,8 +155,13 @@ async def run_session(
     except ConnectionClosed as exc:
         code, reason = close_of(exc)
         result.error = core.closed(code, reason, rec.frames_sent)
+    except asyncio.CancelledError:
+        # The run was stopped (a signal): the probe ended the stream, so finals still
+        # pending are not owed.
+        stopped = True
+        raise
     finally:
-        rec.close(clock())
+        rec.close(clock(), cut=stopped)
         await ws.close()
     result.frames_sent = rec.frames_sent
     if result.error is None:

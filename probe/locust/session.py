@@ -133,6 +133,7 @@ def run_session(
         core, registry, engine.sink.open_stream(RETURN_HOP, core.audio, session), _inline
     )
     receiving: Any = None
+    stopped = False
     try:
         for opening in core.opening():
             ws.send(opening)
@@ -169,13 +170,15 @@ def run_session(
         out.error = core.broken(rec.frames_sent, str(exc))
     except GreenletExit:
         # Locust stopped the user mid-session: the probe ended it, not the target. Markers
-        # already sent still settle; those never sent are not owed.
+        # already sent still settle; those never sent are not owed, nor are finals still
+        # pending.
+        stopped = True
         registry.close_session(session)
         raise
     finally:
         if receiving is not None:
             receiving.kill(block=False)
-        rec.close(clock())
+        rec.close(clock(), cut=stopped)
         ws.close()
     out.frames_sent = rec.frames_sent
     if out.error is None:

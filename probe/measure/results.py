@@ -385,9 +385,11 @@ class ResultTracker:
         """Every utterance sent whole has its final."""
         return all(st.finalized for st in self._utts if self._sent_whole(st.u) is not None)
 
-    def close(self) -> tuple[list[Figure], WordErrors | None]:
+    def close(self, *, cut: bool = False) -> tuple[list[Figure], WordErrors | None]:
         """The stream is over: utterances sent whole and never finalized are missed; the
-        session's word errors (None when no utterance sent whole has a script)."""
+        session's word errors (None when no utterance sent whole has a script). ``cut``: the
+        probe ended the stream early, so an utterance not yet finalized is not owed (no miss,
+        and not scored)."""
         figures: list[Figure] = []
         hyp: list[str] = []
         ref: list[str] = []
@@ -397,6 +399,8 @@ class ResultTracker:
             if ended is None:
                 continue
             ended += 1.0 / self.rate
+            if cut and not st.finalized:
+                continue
             if not st.finalized:
                 why = "no final before the stream ended"
                 figures.append(Figure(self.session, "final_delay", ended, None, why=why,

@@ -639,9 +639,10 @@ class SessionRecorder:
                     self._run(self.tap.feed, fmt, ev.data, arrival)
                 self.stream.feed(ev.data, arrival)
 
-    def close(self, now: float | None = None) -> None:
+    def close(self, now: float | None = None, *, cut: bool = False) -> None:
         """The stream is over (at ``now``, the run clock, when known): the detection stream
-        ends, pending replies, barge-ins and results settle."""
+        ends, pending replies, barge-ins and results settle. ``cut``: the probe itself ended
+        the stream early (a load test stopping), so finals still pending are not owed."""
         self.stream.close()
         if self.tap is not None:
             self._run(self.tap.close, now)
@@ -649,7 +650,7 @@ class SessionRecorder:
             why = "the stream ended before its audio played"
             self.registry.record_figure(Figure(self.core.session, "mark", got, None, why=why))
         if self.results is not None:
-            figures, words = self.results.close()
+            figures, words = self.results.close(cut=cut)
             for f in figures:
                 self.registry.record_figure(f)
             if words is not None:
