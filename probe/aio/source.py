@@ -136,7 +136,7 @@ async def run_session(
                 await asyncio.sleep(delay)
             if receiving.done():
                 break
-            for owed in rec.outgoing(clock()):
+            for owed in rec.outgoing(clock()) if core.owes else ():
                 await ws.send(owed)
             lag = loop.time() - due
             sent_at = clock()

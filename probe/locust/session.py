@@ -147,7 +147,7 @@ def run_session(
                 gevent.sleep(delay)
             if receiving.ready():
                 break
-            for owed in rec.outgoing(clock()):
+            for owed in rec.outgoing(clock()) if core.owes else ():
                 ws.send(owed)
             message = core.message(n)
             lag = monotonic() - due

@@ -237,6 +237,8 @@ class SessionCore:
         self._barge_req = at
 
     def _barge_frame(self, n: int) -> bytes | None:
+        if self._barge_req is None and self._barge is None:
+            return None
         if self._barge_req is not None and self._t0 is not None:
             at, self._barge_req = self._barge_req, None
             self._plan_barge(max(n, math.ceil((at - self._t0) / self.frame_s - 1e-9)))
@@ -293,6 +295,11 @@ class SessionCore:
     def outgoing(self, now: float) -> list[str]:
         """Messages due to the system by ``now`` (Twilio: answers to its marks)."""
         return [m for m, _, _ in self.answers(now)]
+
+    @property
+    def owes(self) -> bool:
+        """Whether any answer to the system is pending (cheap: checked before every frame)."""
+        return bool(self._marks)
 
     def unanswered(self) -> list[float]:
         """The arrivals of the system's marks never answered (the stream ended first); they
