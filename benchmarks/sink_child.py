@@ -12,9 +12,11 @@ nothing else on the machine competes with it from this benchmark:
 
 Per variant and round it prints the child's CPU per stream-second and the markers detected out
 of those sent. The variants alternate
-(``--rounds``), so drift in the machine's load falls on both.
+(``--rounds``), so drift in the machine's load falls on both. ``--before DIR`` compares code
+instead (both on uvloop): the child run from the ``probe`` package of another checkout (e.g. a
+``git worktree`` of the last commit) against this one's.
 
-    python benchmarks/sink_child.py [--streams 100] [--hold 15] [--rounds 2]
+    python benchmarks/sink_child.py [--streams 100] [--hold 15] [--rounds 2] [--before DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from probe.aio import sinkproc
 from probe.aio.sinkproc import SinkProcess
 from probe.measure.health import GeneratorHealth
 from probe.measure.registry import SessionRegistry
@@ -66,6 +69,9 @@ run(main())
 """
 
 
+_own_root = sinkproc._import_root
+
+
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -80,8 +86,12 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def one_round(variant: str, streams: int, hold_s: float, only: str | None = None) -> str:
-    os.environ["PROBE_UVLOOP"] = "1" if variant == "uvloop" else "0"
+async def one_round(
+    variant: str, streams: int, hold_s: float, only: str | None = None, root: str | None = None
+) -> str:
+    os.environ["PROBE_UVLOOP"] = "0" if variant == "asyncio" else "1"
+    # The child imports probe from ``root`` (another checkout) when given, else from this one.
+    sinkproc._import_root = (lambda: root) if root else _own_root  # type: ignore[assignment]
     health = GeneratorHealth()
     registry = SessionRegistry(clock=time.time, health=health)
     sink = SinkProcess(registry)
@@ -154,12 +164,18 @@ async def main() -> None:
     ap.add_argument("--streams", type=int, default=100)
     ap.add_argument("--hold", type=float, default=12.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--before", default=None, metavar="DIR",
+                    help="compare the child run from DIR's probe package (before) with this one's")
     ap.add_argument("--parts", action="store_true",
                     help="also run the forks alone and the return direction alone (uvloop)")
     args = ap.parse_args()
     print(f"sink child, {args.streams} sessions of {SESSION_S:g} s: one fork (WebSocket) + the "
           f"return direction (socket pair) each, 16 kHz pcm16, 20 ms frames, markers every 0.5 s")
     for _ in range(args.rounds):
+        if args.before:
+            print(await one_round("before", args.streams, args.hold, root=args.before), flush=True)
+            print(await one_round("after", args.streams, args.hold), flush=True)
+            continue
         for variant in ("asyncio", "uvloop"):
             print(await one_round(variant, args.streams, args.hold), flush=True)
     if args.parts:
