@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from probe.audio.formats import decode, encode
-from probe.errors import ConfigError
+from probe.errors import ConfigError, ProtocolError
 from probe.pipeline import (
     Emission,
     HopCore,
@@ -254,3 +254,72 @@ def test_reframing_for_twilio() -> None:
     out = _run(core, x, AudioFormat("pcm_s16le", 8000), chunk=137, period=137 / 8000)
     assert all(len(e.data) == 160 for e in out)
     assert sum(len(e.data) for e in out) == 4000
+
+
+# --- pass-through ------------------------------------------------------------------------------
+
+
+def _raw_run(core: HopCore, chunks: list[bytes], period: float = 0.02) -> list[Emission]:
+    out = []
+    for i, chunk in enumerate(chunks):
+        out += core.push(chunk, T0 + i * period)
+    out += core.finish(T0 + len(chunks) * period + 0.001)
+    return out
+
+
+MULAW8K = AudioFormat("mulaw", 8000)
+PCM8K = AudioFormat("pcm_s16le", 8000)
+
+
+@pytest.mark.parametrize(("fmt", "spec_text", "out", "frame"), [
+    (PCM16K, "a:20ms", None, None),
+    (PCM16K, "a:30ms~25ms->200ms@0.3s:stall@0.7s", None, None),
+    (MULAW8K, "a:40ms~10ms", None, None),  # a hop emits pcm16: mu-law to pcm16 by table
+    (AudioFormat("alaw", 8000), "a:0", None, None),
+    (PCM8K, "codec:35ms:mulaw8k", None, None),  # a codec at the rate it already has
+    (MULAW8K, "codec:35ms~5ms:alaw8k", None, None),
+    (PCM8K, None, MULAW8K, 160),  # the return of a Twilio session: 20 ms media frames
+    (PCM16K, None, PCM16K, 160),
+])
+def test_pass_through_is_byte_identical_to_the_float_path(
+        fmt: AudioFormat, spec_text: str | None, out: AudioFormat | None,
+        frame: int | None) -> None:
+    spec = None if spec_text is None else parse_hops(spec_text)[0]
+    out_fmt = out if spec is None else output_format(spec, fmt)
+    assert out_fmt is not None
+    rng = np.random.default_rng(7)
+    # every code, full-scale samples included, in chunks of uneven length (partial frames)
+    sizes = rng.integers(0, 400, 60) * fmt.sample_width
+    chunks = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in sizes]
+    fast = HopCore(fmt, out_fmt, t0=T0, seed="s", spec=spec, frame_samples=frame)
+    slow = HopCore(fmt, out_fmt, t0=T0, seed="s", spec=spec, frame_samples=frame)
+    assert fast.passthrough
+    slow.passthrough = False  # the float path: decode, resample, transform, encode
+    got, want = _raw_run(fast, chunks), _raw_run(slow, chunks)
+    assert len(want) > 10
+    assert got == want
+    assert fast.stalled == slow.stalled
+
+
+@pytest.mark.parametrize(("fmt", "spec_text"), [
+    (PCM16K, "a:20ms:mulaw8k"), (PCM16K, "a:20ms:alaw8k"), (PCM16K, "a:20ms:gain=-6"),
+    (PCM16K, "a:20ms:noise=30"), (PCM16K, "a:20ms:loss=5"), (PCM16K, "a:20ms:rate=8000"),
+    (PCM8K, "a:20ms:mulaw8k:gain=0"), (MULAW8K, "a:20ms:rate=16000"),
+])
+def test_a_hop_that_changes_the_audio_does_not_pass_through(fmt: AudioFormat,
+                                                            spec_text: str) -> None:
+    spec = parse_hops(spec_text)[0]
+    assert not HopCore(fmt, output_format(spec, fmt), t0=T0, seed="s", spec=spec).passthrough
+
+
+def test_float_samples_do_not_pass_through() -> None:
+    f32 = AudioFormat("pcm_f32le", 16000)
+    assert not HopCore(f32, PCM16K, t0=T0, seed="s", spec=parse_hops("a:20ms")[0]).passthrough
+    assert not HopCore(PCM16K, f32, t0=T0, seed="s").passthrough
+    assert HopCore(PCM16K, PCM16K, t0=T0, seed="s").passthrough
+
+
+def test_pass_through_rejects_a_partial_sample() -> None:
+    core = HopCore(PCM16K, PCM16K, t0=T0, seed="s", spec=parse_hops("a:20ms")[0])
+    with pytest.raises(ProtocolError):
+        core.push(b"\x00\x01\x02", T0)

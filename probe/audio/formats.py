@@ -7,6 +7,7 @@ byte-exact with libsndfile's (what `soundfile` writes for subtypes ULAW and ALAW
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal, get_args
 
 import numpy as np
@@ -155,3 +156,45 @@ def decode(data: bytes, enc: Encoding) -> F32:
     codes = np.frombuffer(data, dtype=np.uint8)
     table = MULAW_TO_INT16 if enc == "mulaw" else ALAW_TO_INT16
     return int16_to_float(table[codes])
+
+
+
+# --- conversions by table ----------------------------------------------------------------------
+# A hop that only delays audio (or changes one integer encoding into another at the same rate)
+# would decode each chunk to float and encode it back. Between the integer encodings that is a
+# fixed map of each sample's code, so it is tabulated once, from `decode` and `encode`
+# themselves, and applied with one lookup. (pcm16 to pcm16 is not quite the identity: decoding
+# divides by 32768 and encoding multiplies by 32767, so samples above half scale lose one step.)
+
+TABLE_ENCODINGS: tuple[Encoding, ...] = ("pcm_s16le", "mulaw", "alaw")
+
+
+@cache
+def _table(src: Encoding, dst: Encoding) -> npt.NDArray[np.uint8 | np.uint16] | bytes:
+    every = np.arange(65536, dtype="<u2").tobytes() if src == "pcm_s16le" else bytes(range(256))
+    out = encode(decode(every, src), dst)
+    if src != "pcm_s16le" and dst != "pcm_s16le":
+        return out  # one byte to one byte: bytes.translate
+    return np.frombuffer(out, dtype="<u2" if dst == "pcm_s16le" else np.uint8)
+
+
+def transcode(data: bytes, src: Encoding, dst: Encoding) -> bytes:
+    """Exactly ``encode(decode(data, src), dst)``, without the float samples in between, for
+    `src` and `dst` in `TABLE_ENCODINGS` (a trailing partial sample is a ProtocolError)."""
+    if src not in TABLE_ENCODINGS or dst not in TABLE_ENCODINGS:
+        raise ConfigError(f"No table from {src!r} to {dst!r}; both must be one of "
+                          f"{', '.join(TABLE_ENCODINGS)}.")
+    table = _table(src, dst)
+    if isinstance(table, bytes):
+        return data.translate(table)
+    if src == "pcm_s16le":
+        if len(data) % 2:
+            raise ProtocolError(
+                f"Audio payload of {len(data)} bytes is not a whole number of 2-byte "
+                f"{src} samples."
+            )
+        codes = np.frombuffer(data, dtype="<u2")
+    else:
+        codes = np.frombuffer(data, dtype=np.uint8)
+    out: bytes = table[codes].tobytes()
+    return out
