@@ -23,9 +23,12 @@ fine, including empty ones.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -117,29 +120,59 @@ def whiten(x: F64) -> F64:
 
 
 class _Clock:
-    """Maps stream sample indices to arrival times from the blocks' arrival stamps."""
+    """Maps stream sample indices to arrival times from the blocks' arrival stamps.
+
+    The stamps are two lists (first samples, increasing, and their arrival times) searched by
+    bisection; forgotten stamps are skipped by ``_head`` and cut off in bulk now and then, so a
+    stamp costs two appends and a look-up is logarithmic in the few seconds of stamps kept."""
 
     def __init__(self, rate: int) -> None:
         self._rate = rate
-        self._marks: deque[tuple[int, float]] = deque()
+        self._samples: list[int] = []
+        self._arrivals: list[float] = []
+        self._head = 0  # the first stamp not forgotten
 
     def stamp(self, first_sample: int, arrival: float) -> None:
-        self._marks.append((first_sample, arrival))
+        self._samples.append(first_sample)
+        self._arrivals.append(arrival)
+
+    def stamps(self, first: int, offsets: Sequence[int], arrivals: Sequence[float]) -> None:
+        """Several stamps at once: ``first + offsets[i]`` arrived at ``arrivals[i]``."""
+        self._samples.extend([first + o for o in offsets])
+        self._arrivals.extend(arrivals)
 
     def time_of(self, sample: float) -> float:
-        chosen: tuple[int, float] | None = None
-        for mark in self._marks:
-            if mark[0] <= sample:
-                chosen = mark
-            else:
-                break
-        if chosen is None:
-            chosen = self._marks[0] if self._marks else (0, 0.0)
-        return chosen[1] + (sample - chosen[0]) / self._rate
+        samples = self._samples
+        head = self._head
+        if head == len(samples):
+            return 0.0 + (sample - 0) / self._rate
+        # The last stamp at or before ``sample``; the first one kept when none is.
+        k = max(head, bisect.bisect_right(samples, sample, head) - 1)
+        return self._arrivals[k] + (sample - samples[k]) / self._rate
+
+    def sample_at(self, arrival: float) -> tuple[int, float] | None:
+        """The last stamp (first sample, arrival) whose arrival is at or before ``arrival`` (the
+        first one kept when none is); None without stamps."""
+        head = self._head
+        arrivals = self._arrivals
+        if head == len(arrivals):
+            return None
+        k = max(head, bisect.bisect_right(arrivals, arrival, head) - 1)
+        return self._samples[k], arrivals[k]
 
     def forget_before(self, sample: float) -> None:
-        while len(self._marks) > 1 and self._marks[1][0] <= sample:
-            self._marks.popleft()
+        """Forget the stamps before the last one at or before ``sample`` (one is always kept)."""
+        samples = self._samples
+        head = self._head
+        n = len(samples)
+        if n - head <= 1 or samples[head + 1] > sample:
+            return
+        head = min(n - 1, bisect.bisect_right(samples, sample, head + 1) - 1)
+        if head >= 256 and 2 * head >= n:
+            del samples[:head]
+            del self._arrivals[:head]
+            head = 0
+        self._head = head
 
 
 class MarkerDetector:
@@ -428,6 +461,7 @@ def _decode_symbols(segs: F64, delay: F64 | None = None) -> bytes | None:
     return None
 
 
+@lru_cache(maxsize=4096)
 def _fast_len(n: int) -> int:
     """Smallest 2**a * 3**b * 5**c >= n: FFT sizes pocketfft handles fastest."""
     best = 1 << int(np.ceil(np.log2(max(n, 1))))

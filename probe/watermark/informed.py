@@ -38,7 +38,6 @@ audio, other sessions' audio and neighbour markers against the templates).
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -187,9 +186,14 @@ class _Template:
         return s
 
 
-# Making a template takes about 20 us; a large cache only costs memory (12 kB per payload: 4096
-# of them are 50 MB in a sink child), so it holds what the open searches reuse.
-@lru_cache(maxsize=64)
+# Making a template takes about 20 us, its spectrum for a search as long again; a large cache only
+# costs memory (12 kB per payload and about 15 kB per FFT size searched: 4096 of them are over
+# 100 MB in a sink child), so it holds what the open searches reuse. Both streams of a session (its
+# fork and its return direction) search each of its markers, and at load every session's streams
+# reach their search blocks at about the same time: with room for 64, the 200 streams of 100
+# sessions made each template twice (measured: 3556 made for 2000 payloads, 4000 searches); 512
+# holds all of 256 sessions' markers over a second.
+@lru_cache(maxsize=512)
 def _template(payload: bytes) -> _Template:
     wave = marker_waveform(payload, DETECT_RATE).astype(np.float64)
     data = np.ascontiguousarray(wave[_N : _N + _DATA])
@@ -535,10 +539,6 @@ class Whitener:
         return out[:span]
 
 
-def _arrival(mark: tuple[int, float]) -> float:
-    return mark[1]
-
-
 def _drifted(last: tuple[float, float] | None, position: float, send_time: float) -> bool:
     """Whether the stream's audio moved against its send clock between two hits (a jitter
     buffer or tempo change stretched it, or frames were dropped): their distance in the stream
@@ -631,8 +631,7 @@ class InformedDetector:
         n = int(np.size(samples))
         if n == 0:
             return []
-        for offset, arrival in stamps:
-            self._clock.stamp(self._fed + offset, float(arrival))
+        self._clock.stamps(self._fed, [o for o, _ in stamps], [float(a) for _, a in stamps])
         self._fed += n
         self._pending_raw.append(samples)
         self._pending_n += n
@@ -696,11 +695,9 @@ class InformedDetector:
 
     def _index_of(self, t: float) -> float:
         """The 8 kHz stream index of arrival time ``t`` (the inverse of the arrival clock)."""
-        marks = self._clock._marks
-        if not marks:
+        chosen = self._clock.sample_at(t)
+        if chosen is None:
             return 0.0
-        k = bisect.bisect_right(marks, t, key=_arrival) - 1
-        chosen = marks[max(k, 0)]
         return (chosen[0] + (t - chosen[1]) * self.rate) * DETECT_RATE / self.rate
 
     def _search(self, *, final: bool) -> list[Detection]:
