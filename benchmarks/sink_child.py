@@ -95,7 +95,14 @@ async def one_round(
     health = GeneratorHealth()
     registry = SessionRegistry(clock=time.time, health=health)
     sink = SinkProcess(registry)
-    url = await sink.start("127.0.0.1", 0)
+    # ``python -m`` puts the working directory first on the child's path: start it in ``root``.
+    here = os.getcwd()
+    if root:
+        os.chdir(root)
+    try:
+        url = await sink.start("127.0.0.1", 0)
+    finally:
+        os.chdir(here)
     registry.add_send_listener(sink.expect)
     cfg = SourceConfig(target="ws://unused/", fixture=FIXTURE, duration_s=SESSION_S)
     pid = sink._proc.pid if sink._proc is not None else 0
