@@ -32,8 +32,10 @@ from probe.watermark.informed import Expected, InformedDetector
 log = logging.getLogger(__name__)
 
 _REPLAY_S = 3.0
-# An informed stream holds this many frames and decodes and feeds them together (the detector
-# searches every 0.5 s anyway): one decode and one feed call instead of one per frame.
+# An informed stream holds its frames and decodes and feeds them together: one decode and one
+# feed call per search block of the detector (0.5 s) instead of one per frame. The detector
+# searches when a feed brings it a whole block; feeds are offered every _HOLD_FRAMES frames, so
+# the searches fall exactly where feeding every _HOLD_FRAMES frames put them.
 _HOLD_FRAMES = 5
 
 
@@ -70,6 +72,7 @@ class HopStream:
         # Frames of an informed stream not yet decoded: their bytes and arrival times.
         self._held: list[bytes] = []
         self._held_at: list[float] = []
+        self._held_n = 0  # samples in _held
 
     @property
     def informed(self) -> bool:
@@ -114,10 +117,13 @@ class HopStream:
             return
         if not self._started:
             self._start_detector()
-        if self._informed is not None:
-            self._held.append(data if usable == len(data) else data[:usable])
+        informed = self._informed
+        if informed is not None:
+            held = self._held
+            held.append(data if usable == len(data) else data[:usable])
             self._held_at.append(arrival)
-            if len(self._held) >= _HOLD_FRAMES:
+            self._held_n += usable // self.audio.sample_width
+            if len(held) % _HOLD_FRAMES == 0 and self._held_n >= informed.until_search:
                 self._feed_held()
             return
         samples = decode(data[:usable], self.audio.encoding)
@@ -161,15 +167,17 @@ class HopStream:
         if not self._held or self._informed is None:
             return
         width = self.audio.frame_width
-        stamps: list[tuple[int, float]] = []
+        offsets: list[int] = []
         offset = 0
-        for data, at in zip(self._held, self._held_at, strict=True):
-            stamps.append((offset, at))
+        for data in self._held:
+            offsets.append(offset)
             offset += len(data) // width
         samples = decode(b"".join(self._held), self.audio.encoding)
-        self._held.clear()
-        self._held_at.clear()
-        self._record(self._informed.feed_frames(samples, stamps))
+        arrivals = self._held_at
+        self._held = []
+        self._held_at = []
+        self._held_n = 0
+        self._record(self._informed.feed_stamped(samples, offsets, arrivals))
 
     def _flush(self) -> list[Detection]:
         if self._informed is not None:

@@ -617,6 +617,11 @@ class InformedDetector:
         """Expected markers not yet found nor expired."""
         return len(self._expected)
 
+    @property
+    def until_search(self) -> int:
+        """Samples still to feed before the next search (a feed that brings them searches)."""
+        return self._block - self._pending_n
+
     def expect(self, marker: Expected) -> None:
         self._expected.append(_Pending(marker))
 
@@ -628,10 +633,17 @@ class InformedDetector:
     ) -> list[Detection]:
         """Several frames at once: ``samples`` concatenated, ``stamps`` the (offset in
         ``samples``, arrival time) of each frame's first sample, offsets increasing."""
+        return self.feed_stamped(samples, [o for o, _ in stamps], [float(a) for _, a in stamps])
+
+    def feed_stamped(
+        self, samples: npt.ArrayLike, offsets: Sequence[int], arrivals: Sequence[float]
+    ) -> list[Detection]:
+        """:meth:`feed_frames` with the stamps as two lists: ``offsets[i]`` arrived at
+        ``arrivals[i]``."""
         n = int(np.size(samples))
         if n == 0:
             return []
-        self._clock.stamps(self._fed, [o for o, _ in stamps], [float(a) for _, a in stamps])
+        self._clock.stamps(self._fed, offsets, arrivals)
         self._fed += n
         self._pending_raw.append(samples)
         self._pending_n += n
