@@ -182,18 +182,27 @@ class _Template:
     def spectrum(self, nfft: int) -> npt.NDArray[np.complex128]:
         s = self.spectra.get(nfft)
         if s is None:
-            s = self.spectra[nfft] = np.conj(np.fft.rfft(self.data, nfft))
+            s = np.conj(np.fft.rfft(self.data, nfft))
+            # A wide search's spectrum (up to 200 kB, a new size at every block) is not kept:
+            # it is rarely asked for again, and hundreds of them are what a sink child's memory
+            # would hold at the start of a run.
+            if nfft <= _KEPT_NFFT:
+                self.spectra[nfft] = s
         return s
 
 
-# Making a template takes about 20 us, its spectrum for a search as long again; a large cache only
-# costs memory (12 kB per payload and about 15 kB per FFT size searched: 4096 of them are over
-# 100 MB in a sink child), so it holds what the open searches reuse. Both streams of a session (its
-# fork and its return direction) search each of its markers, and at load every session's streams
-# reach their search blocks at about the same time: with room for 64, the 200 streams of 100
-# sessions made each template twice (measured: 3556 made for 2000 payloads, 4000 searches); 512
-# holds all of 256 sessions' markers over a second.
-@lru_cache(maxsize=512)
+# The largest FFT size whose template spectrum is kept: a +-60 ms window's (2700).
+_KEPT_NFFT = 4096
+
+
+# Making a template takes about 40 us, its spectrum for a search a quarter of that; a large cache
+# only costs memory (12 kB per payload and 15-22 kB per narrow FFT size searched), so it holds what
+# the open searches reuse. Both streams of a session (its fork and its return direction) search
+# each of its markers, and at load every session's streams can reach their search blocks at about
+# the same time: with room for 64, the 200 streams of 100 sessions made most templates twice
+# (measured: 3556 made for 2000 payloads, 4000 searches); 256 holds the markers of 256 sessions'
+# streams searched in turn.
+@lru_cache(maxsize=256)
 def _template(payload: bytes) -> _Template:
     wave = marker_waveform(payload, DETECT_RATE).astype(np.float64)
     data = np.ascontiguousarray(wave[_N : _N + _DATA])
