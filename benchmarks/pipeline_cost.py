@@ -8,13 +8,14 @@ schedule (start times spread over one frame), and reads the audio that comes bac
 accepts every fork and only reads it. After a warm-up, the pipeline's process CPU (user + system,
 ``/proc/PID/stat``) is sampled over a window while all N streams run, and divided by N times the
 window. Variants alternate round by round (before, after, after, before, ...), so a neighbour's
-load on a shared machine falls on both alike; the table shows each round and the median.
+load on a shared machine falls on all alike; the table shows each round and the median.
 
 The client also reports, per variant, the frames that came back in the window and the return
 latency (arrival back at the client minus the frame's send time; the hop's delay included) p50
 and p99, to show the cheaper code keeps the timing.
 
-    python benchmarks/pipeline_cost.py --before /tmp/wt_pipe [--streams 100] [--rounds 3]
+    python benchmarks/pipeline_cost.py --before /tmp/wt_pipe [--variant NAME=DIR ...]
+        [--streams 100] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ HERE = Path(__file__).resolve().parent.parent
 
 PIPELINE = """
 import asyncio, sys
+import probe
 from probe.pipeline import ReferencePipeline
 async def main():
     p = ReferencePipeline(sys.argv[2], spin=0.0)
     await p.start("127.0.0.1", int(sys.argv[1]))
-    print("ready", flush=True)
+    print("ready", probe.__file__, flush=True)
     await asyncio.Future()
 asyncio.run(main())
 """
@@ -133,12 +135,17 @@ def _env(tree: Path) -> dict[str, str]:
 
 
 def _spawn(code: str, args: list[str], tree: Path) -> subprocess.Popen[bytes]:
+    # -c puts the working directory first on sys.path, ahead of PYTHONPATH: run in the tree
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            env=_env(tree))
+                            env=_env(tree), cwd=tree)
     assert proc.stdout is not None
-    if proc.stdout.readline().strip() != b"ready":
+    line = proc.stdout.readline().decode().split()
+    if not line or line[0] != "ready":
         proc.kill()
         raise SystemExit("a child process did not start")
+    if len(line) > 1 and not Path(line[1]).resolve().is_relative_to(tree):
+        proc.kill()
+        raise SystemExit(f"the child runs {line[1]}, not the code in {tree}")
     return proc
 
 
@@ -151,7 +158,7 @@ def one_round(tree: Path, sink: str, hops: str, streams: int, warm: float,
         client = subprocess.Popen(
             [sys.executable, "-c", CLIENT, f"ws://127.0.0.1:{port}/", sink, str(streams),
              str(seconds), str(warm), str(window)],
-            stdout=subprocess.PIPE, env=_env(HERE),
+            stdout=subprocess.PIPE, env=_env(HERE), cwd=HERE,
         )
         assert client.stdout is not None
         times = json.loads(client.stdout.readline())
@@ -173,6 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", type=Path, required=True, help="source tree of the old code")
     ap.add_argument("--after", type=Path, default=HERE, help="source tree of the new code")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                    help="one more source tree to measure alongside (repeatable)")
     ap.add_argument("--streams", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warm", type=float, default=3.0, help="seconds before the window")
@@ -183,7 +192,12 @@ def main() -> None:
     sink_port = _free_port()
     sink = _spawn(SINK, [str(sink_port)], HERE)
     sink_url = f"ws://127.0.0.1:{sink_port}/"
-    variants = {"before": args.before.resolve(), "after": args.after.resolve()}
+    variants = {"before": args.before.resolve()}
+    for spec in args.variant:
+        name, _, tree = spec.partition("=")
+        variants[name] = Path(tree).resolve()
+    variants["after"] = args.after.resolve()
+    width = max(len(name) for name in variants)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     try:
         for r in range(args.rounds):
@@ -192,7 +206,7 @@ def main() -> None:
                 res = one_round(variants[name], sink_url, args.hops, args.streams, args.warm,
                                 args.window)
                 runs[name].append(res)
-                print(f"round {r + 1} {name:6s}: {res['ms']:.2f} ms CPU per stream-second "
+                print(f"round {r + 1} {name:{width}s}: {res['ms']:.2f} ms CPU per stream-second "
                       f"({res['ms'] * args.streams / 10:.1f} % of a core), "
                       f"{100 * res['back']:.1f} % of frames back, return latency "
                       f"p50 {res['p50']:.1f} ms p99 {res['p99']:.1f} ms", flush=True)
@@ -204,7 +218,7 @@ def main() -> None:
     base = statistics.median(x["ms"] for x in runs["before"])
     for name, results in runs.items():
         ms = statistics.median(x["ms"] for x in results)
-        print(f"  {name:6s} {ms:5.2f} ms CPU per stream-second "
+        print(f"  {name:{width}s} {ms:5.2f} ms CPU per stream-second "
               f"({ms * args.streams / 10:.1f} % of a core; {ms / base:.2f}x before), "
               f"return p50 {statistics.median(x['p50'] for x in results):.1f} ms "
               f"p99 {statistics.median(x['p99'] for x in results):.1f} ms")

@@ -4,23 +4,31 @@ Each ingress connection is one session. Its frames are judged by the protocol re
 (`IngressReceiver`, or `TwilioReceiver` in the Twilio dialect); a bad first message closes the
 connection with the violation's code and reason (logged at INFO: a misbehaving client is normal
 business for a server). Audio then runs through one `HopCore` per hop (`hop.py` holds the timing
-rule), each hop with a task that waits until an emission is due and then emits it: to its fork
-(a WebSocket to the session's sink, PROTOCOL.md 2) and to the next hop. After the last hop a
-zero-delay return stage converts the audio back to the ingress format and sends it on the ingress
-connection (binary frames, or Twilio `media` events of 20 ms).
+rule), each hop with one loop timer armed for its next emission, whose callback emits what is
+due: to its fork (a WebSocket to the session's sink, PROTOCOL.md 2) and to the next hop. After the
+last hop a zero-delay return stage converts the audio back to the ingress format and sends it on
+the ingress connection (binary frames, or Twilio `media` events of 20 ms) in the same call.
 
-Waiting. A task waits for an absolute due time on the loop's monotonic clock (the injected clock
-only stamps arrivals and sets the due times), so delays never accumulate. asyncio's own timers
-wake up to ~1 ms late on Linux (epoll rounds timeouts up to whole milliseconds; measured median
-0.72 ms, p90 1.15 ms), so the last `spin` seconds (default 1 ms) of each wait are spent yielding
-to the loop in a busy loop (a bare timer wait then lands a median 3 us late, p99 10 us). Measured
-with the 3-hop test chain, a hop emits (fork frame written) a median 0.13 ms after its due time,
-p95 0.5 ms, against 0.9-1.1 ms / 1.5-1.6 ms with `spin=0`; the CPU cost was lost in the noise
-(0.32-0.39 s of process CPU for a 3 s session, test client and sink included, either way). Pass
-`spin=0` for load runs with very many sessions. On loopback, in one process on a shared 2-core
-box, forked frames reach a websockets sink a median 0.3-0.6 ms after their due time (p95
-0.5-1.6 ms), and a hop's own delay seen at the sink (arrival after it minus arrival after the hop
-before) is off by a median 0.02-0.2 ms (p95 0.3-1.0 ms).
+Cost. A stage has no task of its own, and a frame is written by the sans-I/O protocol straight
+to the transport (`_write_now`) while the socket keeps up; only a fork still opening, or a peer
+that falls behind, has frames queued for a writer task that awaits `send`. A hop whose samples
+come out as they went in takes its table path (`hop.py`). Measured with
+benchmarks/pipeline_cost.py (100 streams of 16 kHz pcm16, `a:20ms`, `spin=0`, fork to a sink
+that only reads), the pipeline's CPU per stream-second went from 5.4 ms (a task per stage, float
+round trip, awaited sends) to 4.05 ms with the table path and 3.5 ms with timers and direct writes.
+
+Waiting. A stage waits for an absolute due time (the injected clock only stamps arrivals and sets
+the due times; the timer is armed for the time left on it), so delays never accumulate. asyncio's
+own timers wake up to ~1 ms late on Linux (epoll rounds timeouts up to whole milliseconds; measured
+median 0.72 ms, p90 1.15 ms), so the last `spin` seconds (default 1 ms) of each wait are spent
+yielding to the loop in a busy loop (`call_soon` until due; a bare timer wait then lands a median 3
+us late, p99 10 us). Measured with the 3-hop test chain (when each stage was a task), a hop emits
+(fork frame written) a median 0.13 ms after its due time, p95 0.5 ms, against 0.9-1.1 ms / 1.5-1.6
+ms with `spin=0`; the CPU cost was lost in the noise (0.32-0.39 s of process CPU for a 3 s session,
+test client and sink included, either way). Pass `spin=0` for load runs with very many sessions. On
+loopback, in one process on a shared 2-core box, forked frames reach a websockets sink a median
+0.3-0.6 ms after their due time (p95 0.5-1.6 ms), and a hop's own delay seen at the sink (arrival
+after it minus arrival after the hop before) is off by a median 0.02-0.2 ms (p95 0.3-1.0 ms).
 
 Faults on purpose (`spec.py`): `stall@S` (a hop stops emitting, its fork is closed without a
 stop), `close@S` (the session is torn down, ingress closed with 1011), `garbage` (a fork that
@@ -163,6 +171,28 @@ async def _sleep_until(due: float, clock: Callable[[], float], spin: float) -> N
         await asyncio.sleep(0)
 
 
+def _write_now(ws: ClientConnection | ServerConnection, message: bytes | str) -> bool:
+    """Send one message without awaiting, if websockets would not wait for it either: the
+    connection is open and the socket keeps up. Returns False (nothing sent) otherwise, and the
+    caller queues the message for a task that awaits `send` (which also raises ConnectionClosed).
+
+    This is what `send` does for a single frame (the sans-I/O protocol frames the message, the
+    bytes go to the transport), minus the coroutine and its context manager: measured with 100
+    streams, those were about a fifth of the pipeline's CPU.
+    """
+    transport = ws.transport
+    if (ws.protocol.state is not State.OPEN or transport.is_closing()
+            or transport.get_write_buffer_size() >= _DIRECT_WRITE_LIMIT):
+        return False
+    if isinstance(message, str):
+        ws.protocol.send_text(message.encode())
+    else:
+        ws.protocol.send_binary(message)
+    for data in ws.protocol.data_to_send():
+        transport.write(data)
+    return True
+
+
 class _End:
     __slots__ = ("t",)
 
@@ -176,9 +206,8 @@ _CLOSE = object()
 class _Fork:
     """One hop's fork connection.
 
-    A frame is written from the hop's own task the moment it is emitted (a websockets send does
-    not yield while the socket keeps up); only while the connection is still opening, or the
-    sink falls behind, do frames wait in a bounded queue for the writer task.
+    A frame is written the moment the hop emits it (`_write_now`); only while the connection is
+    still opening, or the sink falls behind, do frames wait in a bounded queue for the writer task.
     """
 
     def __init__(self, session: _Session, hop: str, hello: str, garbage: random.Random | None):
@@ -195,21 +224,13 @@ class _Fork:
         self._stop = True
         self._code = CLOSE_NORMAL
 
-    async def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
         if self._dead:
             return
         if self._garbage is not None:
             data = self._garbage.randbytes(len(data))
         ws = self._ws
-        if (ws is not None and not self._items and not self._busy
-                and ws.transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT):
-            self._busy = True
-            try:
-                await ws.send(data)
-            except ConnectionClosed as exc:
-                self._lost(exc)
-            finally:
-                self._busy = False
+        if ws is not None and not self._items and not self._busy and _write_now(ws, data):
             return
         if len(self._items) >= MAX_PENDING:
             self._session.warn_once(f"fork of hop {self._hop!r} fell behind; frames dropped.")
@@ -279,15 +300,22 @@ class _Fork:
 
 
 class _Stage:
-    """A hop (or the return) of one session: a `HopCore` plus the task that emits on time."""
+    """A hop (or the return) of one session: a `HopCore` whose emissions go out when due.
+
+    No task per stage: feeding it emits what is due already (a zero-delay stage emits at once,
+    in its feeder's call) and arms one loop timer for the next chunk (emissions are in due order),
+    whose callback emits every chunk then due and arms the next. With `spin`, the timer fires
+    `spin` early and the callback then yields to the loop until the due time (as `_sleep_until`).
+    """
 
     def __init__(self, session: _Session, name: str, core: HopCore) -> None:
         self.session = session
         self.name = name
         self.core = core
         self._items: deque[Emission | _End] = deque()
-        self._wake = asyncio.Event()
         self._last_due = session.t0
+        self._timer: asyncio.Handle | None = None
+        self._done = False
 
     def feed(self, data: bytes, t: float) -> None:
         self._enqueue(self.core.push(data, t))
@@ -295,7 +323,15 @@ class _Stage:
     def end(self, t: float) -> None:
         self._enqueue(self.core.finish(t))
         self._items.append(_End(t))
-        self._wake.set()
+        self._release()
+
+    def cancel(self) -> None:
+        """Emit nothing more (the session is torn down)."""
+        self._done = True
+        self._items.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _enqueue(self, emissions: list[Emission]) -> None:
         for e in emissions:
@@ -304,29 +340,45 @@ class _Stage:
                     f"hop {self.name!r} holds {MAX_PENDING} chunks (is the client sending "
                     "faster than real time?); chunks dropped."
                 )
-                return
+                break
             self._items.append(e)
         if emissions:
-            self._wake.set()
+            self._release()
 
-    async def run(self) -> None:
+    def _release(self) -> None:
+        if self._timer is None and not self._done:
+            self._run_due()
+
+    def _run_due(self) -> None:
+        self._timer = None
         pipeline = self.session.pipeline
-        while True:
-            while not self._items:
-                self._wake.clear()
-                await self._wake.wait()
-            item = self._items.popleft()
-            if isinstance(item, _End):
-                await self._ended(max(item.t, self._last_due))
-                return
-            await _sleep_until(item.due, pipeline.clock, pipeline.spin)
-            self._last_due = item.due
-            await self._emit(item)
+        items = self._items
+        try:
+            while items and not self._done:
+                item = items[0]
+                if isinstance(item, _End):
+                    items.popleft()
+                    self._done = True
+                    self._ended(max(item.t, self._last_due))
+                    return
+                wait = item.due - pipeline.clock()
+                if wait > 0.0:
+                    loop = asyncio.get_running_loop()
+                    self._timer = (loop.call_later(wait - pipeline.spin, self._run_due)
+                                   if wait > pipeline.spin else loop.call_soon(self._run_due))
+                    return
+                items.popleft()
+                self._last_due = item.due
+                self._emit(item)
+        except Exception:
+            log.error("session %s: hop %r failed", self.session.start.session, self.name,
+                      exc_info=True)
+            self.cancel()
 
-    async def _emit(self, item: Emission) -> None:
+    def _emit(self, item: Emission) -> None:
         raise NotImplementedError
 
-    async def _ended(self, t: float) -> None:
+    def _ended(self, t: float) -> None:
         raise NotImplementedError
 
 
@@ -338,15 +390,15 @@ class _Hop(_Stage):
         self.next = nxt
         self.fork = fork
 
-    async def _emit(self, item: Emission) -> None:
+    def _emit(self, item: Emission) -> None:
         if self.fork is not None:
-            await self.fork.send(item.data)
+            self.fork.send(item.data)
         observer = self.session.pipeline.observer
         if observer is not None:
             observer(self.session.start.session, self.name, item)
         self.next.feed(item.data, item.due)
 
-    async def _ended(self, t: float) -> None:
+    def _ended(self, t: float) -> None:
         if self.fork is not None:
             self.fork.finish(stop=not self.core.stalled)
         self.session.end_span(self.name, t, "the hop stalled" if self.core.stalled else None)
@@ -354,29 +406,59 @@ class _Hop(_Stage):
 
 
 class _Return(_Stage):
+    """The zero-delay stage that sends the audio back on the ingress connection: written at once
+    while the socket keeps up (`_write_now`), else queued for its writer task (`run`), which
+    also ends the connection after the last chunk."""
+
     def __init__(self, session: _Session, core: HopCore, ws: ServerConnection,
                  responder: TwilioResponder | None) -> None:
         super().__init__(session, "return", core)
         self.ws = ws
         self.responder = responder
         self._open = True
+        self._out: deque[bytes | str | object] = deque()
+        self._wake = asyncio.Event()
+        self._busy = False
 
-    async def _emit(self, item: Emission) -> None:
+    def _emit(self, item: Emission) -> None:
         if not self._open:
             return
-        try:
-            if self.responder is None:
-                await self.ws.send(item.data)
-            else:
-                await self.ws.send(self.responder.media(item.data))
-        except ConnectionClosed:
-            self._open = False
+        message = item.data if self.responder is None else self.responder.media(item.data)
+        if not self._out and not self._busy and _write_now(self.ws, message):
+            return
+        if len(self._out) >= MAX_PENDING:
+            self.session.warn_once(f"the return holds {MAX_PENDING} chunks (is the client "
+                                   "reading?); chunks dropped.")
+            return
+        self._out.append(message)
+        self._wake.set()
 
-    async def _ended(self, t: float) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            if self._open and self.responder is None:
-                await self.ws.send(to_json(Stop()))
-            await self.ws.close(CLOSE_NORMAL)
+    def _ended(self, t: float) -> None:
+        self._out.append(_CLOSE)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            while not self._out:
+                self._wake.clear()
+                await self._wake.wait()
+            item = self._out.popleft()
+            if item is _CLOSE:
+                with contextlib.suppress(ConnectionClosed):
+                    if self._open and self.responder is None:
+                        await self.ws.send(to_json(Stop()))
+                    await self.ws.close(CLOSE_NORMAL)
+                return
+            assert isinstance(item, (bytes, str))
+            if not self._open:
+                continue
+            self._busy = True
+            try:
+                await self.ws.send(item)
+            except ConnectionClosed:
+                self._open = False
+            finally:
+                self._busy = False
 
 
 class _Text:
@@ -582,8 +664,6 @@ class _Session:
         self._fork_tasks = list(self._tasks)
         self._spawn(self.bot.run() if self.bot is not None
                     else self.ret.run() if self.text is None else self.text.run())
-        for hop in self.hops:
-            self._spawn(hop.run())
         closers = [h for h in pipeline.hops if h.close_at is not None]
         if closers:
             first = min(closers, key=lambda h: h.close_at or 0.0)
@@ -632,6 +712,8 @@ class _Session:
         with contextlib.suppress(ConnectionClosed):
             await self.ws.close(CLOSE_INTERNAL,
                                 f"hop {spec.name} failed (close@{spec.close_at:g}s)")
+        for stage in (*self.hops, self.ret):
+            stage.cancel()
         for task in self._tasks:
             if task is not asyncio.current_task() and task not in self._fork_tasks:
                 task.cancel()
@@ -649,6 +731,8 @@ class _Session:
         self.cancel()
 
     def cancel(self) -> None:
+        for stage in (*self.hops, self.ret):
+            stage.cancel()
         for task in self._tasks:
             task.cancel()
         if self.otel_spans:
