@@ -158,7 +158,6 @@ def decode(data: bytes, enc: Encoding) -> F32:
     return int16_to_float(table[codes])
 
 
-
 # --- conversions by table ----------------------------------------------------------------------
 # A hop that only delays audio (or changes one integer encoding into another at the same rate)
 # would decode each chunk to float and encode it back. Between the integer encodings that is a
