@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 _START_TIMEOUT_S = 30.0
+# What the parent queues for the child within this long goes in one batch.
+_FLUSH_S = 0.01
 CAPABILITY_ENV = "PROBE_SINK_CAPABILITY"
 TLS_CERT_ENV = "PROBE_SINK_CHILD_TLS_CERT"
 TLS_KEY_ENV = "PROBE_SINK_CHILD_TLS_KEY"
@@ -482,12 +484,17 @@ class SinkProcess(SinkChild):
             self._outbox.put(msg)
 
     def _send_loop(self) -> None:
-        """One thread writes to the child: everything queued since the last write goes as one
-        batch, so a busy child gets fewer, larger messages."""
+        """One thread writes to the child: everything queued within ``_FLUSH_S`` of the first
+        message goes as one batch, so a busy child gets fewer, larger messages."""
         conn = self._conn
         assert conn is not None
         while True:
             batch = [self._outbox.get()]
+            # As the Locust shell (probe.locust.sinkproc) writes every 10 ms. Writing whatever
+            # was queued at once sent the child about one batch per frame at load: its reader
+            # and detection threads woke for each (measured, benchmarks/sink_child.py at 100
+            # sessions: 5000 batches a second). The arrival stamps are in the messages.
+            time.sleep(_FLUSH_S)
             with contextlib.suppress(queue.Empty):
                 while len(batch) < 4096:
                     batch.append(self._outbox.get_nowait())
