@@ -1,4 +1,5 @@
-"""The gevent shell of a probe session: the ``websockets`` sync client under monkey patching.
+"""The gevent shell of a probe session over :mod:`probe.locust.wsconn` (websockets' sans-I/O client
+protocol on a gevent socket).
 
 What to send, when, and what comes back means is the sans-I/O
 :class:`~probe.session.core.SessionCore` (shared with the asyncio shell in :mod:`probe.aio.source`);
@@ -8,9 +9,10 @@ this module only connects, sleeps, sends, receives and stamps:
   due time and sends, never a fixed period after a send (PROTOCOL.md section 4); in the open model
   (``from_intended``) a marker's send time is its frame's *due* time plus its offset, so a late
   probe adds its lateness to the latency instead of hiding it (no coordinated omission);
-- messages back are stamped when their bytes are read off the socket (:class:`StampedSync`), not
-  when the reading greenlet next runs; their markers are detected in the engine's sink child
-  process (:meth:`~probe.aio.sinkproc.SinkChild.open_stream`), and reply mode's tap runs inline.
+- messages back are stamped when their bytes are read off the socket and handed to the
+  recorder right there, in the session's receiving greenlet; their markers are detected in the
+  engine's sink child process (:meth:`~probe.aio.sinkproc.SinkChild.open_stream`), and reply
+  mode's tap runs inline.
 
 Every outcome ends up in the registry; :class:`SessionOutcome` adds the connect time, for Locust.
 """
@@ -18,18 +20,15 @@ Every outcome ends up in the registry; :class:`SessionOutcome` adds the connect 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import GreenletExit
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.frames import Frame, Opcode
-from websockets.sync.client import ClientConnection, connect
 
+from probe.locust.wsconn import GeventClient, open_client
 from probe.session.core import (
     RETURN_HOP,
     SessionCore,
@@ -58,32 +57,6 @@ class SessionOutcome:
     duration_s: float = 0.0
 
 
-class StampedSync(ClientConnection):
-    """A sync client connection that stamps each message with ``clock`` when its first frame is
-    parsed off the socket (the reading thread's callback), handed out in message order."""
-
-    clock: Callable[[], float] = staticmethod(time.time)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.arrivals: deque[float] = deque()
-
-    def process_event(self, event: Any) -> None:
-        if isinstance(event, Frame) and event.opcode in (Opcode.TEXT, Opcode.BINARY):
-            self.arrivals.append(self.clock())
-        super().process_event(event)
-
-    def arrival(self) -> float:
-        """The arrival time of the message just received (the clock now if unknown)."""
-        return self.arrivals.popleft() if self.arrivals else self.clock()
-
-
-@lru_cache(maxsize=8)
-def _stamped(clock: Callable[[], float]) -> type[StampedSync]:
-    """The connection class stamping with ``clock`` (one per clock, not one per session)."""
-    return type("StampedSyncClient", (StampedSync,), {"clock": staticmethod(clock)})
-
-
 def run_session(
     cfg: SourceConfig,
     engine: ProbeEngine,
@@ -106,17 +79,13 @@ def run_session(
     out.frames_total = core.n_frames
     t_connect = monotonic()
     try:
-        ws = connect(
+        ws = open_client(
             core.url,
-            legacy=True,
+            clock=clock,
             open_timeout=cfg.connect_timeout_s,
             max_size=2**22,
-            compression=None,
-            ping_interval=None,
             close_timeout=2,
-            proxy=None,
-            create_connection=_stamped(clock),
-            ssl=connect_ssl(core.url, cfg.ca_file),
+            ssl_context=connect_ssl(core.url, cfg.ca_file),
         )
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         why = f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else str(exc)
@@ -137,7 +106,7 @@ def run_session(
     try:
         for opening in core.opening():
             ws.send(opening)
-        receiving = gevent.spawn(_receive, ws, rec, clock)
+        receiving = gevent.spawn(_receive, ws, rec)
         core.prepare(0)
         base = monotonic() if intended_start is None else intended_start
         for n in range(core.n_frames):
@@ -179,7 +148,7 @@ def run_session(
         if receiving is not None:
             receiving.kill(block=False)
         rec.close(clock(), cut=stopped)
-        ws.close()
+        ws.abort()
     out.frames_sent = rec.frames_sent
     if out.error is None:
         out.error = core.incomplete(rec.frames_sent)
@@ -208,15 +177,7 @@ def _inline(fn: Callable[..., object], *args: object) -> None:
     fn(*args)
 
 
-def _receive(
-    ws: ClientConnection, rec: SessionRecorder, clock: Callable[[], float]
-) -> tuple[int, str] | None:
-    """Read the return direction until the target closes (``recv`` raises then, a normal close
-    too); return its abnormal close code."""
-    while True:
-        try:
-            frame = ws.recv()
-        except ConnectionClosed as exc:
-            return SessionCore.abnormal(*close_of(exc))
-        rec.received(frame, ws.arrival() if isinstance(ws, StampedSync) else clock())
-
+def _receive(ws: GeventClient, rec: SessionRecorder) -> tuple[int, str] | None:
+    """Read the return direction until the target closes (a normal close too); return its
+    abnormal close code. Each message reaches the recorder stamped when its bytes were read."""
+    return SessionCore.abnormal(*close_of(ws.receive(rec.received)))
