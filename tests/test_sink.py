@@ -215,3 +215,67 @@ def test_idle_forks_that_never_started_are_one_report_error_with_a_count() -> No
     assert [e.as_dict() for e in errors] == [
         {"session": None, "error": "fork sent nothing for 0 s (stalled)", "count": n}
     ]
+
+
+def test_a_forks_frames_reach_detection_in_order_across_format_changes_fragments_and_stop(
+) -> None:
+    """Binary messages of a started fork are taken straight from the protocol callback; a text
+    message or a fragmented one goes through the handler. Either way the detection worker gets
+    every frame, format change and the close in the order sent, and nothing after stop."""
+    worker = DetectionWorker(time.monotonic)
+    handed: list[tuple[str, object]] = []
+    real_submit = worker.submit
+
+    def recording_submit(fn: Any, *args: object) -> None:
+        for f, a, _audio in args[0]:  # type: ignore[attr-defined]
+            handed.append((f.__name__, a[0] if a else None))
+        real_submit(fn, *args)
+
+    worker.submit = recording_submit  # type: ignore[method-assign]
+    restart = json.dumps({**json.loads(START), "audio": {
+        "encoding": "pcm_s16le", "sample_rate": 8000, "channels": 1}})
+    sent: list[tuple[str, object]] = []
+
+    async def go() -> None:
+        sink = Sink(Recorder(), worker, clock=time.time, batch_s=0.01)
+        url = await sink.start("127.0.0.1", 0)
+        async with connect(url) as ws:
+            await ws.send(START)
+            n = 0
+
+            async def frame() -> None:
+                nonlocal n
+                n += 1
+                data = n.to_bytes(2, "little") * 8
+                await ws.send(data)
+                sent.append(("on_audio", data))
+
+            for _ in range(20):
+                await frame()
+            await asyncio.sleep(0.05)
+            for _ in range(5):
+                await frame()
+            await ws.send(restart)
+            sent.append(("set_format", None))
+            for _ in range(5):
+                await frame()
+
+            async def pieces() -> Any:
+                yield b"\x07\x07" * 4
+                yield b"\x08\x08" * 4
+
+            await ws.send(pieces())
+            sent.append(("on_audio", b"\x07\x07" * 4 + b"\x08\x08" * 4))
+            for _ in range(10):
+                await frame()
+            await ws.send('{"type": "stop"}')
+            await ws.send(b"\x09\x09" * 8)  # after stop: ignored
+        await asyncio.sleep(0.1)
+        sink.flush()
+        await asyncio.to_thread(worker.drain, 10.0)
+        await sink.stop()
+
+    asyncio.run(go())
+    worker.close()
+    got = [(name, arg if name == "on_audio" else None) for name, arg in handed]
+    assert got == [*sent, ("close", None)]

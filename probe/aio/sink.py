@@ -13,7 +13,11 @@ frame the source sends:
   one per frame); the arrival stamp is taken at receipt, so batching delays detection, never
   the time measured; :meth:`Sink.flush` hands over what is waiting at once;
 - a fork that sends nothing for ``idle_timeout`` is found by one watchdog task for the whole
-  sink, not by a timeout around every receive (``asyncio.wait_for`` makes a task per call).
+  sink, not by a timeout around every receive (``asyncio.wait_for`` makes a task per call);
+- once a fork has started and its handler has caught up, its binary frames are taken straight
+  from the protocol callback (:class:`_ForkConnection`), stamped and batched there, without
+  waking the handler task for each through ``recv()``; any other frame (a text message, a
+  fragment) ends that until the handler, in order, has read it and caught up again.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import errno
 import logging
 import ssl
 from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from probe.aio.hopstream import DetectionWorker, HopStream
-from probe.aio.wsstamp import StampedServerConnection, server_factory
+from probe.aio.wsstamp import StampedServerConnection
 from probe.errors import ConfigError
 from probe.measure.admission import MAX_FORKS, TOO_MANY_FORKS, Admission, with_capability
 from probe.measure.expect import ExpectationBook
@@ -44,6 +51,39 @@ BATCH_S = 0.01
 # A session's fork silent this long is reported to the registry (which names the hop stalled
 # when markers sent meanwhile are missed; a hop that only forks speech may pause legitimately).
 SILENT_S = 1.0
+
+
+class _ForkConnection(StampedServerConnection):
+    """A stamped server connection whose whole binary messages go to ``direct`` (with their
+    arrival) while it is set, instead of through ``recv()``. Any other event unsets it first
+    and takes the usual way, so the handler reads it, and whatever follows it, in order."""
+
+    direct: Callable[[bytes, float], None] | None = None
+
+    def process_event(self, event: Any) -> None:
+        direct = self.direct
+        if direct is not None:
+            if type(event) is Frame and event.opcode is Opcode.BINARY and event.fin:
+                data = event.data
+                direct(data if type(data) is bytes else bytes(data), self.clock())
+                return
+            self.direct = None
+        super().process_event(event)
+
+    def caught_up(self) -> bool:
+        """Whether no received message waits for ``recv()`` (False when that is unknown)."""
+        queued = getattr(self, "recv_messages", None)
+        frames = getattr(queued, "frames", None)
+        try:
+            return frames is not None and len(frames) == 0
+        except TypeError:
+            return False
+
+
+@lru_cache(maxsize=8)
+def _fork_factory(clock: Callable[[], float]) -> type[_ForkConnection]:
+    """``create_connection`` for ``serve``: fork connections stamped with ``clock``."""
+    return type("ForkConnection", (_ForkConnection,), {"clock": staticmethod(clock)})
 
 
 class _Fork:
@@ -106,7 +146,7 @@ class Sink:
                 host,
                 port,
                 max_size=2**22,
-                create_connection=server_factory(self.clock),
+                create_connection=_fork_factory(self.clock),
                 ssl=self.tls,
             )
         except OSError as exc:
@@ -201,6 +241,21 @@ class Sink:
         fork = _Fork(ws, self.clock())
         self._forks.add(fork)
         stamped = isinstance(ws, StampedServerConnection)
+        direct_ws = ws if isinstance(ws, _ForkConnection) else None
+
+        def direct(data: bytes, arrival: float) -> None:
+            # A binary message of a started fork, from the protocol callback (in order: the
+            # handler had read everything before it).
+            fork.last = arrival
+            if fork.silent:
+                fork.silent = False
+                if fork.session is not None:
+                    self.registry.hop_silent(fork.hop, fork.session, None)
+            if stream is not None:
+                for ev in receiver.receive_binary(data):
+                    if isinstance(ev, Audio):
+                        self._submit(stream.on_audio, ev.data, arrival, audio=True)
+
         try:
             while True:
                 frame = await ws.recv()
@@ -233,6 +288,8 @@ class Sink:
                         break
                 if receiver.stopped:
                     break
+                if direct_ws is not None and stream is not None and direct_ws.caught_up():
+                    direct_ws.direct = direct
         except ProtocolViolation as exc:
             self.registry.hop_error(
                 fork.hop, fork.session, f"fork broke the protocol: {exc.reason}"
@@ -249,6 +306,8 @@ class Sink:
                         f"fork connection closed without stop (code {code})",
                     )
         finally:
+            if direct_ws is not None:
+                direct_ws.direct = None
             self._forks.discard(fork)
             if stream is not None:
                 self._submit(stream.close)
