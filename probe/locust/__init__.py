@@ -5,8 +5,8 @@
 Locust (which monkey-patches the standard library for gevent) and registers the event listeners of
 :mod:`probe.locust.plugin`; the package itself imports nothing heavy.
 
-- `session`: one session with gevent (the ``websockets`` sync client), paced on an absolute
-  schedule;
+- `session`: one session with gevent, paced on an absolute schedule;
+- `wsconn`: its WebSocket client (websockets' sans-I/O protocol on a gevent socket);
 - `sinkproc`: the worker's own fork sink and all its marker detection in a child process
   (:mod:`probe.aio.sinkproc`), talked to from greenlets;
 - `engine`: registry, sink child process and pump of one process;
