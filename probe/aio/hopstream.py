@@ -55,6 +55,8 @@ class HopStream:
         self.registry = registry
         self.hop = hop
         self.audio = audio
+        self._width = audio.frame_width
+        self._sample_width = audio.sample_width
         self.session_hint = session_hint
         self._on_detection = on_detection
         self._book = book
@@ -106,13 +108,16 @@ class HopStream:
             self._feed_held()
             self._record(self._flush())
         self.audio = audio
+        self._width = audio.frame_width
+        self._sample_width = audio.sample_width
         self._start_detector()
 
     def on_audio(self, data: bytes, arrival: float) -> None:
         """A frame of audio in the stream's format, received at ``arrival`` (seconds)."""
         if self._closed:
             return
-        usable = len(data) - len(data) % self.audio.frame_width
+        n = len(data)
+        usable = n - n % self._width
         if usable <= 0:
             return
         if not self._started:
@@ -120,9 +125,9 @@ class HopStream:
         informed = self._informed
         if informed is not None:
             held = self._held
-            held.append(data if usable == len(data) else data[:usable])
+            held.append(data if usable == n else data[:usable])
             self._held_at.append(arrival)
-            self._held_n += usable // self.audio.sample_width
+            self._held_n += usable // self._sample_width
             if len(held) % _HOLD_FRAMES == 0 and self._held_n >= informed.until_search:
                 self._feed_held()
             return

@@ -212,6 +212,9 @@ def _template(payload: bytes) -> _Template:
 
 
 _SYNC = sync_segment(DETECT_RATE).astype(np.float64)
+# The opening sync as a template of its own: its spectrum per FFT size is kept (a sync scan is
+# always +-_WANDER wide, so there are one or two sizes).
+_SYNC_TMPL = _Template(data=_SYNC, segments=_SYNC.reshape(1, -1), spectra={})
 
 
 def _correlate(x: F64, kernel: F64, tmpl: _Template | None = None) -> F64:
@@ -404,7 +407,7 @@ def _sync_scan(w: F64, lo: int, hi: int, sigma: float) -> tuple[int, F64]:
     if hi < lo:
         return lo, np.zeros(0)
     span = w[lo : hi + _N]
-    sc = _correlate(span, _SYNC)
+    sc = _correlate(span, _SYNC, _SYNC_TMPL)
     energy = _sliding_energy(span, _N)[: sc.size]
     live = energy > _ENERGY_FLOOR * _N
     out: F64 = np.where(live, sc / (np.sqrt(np.maximum(energy, 1e-30)) * sigma), 0.0)
