@@ -245,16 +245,15 @@ class Sink:
 
         def direct(data: bytes, arrival: float) -> None:
             # A binary message of a started fork, from the protocol callback (in order: the
-            # handler had read everything before it).
+            # handler had read everything before it). Only a text message changes the
+            # receiver's state (and it ends this first), so this is its audio as such.
             fork.last = arrival
             if fork.silent:
                 fork.silent = False
                 if fork.session is not None:
                     self.registry.hop_silent(fork.hop, fork.session, None)
-            if stream is not None:
-                for ev in receiver.receive_binary(data):
-                    if isinstance(ev, Audio):
-                        self._submit(stream.on_audio, ev.data, arrival, audio=True)
+            if data and stream is not None:
+                self._submit(stream.on_audio, data, arrival, audio=True)
 
         try:
             while True:
@@ -288,6 +287,7 @@ class Sink:
                         break
                 if receiver.stopped:
                     break
+                # Started (a stream), not stopped (see above), not failed (it would have raised).
                 if direct_ws is not None and stream is not None and direct_ws.caught_up():
                     direct_ws.direct = direct
         except ProtocolViolation as exc:

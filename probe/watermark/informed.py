@@ -250,7 +250,9 @@ def _frac(c: F64, i: int) -> float:
 
 def _sliding_energy(x: F64, n: int) -> F64:
     """out[i] = sum(x[i : i + n] ** 2)."""
-    cs = np.concatenate([[0.0], np.cumsum(x * x)])
+    cs = np.empty(len(x) + 1)
+    cs[0] = 0.0
+    np.cumsum(x * x, out=cs[1:])
     out: F64 = cs[n:] - cs[:-n]
     return out
 
@@ -514,6 +516,14 @@ def _resample_in_steps(
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
+@lru_cache(maxsize=64)
+def _frame_index(frames: int) -> npt.NDArray[np.intp]:
+    """Indices of ``frames`` Whitener frames in a buffer (the same few counts every block)."""
+    idx = np.arange(frames)[:, None] * Whitener._HOP + np.arange(Whitener._FRAME)[None, :]
+    idx.setflags(write=False)
+    return idx
+
+
 class Whitener:
     """Phase-transform whitening (as :func:`probe.watermark.detect.whiten`) of an endless 8 kHz
     stream, block by block: each pushed block returns the whitened samples now final, which
@@ -533,8 +543,7 @@ class Whitener:
         if frames <= 0:
             self._raw = raw
             return np.zeros(0)
-        idx = np.arange(frames)[:, None] * self._HOP + np.arange(self._FRAME)[None, :]
-        spec = np.fft.rfft(raw[idx] * _WINDOW, axis=1)
+        spec = np.fft.rfft(raw[_frame_index(frames)] * _WINDOW, axis=1)
         mag = np.abs(spec)
         spec = np.where(_MASK, spec / np.maximum(mag, 1e-12), 0.0)
         spec[mag < 1e-9] = 0.0
