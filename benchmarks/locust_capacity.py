@@ -382,6 +382,20 @@ def main() -> None:
             b_ms = 10 * same.cpu_pct / same.streams
             line += f"; bare loop {b_ms:.2f} ms (~{1000 / b_ms:.0f} per core)"
         print(line)
+        p_ms = 10 * last.pipe_cpu_pct / last.streams
+        print(f"worker and its sink child together: {w_ms + c_ms:.2f} ms per stream-second "
+              f"(~{1000 / (w_ms + c_ms):.0f} streams per core, at 100 % of it); the pipeline "
+              f"under test {p_ms:.2f} ms")
+    failed = next((s for s in probe if not s.passed), None)
+    if failed is not None:
+        # Where the ramp ran out: the step's own CPU figures (% of one core each).
+        other = failed.sink_cpu_pct + failed.pipe_cpu_pct
+        where = (f"core 0 (the worker alone) {failed.cpu_pct:.0f} %, the other core (sink child "
+                 f"+ pipeline) {other:.0f} %" if PIN is not None else
+                 f"worker {failed.cpu_pct:.0f} % + sink child {failed.sink_cpu_pct:.0f} % + "
+                 f"pipeline {failed.pipe_cpu_pct:.0f} % = {failed.cpu_pct + other:.0f} % of "
+                 f"{os.cpu_count()} cores' {100 * (os.cpu_count() or 1)} %")
+        print(f"first failing step ({failed.streams} streams): {where}")
     print("note: a step ends at the first failing load; the steps are coarse, so the true "
           "ceiling lies between the last passing step and the first failing one")
     if args.json:
