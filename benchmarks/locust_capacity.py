@@ -10,7 +10,9 @@ unmeasured (the generator's own overload guard fired). Then the same ramp for th
 greenlet per stream sends 20 ms frames of unmarked audio on the same absolute schedule over the
 ``websockets`` sync client and reads the returned audio, no sink, no detection (pass: lag p99 <= 5
 ms and at most 0.1 % of the frames not returned; its streams never end, so no session boundary
-falls in a measured window). Memory per stream is the growth of the resident memory of this process
+falls in a measured window). Both ramps go on past the last step asked for, in steps of 50, until
+a step fails: a ceiling and the ratio of the two are never read off a ramp that stopped early.
+Memory per stream is the growth of the resident memory of this process
 plus its sink child over the probe ramp's passing steps divided by the streams added; CPU is shown
 for the worker, its sink child and the pipeline (% of one core).
 
@@ -216,8 +218,10 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
 
     out: list[Step] = []
     rss0 = rss()
+    steps = list(steps)  # extended past the last one until a step fails, as the bare ramp's
     try:
-        for n in steps:
+        while steps:
+            n = steps.pop(0)
             runner.start(n, spawn_rate=max(n, 1) / 2.0)
             gevent.sleep(2.0 + settle_s)
             events.reset_stats.fire()
@@ -245,6 +249,8 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
             print(step.line("markers"), flush=True)
             if not step.passed:
                 break
+            if not steps and n + 50 <= 2000:
+                steps.append(n + 50)
     finally:
         runner.quit()
         events.quitting.fire(environment=env, reverse=True)
@@ -298,8 +304,12 @@ def bare_ramp(steps: list[int], hold_s: float, settle_s: float) -> list[Step]:
             ws.close()
 
     out: list[Step] = []
+    # A ceiling is where a step fails: past the last step asked for, the ramp goes on in steps of
+    # 50 (up to 2000 streams) until one does, so the ratio is never taken against a lower bound.
+    steps = list(steps)
     try:
-        for n in steps:
+        while steps:
+            n = steps.pop(0)
             while len(greenlets) < n:
                 greenlets.append(gevent.spawn(stream, len(greenlets)))
                 gevent.sleep(2.0 / n)
@@ -322,6 +332,8 @@ def bare_ramp(steps: list[int], hold_s: float, settle_s: float) -> list[Step]:
             print(step.line("frames"), flush=True)
             if not step.passed:
                 break
+            if not steps and n + 50 <= 2000:
+                steps.append(n + 50)
     finally:
         gevent.killall(greenlets, block=True, timeout=5)
         pipe.stop()
