@@ -11,7 +11,7 @@ Printed every 5 s: sessions, send lag p99 of the last window, whether the worker
 overloaded and why, and the marker totals (sent, detected, missed, unmeasured). At the end: the
 overloaded periods with their evidence, and the markers missed while overloaded (target: 0).
 
-    python benchmarks/locust_overload.py [--rate 8] [--seconds 60] [--session-s 20]
+    python benchmarks/locust_overload.py [--rate 12] [--seconds 60] [--session-s 20]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class OverloadUser(OpenAudioProbeUser):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rate", type=float, default=8.0, help="sessions started per second")
+    ap.add_argument("--rate", type=float, default=12.0, help="sessions started per second")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--session-s", type=float, default=20.0)
     args = ap.parse_args()
