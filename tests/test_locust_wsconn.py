@@ -183,3 +183,17 @@ def test_wss_is_checked_against_the_ca_given(peer: tuple[str, str], cert: tuple[
     with pytest.raises(ssl.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
         open_client(secure, clock=time.time, open_timeout=5.0,
                     ssl_context=connect_ssl(secure, None))
+
+
+def test_close_after_the_reader_was_killed_reads_the_reply_itself(url: str) -> None:
+    # What a Locust user stopped mid-session does: its receiving greenlet is killed, then the
+    # connection closed; the closing handshake completes at once, not after close_timeout.
+    ws = _open(url, "/echo", close_timeout=3.0)
+    reader = gevent.spawn(ws.receive, lambda m, at: None)
+    ws.send(b"x" * 640)
+    gevent.sleep(0.1)
+    reader.kill(block=True, timeout=1.0)
+    t0 = time.monotonic()
+    ws.close(1000)
+    assert time.monotonic() - t0 < 1.0
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000

@@ -146,9 +146,11 @@ def run_session(
         raise
     finally:
         if receiving is not None:
-            receiving.kill(block=False)
+            # Ended before close() below reads the peer's close reply itself (a stopped user's
+            # connection still gets a closing handshake, bounded by the close timeout).
+            receiving.kill(block=True, timeout=1.0)
         rec.close(clock(), cut=stopped)
-        ws.abort()
+        ws.close()
     out.frames_sent = rec.frames_sent
     if out.error is None:
         out.error = core.incomplete(rec.frames_sent)
