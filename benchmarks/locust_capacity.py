@@ -21,7 +21,9 @@ process: the worker, or the bare loop) and everything else on the other cores (t
 the pipeline; ``os.sched_setaffinity``, what ``taskset`` does), so the worker's own CPU per
 stream-second is not shared with anything: the per-worker-core figure is clean. On a 2-core
 machine the other core then carries both the pipeline and the sink child, and the ramp ends where
-that core runs out; the line "worker core" says how busy core 0 was at each step.
+that core runs out; the line "worker core" says how busy core 0 was at each step. With
+``--pin-child`` the worker and its sink child share core 0 and the pipeline has the others: the
+streams one core sustains with all of a worker's work on it, detection included.
 
     python benchmarks/locust_capacity.py [--steps 25,50,75,100,...] [--hold 10] [--pin]
 """
@@ -104,6 +106,7 @@ def _proc_cpu_s(pid: int) -> float:
 
 # Cores for this process and for the rest (--pin); None: no pinning.
 PIN: tuple[set[int], set[int]] | None = None
+CHILD_WITH_WORKER = False  # --pin-child: the sink child shares core 0 with the worker
 
 
 def _pin(pid: int, mine: bool) -> None:
@@ -211,7 +214,7 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
     events.init.fire(environment=env, runner=runner, web_ui=None)
     engine = engine_of(env)
     sink_pid = int(engine.sink.proc.pid)
-    _pin(sink_pid, mine=False)
+    _pin(sink_pid, mine=CHILD_WITH_WORKER)
 
     def rss() -> float:
         return _rss_mib() + _rss_mib(sink_pid)
@@ -348,21 +351,27 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--pin", action="store_true",
                     help="this process alone on core 0, the sink child and pipeline on the rest")
+    ap.add_argument("--pin-child", action="store_true",
+                    help="this process and its sink child together on core 0 (a worker core with "
+                    "its detection), the pipeline alone on the rest")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval (s) for this process; the engine's default 1 ms")
     args = ap.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     steps = [int(s) for s in args.steps.split(",")]
-    if args.pin:
+    if args.pin or args.pin_child:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < 2:
-            raise SystemExit("--pin needs at least 2 cores")
-        global PIN
+            raise SystemExit("--pin and --pin-child need at least 2 cores")
+        global PIN, CHILD_WITH_WORKER
         PIN = ({cores[0]}, set(cores[1:]))
+        CHILD_WITH_WORKER = args.pin_child
         _pin(os.getpid(), mine=True)
-        print(f"pinned: this process on core {cores[0]}; sink child and pipeline on "
-              f"{', '.join(map(str, cores[1:]))}")
+        rest = ', '.join(map(str, cores[1:]))
+        print(f"pinned: this process and its sink child on core {cores[0]}; the pipeline on {rest}"
+              if CHILD_WITH_WORKER else
+              f"pinned: this process on core {cores[0]}; sink child and pipeline on {rest}")
     print(f"one worker process, 16 kHz pcm_s16le, 20 ms frames, {SESSION_S:g} s sessions; "
           f"pipeline 'a:20ms' (lossless, fork + return) in a separate process; "
           f"{os.cpu_count()} cores on the machine, shared")
@@ -402,7 +411,10 @@ def main() -> None:
     if failed is not None:
         # Where the ramp ran out: the step's own CPU figures (% of one core each).
         other = failed.sink_cpu_pct + failed.pipe_cpu_pct
-        where = (f"core 0 (the worker alone) {failed.cpu_pct:.0f} %, the other core (sink child "
+        where = (f"core 0 (worker {failed.cpu_pct:.0f} % + sink child {failed.sink_cpu_pct:.0f} "
+                 f"% = {failed.cpu_pct + failed.sink_cpu_pct:.0f} %), the other core (pipeline) "
+                 f"{failed.pipe_cpu_pct:.0f} %" if CHILD_WITH_WORKER else
+                 f"core 0 (the worker alone) {failed.cpu_pct:.0f} %, the other core (sink child "
                  f"+ pipeline) {other:.0f} %" if PIN is not None else
                  f"worker {failed.cpu_pct:.0f} % + sink child {failed.sink_cpu_pct:.0f} % + "
                  f"pipeline {failed.pipe_cpu_pct:.0f} % = {failed.cpu_pct + other:.0f} % of "
