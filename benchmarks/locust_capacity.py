@@ -239,9 +239,12 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
                 det = sum(c["detected"] for c in t.markers.values())
                 # Unmeasured markers (the generator said it was overloaded) are not measured
                 # either: for capacity they count as lost.
-                miss = sum(c["missed"] + c["unmeasured"] for c in t.markers.values())
+                missed = sum(c["missed"] for c in t.markers.values())
+                unmeasured = sum(c["unmeasured"] for c in t.markers.values())
+                miss = missed + unmeasured
                 extra = (f"(worker {_rss_mib():.0f} + sink child {_rss_mib(sink_pid):.0f} MiB; "
-                         f"failed sessions {t.sessions['failed']})")
+                         f"failed sessions {t.sessions['failed']}; lost: missed {missed}, "
+                         f"unmeasured {unmeasured})")
                 return float(lag["p50"] or 0), float(lag["p99"] or 0), miss, det + miss, extra
 
             p50, p99, lost, total, cpu, pcpu, extra, scpu = _measure(
