@@ -152,3 +152,43 @@ def test_the_detection_worker_reports_how_long_work_waited() -> None:
     assert worker.take_max_wait() == 2.5
     assert worker.take_max_wait() == 0.0  # reset by the read
     worker.close()
+
+
+def test_a_sink_child_backlog_past_its_bound_drops_audio_and_flags_the_generator() -> None:
+    from probe.aio.sinkproc import SinkChild
+    from probe.measure import sinkwire as wire
+    from probe.protocol import AudioFormat
+
+    class Queued(SinkChild):
+        """The shared part of both shells, with the child never reading: nothing is written."""
+
+        def __init__(self, registry: SessionRegistry) -> None:
+            super().__init__(registry)
+            self.queued: list[wire.Message] = []
+
+        def _send(self, msg: wire.Message) -> None:
+            self.queued.append(msg)
+
+    now = [5.0]
+    health = GeneratorHealth()
+    reg = SessionRegistry(clock=lambda: now[0], health=health)
+    child = Queued(reg)
+    child.max_queued_audio = 640 * 10  # ten 20 ms frames of 16 kHz pcm16
+    stream = child.open_stream("return", AudioFormat("pcm_s16le", 16000, 1), "s")
+    for k in range(10):
+        stream.feed(b"\0" * 640, k * 0.02)
+    assert child.queued_audio == 6400 and child.audio_dropped == 0
+    assert not health.update(5.0)
+    stream.feed(b"\0" * 640, 0.2)  # the eleventh: past the bound, dropped and flagged
+    assert child.audio_dropped == 1 and child.queued_audio == 6400
+    assert sum(type(m) is wire.StreamAudio for m in child.queued) == 10
+    assert health.update(5.1)
+    summary = health.summary()
+    assert summary["frames_shed"] == 1
+    (breach,) = summary["periods"][0]["evidence"]
+    assert (breach["signal"], breach["value"], breach["bound"]) == ("sink_backlog", 6400, 6400)
+    # Once the shell has written the queue, audio is taken again.
+    child._written(child.queued)
+    assert child.queued_audio == 0
+    stream.feed(b"\0" * 640, 0.22)
+    assert child.audio_dropped == 1 and child.queued_audio == 640

@@ -54,6 +54,10 @@ __all__ = [
 _START_TIMEOUT_S = 30.0
 # What the parent queues for the child within this long goes in one batch.
 _FLUSH_S = 0.01
+# Return-direction audio the parent holds for the child at most (bytes): about 2 s of 250
+# sessions' 16 kHz pcm16. The child normally reads within one flush interval (10 ms); only a child
+# that has stopped keeping up lets this much pile up.
+MAX_QUEUED_AUDIO_BYTES = 16 << 20
 _AUDIO_TAG = wire.StreamAudio.TAG
 CAPABILITY_ENV = "PROBE_SINK_CAPABILITY"
 TLS_CERT_ENV = "PROBE_SINK_CHILD_TLS_CERT"
@@ -355,7 +359,7 @@ class RemoteStream:
         self._sid = sid
 
     def feed(self, data: bytes, arrival: float) -> None:
-        self._owner._send(wire.StreamAudio(self._sid, data, arrival))
+        self._owner._send_audio(wire.StreamAudio(self._sid, data, arrival))
 
     def set_format(self, audio: AudioFormat) -> None:
         self._owner._send(wire.StreamFormat(self._sid, audio))
@@ -389,6 +393,13 @@ class SinkChild:
         # Why the child is gone before it was stopped (None while it runs or once stopped as
         # asked): from then on nothing is detected, so the run's figures are invalid.
         self.died: str | None = None
+        # Return-direction audio queued for the child and not yet written to it (bytes), and
+        # its bound: past it the child is not keeping up, and audio is dropped (counted as
+        # shed, the generator flagged) instead of held in this process without limit.
+        self.max_queued_audio = MAX_QUEUED_AUDIO_BYTES
+        self.queued_audio = 0
+        self.audio_dropped = 0  # frames
+        self._queued_lock = threading.Lock()  # the shells write from another thread or greenlet
 
     def _lost(self, proc: subprocess.Popen[bytes] | None, code: int | None) -> None:
         """The child's end of the socket closed without ``Stopped``: say why, once."""
@@ -418,6 +429,29 @@ class SinkChild:
 
     def _send(self, msg: wire.Message) -> None:
         raise NotImplementedError
+
+    def _send_audio(self, msg: wire.StreamAudio) -> None:
+        """Queue return-direction audio for the child, within :attr:`max_queued_audio`."""
+        n = len(msg.data)
+        with self._queued_lock:
+            queued = self.queued_audio
+            if queued + n > self.max_queued_audio:
+                self.audio_dropped += 1
+            else:
+                self.queued_audio = queued + n
+                queued = -1
+        if queued >= 0:
+            self.registry.record_backlog(queued, self.max_queued_audio)
+            self.registry.record_shed(1)
+            return
+        self._send(msg)
+
+    def _written(self, batch: list[wire.Message]) -> None:
+        """The shell wrote ``batch`` to the child (or dropped it: the child is gone)."""
+        n = sum(len(m.data) for m in batch if type(m) is wire.StreamAudio)
+        if n:
+            with self._queued_lock:
+                self.queued_audio -= n
 
     def expect(self, session: str, payload: bytes, send_time: float, deadline: float) -> None:
         """A marker was sent: the child's streams of ``session`` look for it (informed
@@ -516,6 +550,7 @@ class SinkProcess(SinkChild):
             except OSError as exc:
                 log.warning("the sink process is gone: %s", exc)
                 return
+            self._written(batch)
             if any(isinstance(m, wire.Stop) for m in batch):
                 return
 

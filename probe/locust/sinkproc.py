@@ -127,6 +127,7 @@ class GeventSinkProcess(SinkChild):
                 log.warning("the sink process is gone: %s", exc)
                 self._stopping = True
                 return
+            self._written(batch)
             self.batches_sent += 1
             self.messages_sent += len(batch)
             if isinstance(batch[-1], wire.Stop):  # nothing is queued after it

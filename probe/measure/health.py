@@ -11,6 +11,9 @@ clock, and says when they pass the stated bounds (:class:`Bounds`):
   search (the sink's backlog);
 - **CPU**: a process (the worker, the sink child) used at least ``cpu_share`` of a core over the
   window; one Python process cannot use more than one, so it is saturated;
+- **sink backlog**: return-direction audio queued for the sink child, not yet handed to it,
+  reached the parent's byte bound (the child reads slower than audio comes back); audio past the
+  bound is dropped unsearched and counted as shed;
 - **a dead process**: the sink child died (``sink_died``): nothing is detected any more, for
   the rest of the run.
 
@@ -73,6 +76,8 @@ class GeneratorHealth:
         # Send lag per whole second of the run's clock: second -> [frames, frames late].
         self._lag: deque[tuple[int, list[int]]] = deque()
         self._delay: deque[tuple[float, float]] = deque()  # (time, delay) past the bound
+        # (time, bytes queued, the bound) each time the sink child's backlog reached its bound
+        self._backlog: deque[tuple[float, float, float]] = deque()
         self._cpu: dict[str, tuple[float, float]] = {}  # who -> (time, share), the latest
         self._periods: list[_Period] = []
         self._calm_since: float | None = None
@@ -99,6 +104,11 @@ class GeneratorHealth:
         """The sink searched audio that had waited ``delay_s`` since it arrived."""
         if delay_s > self.bounds.detection_delay_s:
             self._delay.append((at, delay_s))
+
+    def backlog(self, at: float, queued_bytes: float, bound_bytes: float) -> None:
+        """Audio queued for the sink child reached ``bound_bytes`` (``queued_bytes`` waiting)
+        at ``at``: the child is not keeping up, and what comes meanwhile is dropped."""
+        self._backlog.append((at, queued_bytes, bound_bytes))
 
     def cpu(self, at: float, who: str, share: float) -> None:
         """Process ``who`` used ``share`` of a core over the window ending at ``at``."""
@@ -183,6 +193,8 @@ class GeneratorHealth:
             self._lag.popleft()
         while self._delay and self._delay[0][0] < start:
             self._delay.popleft()
+        while self._backlog and self._backlog[0][0] < start:
+            self._backlog.popleft()
         out: list[Breach] = []
         frames = sum(v[0] for _, v in self._lag)
         late = sum(v[1] for _, v in self._lag)
@@ -194,6 +206,11 @@ class GeneratorHealth:
             out.append(
                 Breach("detection_delay", max(d for _, d in self._delay), b.detection_delay_s,
                        self._delay[0][0])
+            )
+        if self._backlog:
+            out.append(
+                Breach("sink_backlog", max(q for _, q, _ in self._backlog), self._backlog[0][2],
+                       self._backlog[0][0])
             )
         for who, (at, share) in self._cpu.items():
             if at >= start and share >= b.cpu_share:

@@ -420,6 +420,12 @@ class SessionRegistry:
             with self._lock:
                 self.health.detection_delay(self._clock(), delay_s)
 
+    def record_backlog(self, queued_bytes: int, bound_bytes: int) -> None:
+        """Audio queued for the sink child reached its bound: the child is not keeping up."""
+        if self.health is not None:
+            with self._lock:
+                self.health.backlog(self._clock(), queued_bytes, bound_bytes)
+
     def record_dead(self, who: str) -> None:
         """Process ``who`` (``sink``) died: the generator is overloaded for the rest of the
         run, so markers owed from now on are unmeasured, not missed."""
