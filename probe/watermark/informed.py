@@ -143,6 +143,10 @@ _EARLY_S = 0.05
 # has about 0.3 per sample in the band).
 _ENERGY_FLOOR = 1e-6
 _HISTORY_S = 3.0
+_HISTORY_DTYPE = np.float16
+# How far before a search window's first candidate :func:`locate` may read (8 kHz samples): the
+# widening pad (128), a stretched marker's sync scan (2 x _WANDER) and more, rounded up.
+_REACH = 1024
 # Audio is whitened and searched in blocks of this much: per-call costs are paid twice a second
 # (informed_matrix, clean and mu-law rows: 0.64 and 0.60 ms per stream-second with 0.25 s
 # blocks, 0.57 and 0.54 with 0.5 s). A detection is reported at most one block after its audio;
@@ -619,11 +623,15 @@ class InformedDetector:
         self._block = max(1, int(_BLOCK_S * rate))
         self._step = max(1, int(_RESAMPLE_STEP_S * rate))
         self._whitener = Whitener()
-        # The whitened 8 kHz history, kept as float32 in one buffer that is reused (half the
-        # memory of float64, and no new array per block); searched as float64 (:meth:`_w64`).
-        self._buf = np.zeros(self._history + 2 * int(_BLOCK_S * DETECT_RATE), np.float32)
+        # The whitened 8 kHz history, kept as float16 in one buffer that is reused (a quarter of
+        # the memory of float64, and no new array per block); searched as float64 (:meth:`_w64`).
+        # Whitening leaves every sample at the same scale (each frame's spectrum has unit
+        # magnitude, digital silence is exactly 0), so float16's 11-bit mantissa puts its
+        # rounding about 66 dB below the signal, whatever the input level.
+        self._buf = np.zeros(self._history + 2 * int(_BLOCK_S * DETECT_RATE), _HISTORY_DTYPE)
         self._n = 0
         self._w64_cache: F64 | None = None
+        self._w64_base = 0  # 8 kHz index of _w64_cache[0]
         self._w_start = 0  # 8 kHz index of _w[0]
         self._expected: deque[_Pending] = deque()
         self._latency = latency
@@ -705,7 +713,7 @@ class InformedDetector:
         x = np.asarray(x)
         need = self._n + len(x)
         if need > len(self._buf):
-            grown = np.zeros(max(need, 2 * len(self._buf)), np.float32)
+            grown = np.zeros(max(need, 2 * len(self._buf)), _HISTORY_DTYPE)
             grown[: self._n] = self._buf[: self._n]
             self._buf = grown
         self._buf[self._n : need] = x
@@ -720,11 +728,17 @@ class InformedDetector:
         self._w_start += k
         self._w64_cache = None
 
-    def _w64(self) -> F64:
-        """The whitened history as float64, for one block's search (made at most once)."""
-        if self._w64_cache is None:
-            self._w64_cache = self._buf[: self._n].astype(np.float64)
-        return self._w64_cache
+    def _w64(self, first: int) -> tuple[F64, int]:
+        """The whitened history as float64 for a search of candidates from 8 kHz index
+        ``first`` on, and the index of its first sample: it starts ``_REACH`` before ``first``
+        (or at the oldest sample kept) and runs to the newest. Converted once per block unless a
+        later search reaches further back; a block's searches are of recent audio, so this is
+        usually a second or so of the history, not all of it."""
+        start = max(self._w_start, first - _REACH)
+        if self._w64_cache is None or self._w64_base > start:
+            self._w64_cache = self._buf[start - self._w_start : self._n].astype(np.float64)
+            self._w64_base = start
+        return self._w64_cache, self._w64_base
 
     def _index_of(self, t: float) -> float:
         """The 8 kHz stream index of arrival time ``t`` (the inverse of the arrival clock)."""
@@ -774,11 +788,12 @@ class InformedDetector:
         self.searches += 1
         # Candidates need a little context before them in the buffer (whitening is causal
         # enough; the correlation only reads the marker's own span).
+        w, base = self._w64(lo)
         found = locate(
-            self._w64(),
+            w,
             payload,
-            lo - self._w_start,
-            hi - self._w_start,
+            lo - base,
+            hi - base,
             threshold=threshold,
             dp_threshold=self.dp_threshold,
             stretching=self._drifting > 0,
@@ -786,7 +801,7 @@ class InformedDetector:
         )
         if found is None:
             return None
-        return Hit(found.position + self._w_start, found.score, found.stretched)
+        return Hit(found.position + base, found.score, found.stretched)
 
     def _detection(self, e: Expected, hit: Hit) -> Detection:
         if _drifted(self._last, hit.position, e.send_time):
