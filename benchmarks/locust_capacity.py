@@ -263,6 +263,13 @@ def probe_ramp(steps: list[int], hold_s: float, settle_s: float) -> tuple[list[S
         pipe.stop()
     passing = [s for s in out if s.passed]
     per_stream = (passing[-1].rss_mib - rss0) / passing[-1].streams if passing else float("nan")
+    if len(passing) >= 2:
+        # Beside it (it carries the run's fixed costs too: caches and buffers made by the first
+        # sessions), what each stream added between the last two passing steps.
+        a, b = passing[-2], passing[-1]
+        print(f"memory added per stream from {a.streams} to {b.streams} streams: "
+              f"{(b.rss_mib - a.rss_mib) / (b.streams - a.streams):.2f} MiB (worker + sink child; "
+              f"at 0 streams {rss0:.0f} MiB)", flush=True)
     return out, per_stream
 
 
@@ -390,7 +397,8 @@ def main() -> None:
           f"(target >= 250: {'MET' if best_probe >= 250 else 'NOT MET'})")
     print(f"bare websockets loop ceiling: {best_bare}; ratio {ratio:.2f} "
           f"(target >= 0.70: {'MET' if ratio >= 0.7 else 'NOT MET'})")
-    print(f"memory per probe stream (worker + sink child): {per_stream_mib:.2f} MiB "
+    print(f"memory per probe stream (worker + sink child, growth from 0 streams over the streams "
+          f"of the last passing step): {per_stream_mib:.2f} MiB "
           f"(target <= 1 MiB: {'MET' if per_stream_mib <= 1.0 else 'NOT MET'}); "
           f"peak RSS {peak:.0f} MiB")
     last = next((s for s in reversed(probe) if s.passed), None)
