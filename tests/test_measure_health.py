@@ -192,3 +192,13 @@ def test_a_sink_child_backlog_past_its_bound_drops_audio_and_flags_the_generator
     assert child.queued_audio == 0
     stream.feed(b"\0" * 640, 0.22)
     assert child.audio_dropped == 1 and child.queued_audio == 640
+
+
+def test_the_detection_delay_bound_is_at_most_half_the_marker_timeout() -> None:
+    from probe.measure.health import bounds_for
+
+    assert bounds_for(10.0).detection_delay_s == 2.0
+    assert bounds_for(3.0).detection_delay_s == 1.5
+    assert bounds_for(1.0, Bounds(detection_delay_s=5.0, cpu_share=0.5)) == Bounds(
+        detection_delay_s=0.5, cpu_share=0.5
+    )

@@ -98,3 +98,50 @@ def test_typed_messages_frame_as_a_connection_does_whatever_the_chunking() -> No
     finally:
         conn.close()
         mine.close()
+
+
+def test_return_audio_that_waited_since_its_arrival_is_reported_as_detection_delay() -> None:
+    """Return audio stamped 4 s before the child searches it (it waited in the parent, the socket
+    pair or the queue) is a 4 s detection delay within a quarter second: the generator is
+    flagged before the markers that audio holds back could expire."""
+    from probe.measure.health import GeneratorHealth
+    from probe.protocol import AudioFormat
+
+    health = GeneratorHealth()
+    registry = SessionRegistry(clock=time.time, health=health)
+    registry.open_session("s1")
+
+    async def go() -> None:
+        sink = SinkProcess(registry)
+        await sink.start("127.0.0.1", -1)
+        stream = sink.open_stream("return", AudioFormat("pcm_s16le", 16000, 1), "s1")
+        stream.feed(b"\x00\x00" * 320, time.time() - 4.0)
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(sink.drain, 10.0)
+        await sink.stop()
+
+    asyncio.run(go())
+    assert health.update(time.time())
+    (breach,) = health.summary()["periods"][0]["evidence"]
+    assert breach["signal"] == "detection_delay" and breach["value"] >= 4.0
+
+
+def test_detection_work_still_queued_counts_as_waiting() -> None:
+    """A detection thread stuck on one piece of work shows a growing delay before the work
+    behind it runs: a backlog is reported while it builds."""
+    import threading
+
+    from probe.aio.hopstream import DetectionWorker
+
+    worker = DetectionWorker(time.monotonic)
+    gate = threading.Event()
+    worker.submit(gate.wait)
+    worker.submit(lambda: None)
+    time.sleep(0.3)
+    waited = worker.take_max_wait()
+    assert waited >= 0.3
+    gate.set()
+    worker.drain(5.0)
+    assert worker.take_max_wait() < waited + 0.2  # what ran, nothing queued any more
+    assert worker.take_max_wait() == 0.0
+    worker.close()

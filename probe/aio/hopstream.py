@@ -12,6 +12,7 @@ loop, so detection never delays the pacing of outgoing audio; one thread keeps f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -227,6 +228,9 @@ class DetectionWorker:
         self._clock = clock
         self._after = after
         self._max_wait = 0.0
+        # When each piece of work not yet started was queued, oldest first (deque appends and
+        # pops are atomic): a backlog is seen while it builds, not only once its work runs.
+        self._queued_at: deque[float] = deque()
         # How long the work running now waited in the queue; audio that waited longer than
         # shed_after_s is not searched (see stale()).
         self.waited = 0.0
@@ -240,7 +244,15 @@ class DetectionWorker:
         """Queue ``fn(*args)``; failures are logged, never raised into the I/O loop."""
         if self._closed:
             raise RuntimeError("the detection worker is closed")
-        self._queue.put((fn, args, self._clock()))
+        now = self._clock()
+        self._queued_at.append(now)
+        self._queue.put((fn, args, now))
+
+    def note_wait(self, wait_s: float) -> None:
+        """Audio in the work running now had waited ``wait_s`` since it arrived (more than its
+        time in this queue when it came from another process)."""
+        if wait_s > self._max_wait:
+            self._max_wait = wait_s
 
     def stale(self) -> bool:
         """Whether the audio of the work running now should be dropped unsearched: it waited
@@ -255,9 +267,13 @@ class DetectionWorker:
         return out
 
     def take_max_wait(self) -> float:
-        """The longest any work waited in the queue since the last call (seconds): how far
-        detection lags behind the audio handed to it."""
+        """The longest any work waited since the last call (seconds), counting the work still
+        queued as waiting until now: how far detection lags behind the audio handed to it."""
         out, self._max_wait = self._max_wait, 0.0
+        queued = self._queued_at
+        if queued:
+            with contextlib.suppress(IndexError):  # emptied meanwhile by the worker's thread
+                out = max(out, self._clock() - queued[0])
         return out
 
     def _run(self) -> None:
@@ -266,6 +282,8 @@ class DetectionWorker:
             if item is None:
                 return
             fn, args, queued = item
+            with contextlib.suppress(IndexError):
+                self._queued_at.popleft()
             wait = self._clock() - queued
             self.waited = wait
             if wait > self._max_wait:
@@ -286,7 +304,9 @@ class DetectionWorker:
             self._thread.join(timeout)
             return
         done = threading.Event()
-        self._queue.put((done.set, (), self._clock()))
+        now = self._clock()
+        self._queued_at.append(now)
+        self._queue.put((done.set, (), now))
         if not done.wait(timeout):
             raise TimeoutError(f"detection work not drained within {timeout} s")
 

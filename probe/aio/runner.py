@@ -26,7 +26,7 @@ from probe.cpushare import CpuShare
 from probe.errors import GeneratorFailed, Interrupted
 from probe.measure.admission import MAX_FORKS, Admission, new_capability, with_capability
 from probe.measure.expect import ExpectationBook
-from probe.measure.health import GeneratorHealth
+from probe.measure.health import GeneratorHealth, bounds_for
 from probe.measure.observe import RunObserver
 from probe.measure.registry import SessionRegistry
 from probe.measure.report import build_report
@@ -237,7 +237,7 @@ async def _run(
         expected_hops=tuple(cfg.hop_order or ()),
         observer=observer,
         lock=threading.Lock(),  # the event loop and the detection thread both record
-        health=GeneratorHealth(),
+        health=GeneratorHealth(bounds_for(cfg.marker_timeout_s)),
         key=secrets.token_bytes(16),  # this run's marker tokens: not guessable from session ids
     )
     worker = DetectionWorker()

@@ -54,6 +54,9 @@ __all__ = [
 _START_TIMEOUT_S = 30.0
 # What the parent queues for the child within this long goes in one batch.
 _FLUSH_S = 0.01
+# The child reports its detection backlog this often, and its CPU share every _CPU_TICKS reports.
+_HEALTH_S = 0.25
+_CPU_TICKS = 4
 # Return-direction audio the parent holds for the child at most (bytes): about 2 s of 250
 # sessions' 16 kHz pcm16. The child normally reads within one flush interval (10 ms); only a child
 # that has stopped keeping up lets this much pile up.
@@ -146,6 +149,8 @@ def _child(
     from probe.measure.expect import ExpectationBook
 
     forward = _Forwarder(conn)
+    # Arrival stamps, the parent's and the fork sink's, are on the wall clock (module docstring).
+    clock = time.time
     # As in the parent (probe.aio.runner): the detection thread must not hold the interpreter for
     # the default 5 ms while a fork frame waits to be stamped.
     sys.setswitchinterval(0.001)
@@ -154,8 +159,13 @@ def _child(
 
     def apply(work: list[wire.Message | tuple[Any, ...]], worker: DetectionWorker) -> None:
         stale = worker.stale()
+        timed = False
         for msg in work:
             if type(msg) is tuple:  # a StreamAudio as it came off the wire: (tag, sid, data, at)
+                if not timed:
+                    # Since it arrived at the parent: its way here counts as waiting too.
+                    worker.note_wait(clock() - msg[3])
+                    timed = True
                 st = streams.get(msg[1])
                 if stale:
                     worker.shed += 1
@@ -239,11 +249,17 @@ def _child(
             loop.call_soon_threadsafe(done.set)
 
     async def report_health(worker: DetectionWorker) -> None:
-        """Every second: how long detection work waited, and this process's share of a core."""
+        """Every ``_HEALTH_S``: how long detection work waited (work still queued included) and
+        the frames shed; every second, this process's share of a core. A backlog is reported
+        well within a marker timeout of the audio it holds back, so the parent knows it is
+        overloaded before any of those markers expires (they are then unmeasured, not missed)."""
         meter = CpuShare()
+        ticks = 0
         while True:
-            await asyncio.sleep(1.0)
-            forward.send(wire.Health(worker.take_max_wait(), meter.read(), worker.take_shed()))
+            await asyncio.sleep(_HEALTH_S)
+            ticks += 1
+            cpu = meter.read() if ticks % _CPU_TICKS == 0 else -1.0
+            forward.send(wire.Health(worker.take_max_wait(), cpu, worker.take_shed()))
 
     async def main() -> None:
         worker = DetectionWorker(after=forward.flush)
@@ -261,7 +277,7 @@ def _child(
             forward.send(wire.Failed(str(exc)))
             return
         sink = Sink(
-            forward, worker, clock=time.time, idle_timeout=idle_timeout, book=book,
+            forward, worker, clock=clock, idle_timeout=idle_timeout, book=book,
             admission=Admission(capability), tls=tls, max_forks=max_forks,
         )
         url = ""
@@ -493,7 +509,8 @@ class SinkChild:
             elif isinstance(msg, wire.Health):
                 reg.record_detection_delay(msg.delay_s)
                 reg.record_shed(msg.shed)
-                reg.record_cpu("sink", msg.cpu)
+                if msg.cpu >= 0.0:  # measured over the last second (not on every report)
+                    reg.record_cpu("sink", msg.cpu)
         except Exception as exc:  # one bad message must not stop the reader
             log.error("sink message %s failed: %s", type(msg).__name__, exc)
 

@@ -31,7 +31,7 @@ from probe.cpushare import CpuShare
 from probe.heap import TRIM_EVERY_S, trim
 from probe.locust.sinkproc import GeventSinkProcess
 from probe.measure.admission import new_capability, with_capability
-from probe.measure.health import Bounds, GeneratorHealth
+from probe.measure.health import Bounds, GeneratorHealth, bounds_for
 from probe.measure.observe import Observers, RunObserver
 from probe.measure.registry import SessionRegistry
 
@@ -66,10 +66,13 @@ class ProbeEngine:
             history=False,
             key=secrets.token_bytes(16),  # marker tokens not guessable from session ids
             health=GeneratorHealth(
-                Bounds(
-                    send_lag_s=cfg.overload_lag_ms / 1000.0,
-                    detection_delay_s=cfg.overload_delay_s,
-                    cpu_share=cfg.overload_cpu,
+                bounds_for(
+                    cfg.marker_timeout_s,
+                    Bounds(
+                        send_lag_s=cfg.overload_lag_ms / 1000.0,
+                        detection_delay_s=cfg.overload_delay_s,
+                        cpu_share=cfg.overload_cpu,
+                    ),
                 )
             ),
         )

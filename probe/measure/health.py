@@ -26,10 +26,10 @@ target lost it. Pure and clock-free: callers pass times; not thread-safe (caller
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["Bounds", "Breach", "GeneratorHealth"]
+__all__ = ["Bounds", "Breach", "GeneratorHealth", "bounds_for"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class Bounds:
     detection_delay_s: float = 2.0
     cpu_share: float = 0.95
     window_s: float = 10.0
+
+
+def bounds_for(marker_timeout_s: float, bounds: Bounds | None = None) -> Bounds:
+    """``bounds`` (default :class:`Bounds`) with the detection-delay bound at most half the
+    marker timeout: a backlog has to be flagged before the markers it holds back expire, or
+    they would be counted missed, blamed on the target."""
+    b = bounds or Bounds()
+    if b.detection_delay_s <= marker_timeout_s / 2:
+        return b
+    return replace(b, detection_delay_s=marker_timeout_s / 2)
 
 
 @dataclass(frozen=True)

@@ -222,9 +222,10 @@ class Stopped(Message):
 
 @dataclass(frozen=True, slots=True)
 class Health(Message):
-    """The longest any detection work waited in the child's queue over the last second, the
-    share of a core the child used over it, and the frames it shed meanwhile (audio that waited
-    past the marker timeout, dropped unsearched to catch up)."""
+    """The longest any detection work waited since the last report (work still queued
+    included; return audio from its arrival at the parent), the share of a core the child used
+    over the last second (negative: not measured in this report), and the frames it shed
+    meanwhile (audio that waited past the marker timeout, dropped unsearched to catch up)."""
 
     TAG: ClassVar[str] = "health"
     delay_s: float
