@@ -202,3 +202,20 @@ def test_the_detection_delay_bound_is_at_most_half_the_marker_timeout() -> None:
     assert bounds_for(1.0, Bounds(detection_delay_s=5.0, cpu_share=0.5)) == Bounds(
         detection_delay_s=0.5, cpu_share=0.5
     )
+
+
+def test_a_sink_child_silent_past_the_bound_is_overload_until_it_is_stopped() -> None:
+    h = GeneratorHealth(Bounds(detection_delay_s=2.0))
+    for t in (0.25, 0.5, 0.75, 1.0):
+        h.heard(t, "sink")
+        assert not h.update(t)
+    assert not h.update(2.9)  # 1.9 s without a report: within the bound
+    assert h.update(3.5)
+    (breach,) = h.summary()["periods"][0]["evidence"]
+    assert (breach["signal"], breach["value"], breach["at"]) == ("sink_silent", 2.5, 1.0)
+    # Stopped as asked: neither its silence nor a late report counts any more.
+    h2 = GeneratorHealth(Bounds(detection_delay_s=2.0))
+    h2.heard(1.0, "sink")
+    h2.heard(1.1, gone="sink")
+    h2.heard(1.2, "sink")
+    assert not h2.update(30.0)

@@ -436,6 +436,7 @@ class SinkChild:
             "after that, so this run's figures are invalid"
         )
         log.error("%s", self.died)
+        self.registry.record_heard(gone="sink")  # its death is the evidence, not its silence
         self.registry.record_dead("sink")
 
     @property
@@ -461,6 +462,10 @@ class SinkChild:
             self.registry.record_shed(1)
             return
         self._send(msg)
+
+    def _stop_expected(self) -> None:
+        """The shell is stopping the child: from now on it is not expected to report."""
+        self.registry.record_heard(gone="sink")
 
     def _written(self, batch: list[wire.Message]) -> None:
         """The shell wrote ``batch`` to the child (or dropped it: the child is gone)."""
@@ -507,6 +512,7 @@ class SinkChild:
             elif isinstance(msg, wire.ForkRejected):
                 reg.fork_rejected(msg.reason)
             elif isinstance(msg, wire.Health):
+                reg.record_heard("sink")
                 reg.record_detection_delay(msg.delay_s)
                 reg.record_shed(msg.shed)
                 if msg.cpu >= 0.0:  # measured over the last second (not on every report)
@@ -640,6 +646,7 @@ class SinkProcess(SinkChild):
         """Stop the sink, apply its last detections, end the child."""
         if self._conn is None:
             return
+        self._stop_expected()
         # Queued even when the child is gone already: it ends the sender thread.
         self._outbox.put(wire.Stop())
         if self._sender is not None:

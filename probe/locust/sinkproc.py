@@ -181,6 +181,7 @@ class GeventSinkProcess(SinkChild):
         """Stop the sink, apply its last detections, end the child."""
         if self._sock is None:
             return
+        self._stop_expected()
         self._send(wire.Stop())
         self._stopping = True
         self._wake.set()

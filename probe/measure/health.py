@@ -14,6 +14,9 @@ clock, and says when they pass the stated bounds (:class:`Bounds`):
 - **sink backlog**: return-direction audio queued for the sink child, not yet handed to it,
   reached the parent's byte bound (the child reads slower than audio comes back); audio past the
   bound is dropped unsearched and counted as shed;
+- **a silent process**: the sink child, which reports its health four times a second, has not
+  been heard from for longer than the detection-delay bound (its loop is starved or hung: what
+  it holds is not being searched);
 - **a dead process**: the sink child died (``sink_died``): nothing is detected any more, for
   the rest of the run.
 
@@ -89,6 +92,8 @@ class GeneratorHealth:
         # (time, bytes queued, the bound) each time the sink child's backlog reached its bound
         self._backlog: deque[tuple[float, float, float]] = deque()
         self._cpu: dict[str, tuple[float, float]] = {}  # who -> (time, share), the latest
+        self._heard: dict[str, float] = {}  # who -> when it last reported (while it should)
+        self._gone: set[str] = set()  # stopped as asked: a late report does not count
         self._periods: list[_Period] = []
         self._calm_since: float | None = None
         self.frames = 0
@@ -123,6 +128,15 @@ class GeneratorHealth:
     def cpu(self, at: float, who: str, share: float) -> None:
         """Process ``who`` used ``share`` of a core over the window ending at ``at``."""
         self._cpu[who] = (at, share)
+
+    def heard(self, at: float, who: str | None = None, *, gone: str | None = None) -> None:
+        """Process ``who`` reported at ``at`` (it reports regularly from now on); ``gone``: that
+        process was stopped as asked and is no longer expected to report."""
+        if gone is not None:
+            self._gone.add(gone)
+            self._heard.pop(gone, None)
+        if who is not None and who not in self._gone:
+            self._heard[who] = at
 
     def dead(self, at: float, who: str) -> None:
         """Process ``who`` (``sink``) died at ``at``: the generator stays overloaded from then
@@ -222,6 +236,9 @@ class GeneratorHealth:
                 Breach("sink_backlog", max(q for _, q, _ in self._backlog), self._backlog[0][2],
                        self._backlog[0][0])
             )
+        for who, at in self._heard.items():
+            if now - at > b.detection_delay_s:
+                out.append(Breach(f"{who}_silent", now - at, b.detection_delay_s, at))
         for who, (at, share) in self._cpu.items():
             if at >= start and share >= b.cpu_share:
                 out.append(Breach(f"cpu_{who}", share, b.cpu_share, at))

@@ -426,6 +426,12 @@ class SessionRegistry:
             with self._lock:
                 self.health.backlog(self._clock(), queued_bytes, bound_bytes)
 
+    def record_heard(self, who: str | None = None, *, gone: str | None = None) -> None:
+        """Process ``who`` (``sink``) reported its health; ``gone``: it was stopped as asked."""
+        if self.health is not None:
+            with self._lock:
+                self.health.heard(self._clock(), who, gone=gone)
+
     def record_dead(self, who: str) -> None:
         """Process ``who`` (``sink``) died: the generator is overloaded for the rest of the
         run, so markers owed from now on are unmeasured, not missed."""
